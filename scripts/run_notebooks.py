@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Run the numbered notebooks headlessly through papermill, in order, for one profile.
+
+    python scripts/run_notebooks.py --profile default            # the main job
+    python scripts/run_notebooks.py --profile real --only 02 03  # a subset
+    python scripts/run_notebooks.py --profile smoke --out-dir /tmp/x
+
+Executed copies go to ``<out-dir>/runs/<profile>/``; figures and tables to ``figures/<profile>/`` and
+``results/<profile>/``. A failing notebook stops the run and names the failing cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+
+
+def notebooks(only=None) -> list[Path]:
+    found = sorted(p for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        found = [p for p in found if p.name[:2] in set(only)]
+    return found
+
+
+def run_one(path: Path, out: Path, parameters: dict, timeout: int | None = None) -> float:
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(str(path), str(out), parameters=parameters, cwd=str(NOTEBOOKS), kernel_name="python3",
+                            progress_bar=False, log_output=False, execution_timeout=timeout)
+    except PapermillExecutionError as err:
+        raise SystemExit(
+            f"\nFAILED: {path.name}, cell {err.cell_index} (execution count {err.exec_count}): "
+            f"{err.ename}: {err.evalue}\nexecuted copy with the traceback: {out}"
+        ) from None
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="default", choices=["smoke", "default", "real", "full"])
+    ap.add_argument("--only", nargs="*", help="two-digit notebook numbers to run (default: all)")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--categories", default=None, help="comma-separated, e.g. screw,bottle or ksdd")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--out-dir", default=None, help="where results/, figures/ and runs/ go (default: the repo)")
+    ap.add_argument("--timeout", type=int, default=None, help="seconds per cell")
+    args = ap.parse_args(argv)
+
+    out_root = Path(args.out_dir) if args.out_dir else REPO
+    run_dir = out_root / "runs" / args.profile
+    run_dir.mkdir(parents=True, exist_ok=True)
+    params = dict(profile=args.profile, data_root=args.data_root, categories=args.categories, device=args.device,
+                  seed=args.seed, out_dir=str(out_root) if args.out_dir else None)
+    todo = notebooks(args.only)
+    if not todo:
+        raise SystemExit(f"no notebooks match {args.only} in {NOTEBOOKS}")
+    for nb in todo:
+        print(f"[{args.profile}] {nb.name} ...", flush=True)
+        seconds = run_one(nb, run_dir / nb.name, params, args.timeout)
+        print(f"[{args.profile}] {nb.name} done in {seconds / 60:.1f} min", flush=True)
+    print(f"figures: {out_root / 'figures' / args.profile}\ntables:  {out_root / 'results' / args.profile}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+
+from lib.patchcore import (BankError, PatchCore, aggregate, coverage_radius, greedy_coreset, local_neighbourhoods,
+                           nearest_distances)
+from conftest import TinyExtractor
+
+
+def brute_force_greedy(x, n, start):
+    d = torch.cdist(x.double(), x.double())
+    chosen = [start]
+    mind = d[start].clone()
+    for _ in range(n - 1):
+        i = int(torch.argmax(mind))
+        chosen.append(i)
+        mind = torch.minimum(mind, d[i])
+    return chosen
+
+
+def test_greedy_coreset_matches_brute_force_on_small_data():
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    ours = greedy_coreset(x, 25, proj_dim=None, start=7).tolist()
+    assert ours == brute_force_greedy(x, 25, 7)
+
+
+def test_coverage_radius_shrinks_as_ratio_grows():
+    x = torch.randn(2000, 32, generator=torch.Generator().manual_seed(1))
+    radii = [coverage_radius(x, x[greedy_coreset(x, int(r * len(x)), proj_dim=None)]) for r in (0.01, 0.05, 0.2, 0.5)]
+    assert all(a > b for a, b in zip(radii, radii[1:])), radii
+    # a 100% coreset is every point once and covers every point (up to float32 round-off)
+    full = greedy_coreset(x, len(x), proj_dim=None)
+    assert sorted(full.tolist()) == list(range(len(x)))
+    assert coverage_radius(x, x[full]) == pytest.approx(0.0, abs=1e-2)
+
+
+def test_greedy_beats_random_subset_on_coverage():
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(1500, 8, generator=g), 6 + 0.1 * torch.randn(20, 8, generator=g)])  # rare cluster
+    greedy = coverage_radius(x, x[greedy_coreset(x, 40, proj_dim=None)])
+    rand = coverage_radius(x, x[torch.randperm(len(x), generator=g)[:40]])
+    assert greedy < rand
+
+
+def test_projected_coreset_is_seeded_and_unique():
+    x = torch.randn(500, 64, generator=torch.Generator().manual_seed(3))
+    a, b = greedy_coreset(x, 50, proj_dim=16, seed=5), greedy_coreset(x, 50, proj_dim=16, seed=5)
+    assert torch.equal(a, b) and len(set(a.tolist())) == 50
+
+
+def test_nearest_distances_match_cdist_in_chunks():
+    g = torch.Generator().manual_seed(4)
+    q, m = torch.randn(97, 12, generator=g), torch.randn(41, 12, generator=g)
+    d, i = nearest_distances(q, m, chunk=10)
+    ref = torch.cdist(q, m)
+    assert torch.allclose(d, ref.min(1).values, atol=1e-4)
+    assert torch.equal(i, ref.argmin(1))
+
+
+def test_empty_bank_is_a_clear_error():
+    with pytest.raises(BankError, match="empty"):
+        nearest_distances(torch.randn(3, 4), torch.empty(0, 4))
+
+
+def test_local_neighbourhoods_and_aggregation_shapes():
+    f = torch.arange(2 * 3 * 4 * 4, dtype=torch.float).reshape(2, 3, 4, 4)
+    nb = local_neighbourhoods(f)
+    assert nb.shape == (2, 4, 4, 27)
+    # centre tap of channel 0 at (1, 1) is the value itself
+    assert nb[0, 1, 1, 4] == f[0, 0, 1, 1]
+    feats, grid = aggregate([torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)], pretrain_dim=32, target_dim=24)
+    assert grid == (8, 8) and feats.shape == (2, 64, 24)
+
+
+def test_aggregation_is_differentiable():
+    a = torch.randn(1, 4, 8, 8, requires_grad=True)
+    b = torch.randn(1, 6, 4, 4, requires_grad=True)
+    feats, _ = aggregate([a, b], 16, 16)
+    feats.sum().backward()
+    assert a.grad is not None and b.grad is not None and b.grad.abs().sum() > 0
+
+
+def _loader(n, seed=0, anomalous=False):
+    g = torch.Generator().manual_seed(seed)
+    imgs = 0.5 + 0.05 * torch.randn(n, 3, 64, 64, generator=g)
+    masks = torch.zeros(n, 1, 64, 64)
+    if anomalous:
+        imgs[:, :, 20:36, 20:36] = 1.0
+        masks[:, :, 20:36, 20:36] = 1
+    return [dict(image=imgs.clamp(0, 1), mask=masks, label=torch.full((n,), int(anomalous)),
+                 path=[f"img{seed}_{i}" for i in range(n)])]
+
+
+def test_patchcore_separates_a_planted_defect(tiny_extractor):
+    model = PatchCore(tiny_extractor, coreset_ratio=0.5, pretrain_dim=32, target_dim=32, device="cpu").fit(_loader(6))
+    normal, bad = model.predict(_loader(4, seed=1)), model.predict(_loader(4, seed=2, anomalous=True))
+    assert bad["scores"].min() > normal["scores"].max()
+    assert bad["maps"].shape == (4, 64, 64)
+    # the map peaks inside the planted square
+    peak = np.unravel_index(bad["maps"][0].argmax(), (64, 64))
+    assert 12 <= peak[0] <= 44 and 12 <= peak[1] <= 44
+
+
+def test_bank_round_trip_and_errors(tmp_path, tiny_extractor):
+    model = PatchCore(tiny_extractor, coreset_ratio=0.5, pretrain_dim=16, target_dim=16, device="cpu").fit(_loader(3))
+    path = model.save(tmp_path / "bank.pt")
+    loaded = PatchCore.load(path, tiny_extractor, device="cpu")
+    assert torch.equal(loaded.bank, model.bank) and loaded.target_dim == 16
+    batch = _loader(2, seed=9)[0]["image"]
+    assert torch.allclose(loaded.patch_scores(batch), model.patch_scores(batch))
+
+    with pytest.raises(BankError, match="another backbone"):
+        PatchCore.load(path, TinyExtractor(name="other"), device="cpu")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(BankError, match="corrupted"):
+        PatchCore.load(broken, tiny_extractor, device="cpu")
+    with pytest.raises(BankError, match="does not exist"):
+        PatchCore.load(tmp_path / "missing.pt", tiny_extractor, device="cpu")
+    with pytest.raises(BankError, match="empty"):
+        PatchCore(tiny_extractor, device="cpu").patch_scores(batch)
