@@ -399,7 +399,8 @@ class AnomalyDataset(torch.utils.data.Dataset):
             return None
         from .corruptions import corrupt, image_seed
 
-        key = f"{sample.path}|{sample.box}|{self.corruption}|{self.severity}"
+        # keyed by the last path components (not the absolute path) so every machine draws the same pixels
+        key = f"{'/'.join(Path(sample.path).parts[-3:])}|{sample.box}|{self.corruption}|{self.severity}"
         seed = image_seed(key, self.seed)
         return lambda img: corrupt(img, self.corruption, self.severity, seed)
 
