@@ -54,9 +54,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def progress(iterable=None, **kwargs):
     """tqdm progress bar that degrades to plain text in papermill/CI logs."""
+    import sys
+
     from tqdm.auto import tqdm
 
-    kwargs.setdefault("mininterval", 2.0)
+    # outside a terminal (papermill, CI logs) every refresh is stored: refresh rarely there
+    kwargs.setdefault("mininterval", 2.0 if sys.stderr.isatty() else 30.0)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
 

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from lib import adaptation
+from lib.adaptation import AdaptConfig, AdaptationError, adapt, augment_batch, bn_state, restore_bn_state
+from lib.backbones import load_backbone
+from lib.patchcore import PatchCore
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    def __init__(self, images, masks=None):
+        self.images = images
+        self.masks = masks if masks is not None else torch.zeros(len(images), 1, *images.shape[-2:])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return dict(image=self.images[i], mask=self.masks[i], label=int(self.masks[i].any()), path=str(i))
+
+
+def _textures(n, seed, size=64):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.linspace(0, 1, size)
+    stripes = 0.5 + 0.25 * torch.sin(12 * (base[None, :] + base[:, None]))
+    return (stripes[None, None] + 0.03 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    ext = load_backbone("mobilenet_v2")
+    model = PatchCore(ext, coreset_ratio=0.2, device="cpu").fit([dict(image=_textures(6, 0))])
+    return model
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_gradient_reaches_only_bn_affine_parameters(fitted):
+    ext = fitted.extractor
+    before = _snapshot(ext.model)
+    source = bn_state(ext)
+    adapt(fitted, TensorDataset(_textures(4, 1) * 0.6), AdaptConfig(epochs=1, batch_size=4, lr=0.05,
+                                                                    loss=dict(eps=0.1)), show_progress=False)
+    after = _snapshot(ext.model)
+    bn_affine = {n for n, p in ext.model.named_parameters() if any(p is q for q in ext.bn_affine_parameters())}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "adaptation changed nothing"
+    assert changed <= bn_affine, f"non-BN-affine tensors changed: {sorted(changed - bn_affine)[:5]}"
+    assert not any(p.requires_grad for p in ext.model.parameters()), "parameters left trainable"
+    restore_bn_state(ext, source)
+    assert all(torch.equal(v, _snapshot(ext.model)[k]) for k, v in before.items())
+
+
+def test_adapting_on_clean_target_changes_scores_little(fitted):
+    ext = fitted.extractor
+    source = bn_state(ext)
+    probe = _textures(3, 2)
+    s0 = fitted.patch_scores(probe)
+    hist = adapt(fitted, TensorDataset(_textures(4, 3)), AdaptConfig(epochs=1, batch_size=4, loss=dict(eps=0.1)),
+                 show_progress=False)
+    s1 = fitted.patch_scores(probe)
+    restore_bn_state(ext, source)
+    assert len(hist) == 1 and torch.isfinite(torch.tensor(hist.loss.values)).all()
+    rel = ((s1 - s0).abs().mean() / s0.mean()).item()
+    corr = torch.corrcoef(torch.stack([s0.flatten(), s1.flatten()]))[0, 1].item()
+    assert rel < 0.25 and corr > 0.5, (rel, corr)
+
+
+def test_augmentation_moves_images_and_masks_together():
+    imgs = torch.rand(3, 3, 16, 16)
+    masks = torch.zeros(3, 1, 16, 16)
+    masks[:, :, :4, :4] = 1
+    imgs[:, :, :4, :4] = 5.0  # the defect is where the mask is
+    g = torch.Generator().manual_seed(0)
+    x, m = augment_batch(imgs, masks, "flip_rot90", g)
+    assert x.shape == (6, 3, 16, 16) and m.shape == (6, 1, 16, 16)
+    assert torch.equal(x[:, 0] == 5.0, m[:, 0].bool())
+    x, m = augment_batch(imgs, masks, "copy", g)
+    assert torch.equal(x[:3], x[3:])
+    x, _ = augment_batch(torch.rand(2, 3, 16, 8), torch.zeros(2, 1, 16, 8), "flip_rot90", g)
+    assert x.shape == (4, 3, 16, 8)  # non-square: no 90-degree turns
+
+
+def test_bad_input_is_a_clear_error(fitted):
+    with pytest.raises(AdaptationError, match="empty"):
+        adapt(fitted, TensorDataset(torch.empty(0, 3, 64, 64)), AdaptConfig(epochs=1), show_progress=False)
+    with pytest.raises(AdaptationError, match="unknown method"):
+        AdaptConfig(method="tent")
+    other = PatchCore(fitted.extractor, device="cpu")
+    other.bank, other.grid = torch.randn(10, 7), fitted.grid
+    with pytest.raises(AdaptationError, match="another backbone"):
+        adapt(other, TensorDataset(_textures(2, 4)), AdaptConfig(epochs=1, batch_size=2), show_progress=False)
+
+
+def test_each_method_runs_one_step(fitted):
+    source = bn_state(fitted.extractor)
+    for method in ("roda", "continuous_ot", "hungarian", "ttt++", "ttac"):
+        loss = dict(eps=0.1) if method in ("roda", "continuous_ot") else {}
+        hist = adapt(fitted, TensorDataset(_textures(2, 5)), AdaptConfig(method=method, epochs=1, batch_size=2,
+                                                                         loss=loss), show_progress=False)
+        assert len(hist) == 1 and hist.loss.notna().all(), method
+        restore_bn_state(fitted.extractor, source)
