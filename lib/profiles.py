@@ -41,7 +41,7 @@ _BASE = dict(
               cost_norm="mean", bn_mode="eval", augment="flip_rot90", methods=("patchcore", "ttt++", "ttac", "roda"),
               # our named options, reported beside the paper's rule, never in its place
               variants={"roda_and": dict(method="roda", loss=dict(rule="and"))}),
-    ablation=dict(tasks=None, seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.01, 0.05, 0.1, 0.5),
+    ablation=dict(tasks=None, corruptions=None, seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.01, 0.05, 0.1, 0.5),
                   epochs_grid=(1, 3, 10), lr_grid=(0.001, 0.01), choice_corruptions=CORRUPTIONS,
                   extra_corruptions=True),
     dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), n_anomalies=(10, 1), hard=False, image_size=224,
@@ -62,10 +62,11 @@ PROFILES = {
     ),
     "default": dict(
         tasks=("elpv",),
-        patchcore=dict(coreset_ratio=0.01, max_bank=2000, max_train=200, max_test=240, batch_size=16),
-        roda=dict(epochs=5),
-        ablation=dict(seeds=(0, 1, 2), severities=(1, 3, 5), eps_grid=(0.02, 0.05, 0.2), epochs_grid=(1, 3, 5),
-                      extra_corruptions=True),
+        patchcore=dict(coreset_ratio=0.01, max_bank=2000, max_train=120, max_test=150, batch_size=16),
+        roda=dict(epochs=3),
+        ablation=dict(seeds=(0, 1, 2), corruptions=("gaussian_noise", "brightness"), severities=(1, 3, 5),
+                      eps_grid=(0.02, 0.2), epochs_grid=(1, 5), lr_grid=(0.001,),
+                      choice_corruptions=("gaussian_noise",), extra_corruptions=True),
         dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), image_size=224, epochs=6, iterations=10),
     ),
     "real": dict(

@@ -1,0 +1,343 @@
+"""Distribution-alignment losses between target patch features and the source memory bank (RoDA Tab. 4).
+
+Every loss has the signature ``loss_fn(target, bank, **options) -> (loss, info)``:
+
+- ``target``: (N, D) target patch features of the current minibatch, carrying the gradient (the BN affine
+  parameters being adapted sit upstream of them);
+- ``bank``: (M, D) the fixed source memory bank (treated as a constant: detached);
+- ``loss``: a scalar tensor; ``info``: a dict of python numbers for logging (plus, for the OT losses, the
+  potentials and optionally the plan/pairs as tensors).
+
+Losses:
+
+- :func:`roda_loss` - robust Sinkhorn distance, RoDA Eq. 5 + Eq. 6 (discretized plan);
+- :func:`continuous_ot_loss` - Sinkhorn distance with the continuous plan (Tab. 4 "Continuous");
+- :func:`hungarian_loss` - one-to-one linear assignment (Tab. 4 "Hun. Method");
+- :func:`moment_matching_loss` - TTT++'s mean/covariance matching, RoDA Eq. 3;
+- :func:`gaussian_kl_loss` - TTAC's symmetric KL between Gaussians fitted to source and target.
+
+The OT losses share one pattern: the plan (or assignment) is computed from the *detached* cost and held fixed,
+and the gradient reaches ``target`` only through the cost ``C(target)``. For the continuous plan this is the
+envelope-theorem gradient of the OT value. Source statistics always come from the bank only (the source
+images are not revisited); :func:`source_stats` precomputes them once per bank.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .transport import (
+    assignment_stats,
+    discretize,
+    hungarian_assignment,
+    normalize_cost,
+    paired_cost,
+    pairwise_cost,
+    sinkhorn_log,
+)
+
+__all__ = [
+    "SourceStats",
+    "source_stats",
+    "roda_loss",
+    "continuous_ot_loss",
+    "hungarian_loss",
+    "moment_matching_loss",
+    "gaussian_kl_loss",
+    "ALIGNMENT_LOSSES",
+]
+
+
+def _prepare(target: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    if target.dim() != 2:
+        raise ValueError(f"target features must be (N, D), got shape {tuple(target.shape)}")
+    if bank is None or bank.dim() != 2:
+        raise ValueError(f"the memory bank must be (M, D), got {None if bank is None else tuple(bank.shape)}")
+    if target.shape[0] == 0:
+        raise ValueError("no target features: is the target minibatch empty?")
+    if bank.shape[0] == 0:
+        raise ValueError("the memory bank is empty")
+    if target.shape[1] != bank.shape[1]:
+        raise ValueError(f"feature dims differ: target D={target.shape[1]}, bank D={bank.shape[1]}")
+    return bank.detach().to(device=target.device, dtype=target.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# optimal-transport losses
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _plan(C, eps, cost_norm, sinkhorn_kwargs):
+    """Plan of the detached, normalised cost; returns (log plan, sinkhorn info, cost scale)."""
+    Cn, scale = normalize_cost(C.detach(), cost_norm)
+    kw = dict(sinkhorn_kwargs or {})
+    kw["return_log"] = True  # argmaxes and the loss read the log plan (exact, no underflow)
+    plan, info = sinkhorn_log(Cn, eps, **kw)
+    return plan, info, float(scale.reshape(-1)[0])
+
+
+def roda_loss(
+    target: torch.Tensor,
+    bank: torch.Tensor,
+    eps: float = 0.05,
+    cost: str = "l2",
+    cost_norm: str = "mean",
+    rule: str = "or",
+    reduction: str = "mean",
+    anomalous_rows=None,
+    return_plan: bool = False,
+    sinkhorn_kwargs: dict | None = None,
+):
+    """Robust Sinkhorn distance, RoDA Eq. 5-6.
+
+    1. ``C = cost(target, bank)`` (N, M) with gradient (``C_ij = ||z_i - m_j||`` for ``cost="l2"``);
+    2. ``gamma*`` = entropic OT plan (Eq. 5, uniform marginals) of the detached cost normalised by
+       ``cost_norm`` (so ``eps`` is relative to the cost scale);
+    3. ``pi*`` = discretization of ``gamma*`` by ``rule`` (Eq. 6 is ``"or"``; see
+       :func:`lib.transport.discretize` for what each rule keeps);
+    4. ``loss = sum_ij pi_ij C_ij / sum_ij pi_ij`` (``reduction="mean"``, the mean cost of the kept pairs) or
+       ``sum_ij pi_ij C_ij`` (``"sum"``, Eq. 6 literally; scales with the number of pairs).
+
+    The loss uses the raw (unnormalised) cost, so its gradient is that of the mean patch-to-bank distance
+    over the kept pairs. The (N, M) cost is built without gradient (it only feeds the plan); the kept pairs'
+    costs are recomputed from the feature differences with gradient (:func:`lib.transport.paired_cost`), so no
+    (N, M) autograd graph is stored: identical gradient, a fraction of the memory. ``sinkhorn_kwargs`` go to :func:`lib.transport.sinkhorn_log` (``tol``, ``max_iter``,
+    ``init``, ...); to warm-start the next minibatch pass ``init=(None, info["potentials"][1])`` (the bank-side
+    potentials, in normalised-cost units; the target-side ones belong to this minibatch's rows).
+    ``anomalous_rows`` (N,) bool adds the Fig. 5a counts of :func:`lib.transport.assignment_stats`.
+
+    Returns ``(loss, info)`` with ``n_pairs, n_rows, share_rows_assigned`` (rows that are some bank column's
+    argmax), ``share_rows_in_pairs``, ``sinkhorn_iters, marginal_error, converged, cost_scale, potentials`` and,
+    with ``return_plan``, ``plan`` (the plan, not its log) and ``pairs``.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"unknown reduction {reduction!r}; choose 'mean' or 'sum'")
+    bank = _prepare(target, bank)
+    with torch.no_grad():
+        C = pairwise_cost(target, bank, cost)
+    log_plan, sk, scale = _plan(C, eps, cost_norm, sinkhorn_kwargs)
+    del C
+    pairs = discretize(log_plan, rule)
+    # the loss needs the cost of the kept pairs only: recompute those exactly, with gradient
+    picked = paired_cost(target[pairs.rows], bank[pairs.cols], cost)
+    loss = picked.mean() if reduction == "mean" else picked.sum()
+    stats = assignment_stats(pairs, anomalous_rows)
+    info = dict(
+        n_pairs=stats["n_pairs"],
+        n_rows=stats["n_rows"],
+        share_rows_assigned=stats["share_rows_col_argmax"],
+        share_rows_in_pairs=stats["share_rows_in_pairs"],
+        sinkhorn_iters=sk["n_iter"],
+        marginal_error=sk["marginal_error"],
+        converged=sk["converged"],
+        cost_scale=scale,
+        potentials=(sk["f"], sk["g"]),
+    )
+    if anomalous_rows is not None:
+        info.update({k: v for k, v in stats.items() if "anomalous" in k})
+    if return_plan:
+        info["plan"] = log_plan.exp_()
+        info["pairs"] = pairs
+    return loss, info
+
+
+def continuous_ot_loss(
+    target: torch.Tensor,
+    bank: torch.Tensor,
+    eps: float = 0.05,
+    cost: str = "l2",
+    cost_norm: str = "mean",
+    reduction: str = "mean",
+    return_plan: bool = False,
+    sinkhorn_kwargs: dict | None = None,
+):
+    """Sinkhorn distance with the continuous plan (RoDA Tab. 4 "Continuous"): ``sum_ij gamma*_ij C_ij``.
+
+    ``gamma*`` (Eq. 5) is computed from the detached normalised cost and held fixed (envelope gradient:
+    ``d/dC`` of the entropic OT value at the optimum is ``gamma*``). Every row of ``gamma*`` carries mass
+    ``1/N``, so ``sum_ij gamma_ij C_ij = (1/N) sum_i E_{j ~ gamma_i.}[C_ij]`` is already the plan-weighted
+    *mean* cost per target patch: ``reduction="mean"`` returns it, on the scale of :func:`roda_loss`'s default
+    ``"mean"``; ``reduction="sum"`` returns ``N * sum_ij gamma_ij C_ij`` (the sum over target patches), on the
+    scale of :func:`roda_loss` with ``"sum"`` (Eq. 6 literal, N to N + M pairs). Same ``reduction`` in both
+    losses = comparable loss values and gradient magnitudes.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"unknown reduction {reduction!r}; choose 'mean' or 'sum'")
+    bank = _prepare(target, bank)
+    C = pairwise_cost(target, bank, cost)
+    log_plan, sk, scale = _plan(C, eps, cost_norm, sinkhorn_kwargs)
+    plan = log_plan.exp_().to(C.dtype)
+    loss = (plan * C).sum()
+    if reduction == "sum":
+        loss = C.shape[0] * loss
+    info = dict(
+        sinkhorn_iters=sk["n_iter"],
+        marginal_error=sk["marginal_error"],
+        converged=sk["converged"],
+        cost_scale=scale,
+        potentials=(sk["f"], sk["g"]),
+    )
+    if return_plan:
+        info["plan"] = plan
+    return loss, info
+
+
+def hungarian_loss(
+    target: torch.Tensor,
+    bank: torch.Tensor,
+    cost: str = "l2",
+    mode: str = "subsample",
+    seed: int = 0,
+    return_pairs: bool = False,
+):
+    """Mean cost of a one-to-one linear assignment (RoDA Tab. 4 "Hun. Method").
+
+    The assignment comes from :func:`lib.transport.hungarian_assignment` on the detached cost (``mode``:
+    ``"subsample"`` matches a random subset of ``M`` target rows when ``N > M``, ``"tile"`` lets every bank
+    entry serve ``ceil(N/M)`` rows). ``loss = mean_k C[rows_k, cols_k]``.
+    """
+    bank = _prepare(target, bank)
+    with torch.no_grad():
+        C = pairwise_cost(target, bank, cost)
+    pairs = hungarian_assignment(C, mode=mode, seed=seed)
+    loss = paired_cost(target[pairs.rows], bank[pairs.cols], cost).mean()
+    n = target.shape[0]
+    info = dict(n_pairs=pairs.n_pairs, n_rows=n, share_rows_in_pairs=pairs.n_pairs / n)
+    if return_pairs:
+        info["pairs"] = pairs
+    return loss, info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parametric (Gaussian) losses
+# ----------------------------------------------------------------------------------------------------------
+
+
+class SourceStats(NamedTuple):
+    """Mean (D,) and unbiased covariance (D, D) of the bank, and its size."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    n: int
+
+
+def _mean_cov(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance ``(x - mu)^T (x - mu) / (n - 1)`` of the rows of ``x`` (n, D)."""
+    if x.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors for a covariance, got {x.shape[0]}")
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, xc.T @ xc / (x.shape[0] - 1)
+
+
+def source_stats(bank: torch.Tensor) -> SourceStats:
+    """Source statistics from the memory bank only (computed once, detached, float32 or the bank's dtype)."""
+    bank = bank.detach()
+    if bank.dim() != 2 or bank.shape[0] == 0:
+        raise ValueError(f"the memory bank must be a non-empty (M, D) tensor, got shape {tuple(bank.shape)}")
+    mu, cov = _mean_cov(bank)
+    return SourceStats(mu, cov, int(bank.shape[0]))
+
+
+def _stats(target, bank, stats):
+    if stats is None:
+        _prepare(target, bank)
+        stats = source_stats(bank)
+    if target.dim() != 2 or target.shape[1] != stats.mean.shape[0]:
+        raise ValueError(
+            f"target features must be (N, {stats.mean.shape[0]}), got shape {tuple(target.shape)}"
+        )
+    return stats.mean.to(target), stats.cov.to(target)
+
+
+def moment_matching_loss(
+    target: torch.Tensor,
+    bank: torch.Tensor | None,
+    stats: SourceStats | None = None,
+    coral_scaling: bool = False,
+    mean_reduction: str = "sum",
+):
+    """TTT++ moment matching, RoDA Eq. 3: ``||mu_s - mu_t||_2^2 + ||Sigma_s - Sigma_t||_F^2``.
+
+    Source ``(mu_s, Sigma_s)`` from the bank (or precomputed ``stats``), target ``(mu_t, Sigma_t)`` from the
+    minibatch (unbiased covariance, with gradient). ``coral_scaling=True`` divides the covariance term by
+    ``4 d^2`` and ``mean_reduction="mean"`` averages the squared mean difference over dimensions instead of
+    summing, which together are the normalisation of the TTT++ code (``coral`` and ``linear_mmd``); the
+    default is Eq. 3 as written.
+    """
+    if mean_reduction not in ("sum", "mean"):
+        raise ValueError(f"unknown mean_reduction {mean_reduction!r}; choose 'sum' or 'mean'")
+    mu_s, cov_s = _stats(target, bank, stats)
+    mu_t, cov_t = _mean_cov(target)
+    d = target.shape[1]
+    dm = (mu_s - mu_t).pow(2)
+    mean_term = dm.sum() if mean_reduction == "sum" else dm.mean()
+    cov_term = (cov_s - cov_t).pow(2).sum()
+    if coral_scaling:
+        cov_term = cov_term / (4.0 * d * d)
+    loss = mean_term + cov_term
+    return loss, dict(mean_term=float(mean_term.detach()), cov_term=float(cov_term.detach()))
+
+
+def gaussian_kl_loss(
+    target: torch.Tensor,
+    bank: torch.Tensor | None,
+    stats: SourceStats | None = None,
+    ridge: float = 1e-2,
+    diagonal: bool = False,
+    direction: str = "symmetric",
+):
+    """TTAC-style KL divergence between Gaussians fitted to the source bank and the target minibatch.
+
+    ``N_s = N(mu_s, Sigma_s + lam I)``, ``N_t = N(mu_t, Sigma_t + lam I)``, ``lam = ridge * mean(diag Sigma_s)``
+    (a ridge relative to the source feature scale, detached; TTAC adds ``max(Sigma_s) / 30`` to the target
+    covariance for the same purpose). ``direction="symmetric"`` (TTAC) gives ``KL(s||t) + KL(t||s)``, whose
+    log-determinants cancel::
+
+        KL(s||t) + KL(t||s) = 1/2 [tr(St^-1 Ss) + tr(Ss^-1 St) + dmu^T (Ss^-1 + St^-1) dmu] - d
+
+    ``"forward"`` is ``KL(s||t)``, ``"reverse"`` is ``KL(t||s)``, with
+    ``KL(p||q) = 1/2 [tr(Sq^-1 Sp) + dmu^T Sq^-1 dmu - d + log det Sq - log det Sp]``. ``diagonal=True`` keeps
+    only the variances (cheap for large D). Full covariances go through Cholesky factors (float64 inside).
+    """
+    if direction not in ("symmetric", "forward", "reverse"):
+        raise ValueError(f"unknown direction {direction!r}; choose 'symmetric', 'forward' or 'reverse'")
+    mu_s, cov_s = _stats(target, bank, stats)
+    mu_t, cov_t = _mean_cov(target)
+    d = target.shape[1]
+    lam = ridge * cov_s.diagonal().mean().detach().clamp_min(1e-12)
+    dmu = mu_s - mu_t
+    if diagonal:
+        vs = cov_s.diagonal() + lam
+        vt = cov_t.diagonal() + lam
+        kl_st = 0.5 * ((vs / vt).sum() + (dmu.pow(2) / vt).sum() - d + vt.log().sum() - vs.log().sum())
+        kl_ts = 0.5 * ((vt / vs).sum() + (dmu.pow(2) / vs).sum() - d + vs.log().sum() - vt.log().sum())
+    else:
+        dt = target.dtype
+        eye = torch.eye(d, dtype=torch.float64, device=target.device)
+        Ls = torch.linalg.cholesky(cov_s.double() + lam.double() * eye)
+        Lt = torch.linalg.cholesky(cov_t.double() + lam.double() * eye)
+        dmu64 = dmu.double().unsqueeze(1)
+
+        def kl(Lp, Lq):  # KL(N(., Lp Lp^T) || N(., Lq Lq^T)) with the shared dmu
+            A = torch.linalg.solve_triangular(Lq, Lp, upper=False)  # Lq^-1 Lp: tr(Sq^-1 Sp) = ||A||_F^2
+            m = torch.linalg.solve_triangular(Lq, dmu64, upper=False)
+            logdet = 2 * (Lq.diagonal().log().sum() - Lp.diagonal().log().sum())
+            return 0.5 * (A.pow(2).sum() + m.pow(2).sum() - d + logdet)
+
+        kl_st = kl(Ls, Lt).to(dt)
+        kl_ts = kl(Lt, Ls).to(dt)
+    loss = {"symmetric": kl_st + kl_ts, "forward": kl_st, "reverse": kl_ts}[direction]
+    return loss, dict(kl_source_target=float(kl_st.detach()), kl_target_source=float(kl_ts.detach()), ridge=float(lam))
+
+
+#: name -> loss function, the methods of RoDA Tab. 1/4 ("ttt++" = moment matching, "ttac" = Gaussian KL)
+ALIGNMENT_LOSSES = {
+    "roda": roda_loss,
+    "continuous_ot": continuous_ot_loss,
+    "hungarian": hungarian_loss,
+    "ttt++": moment_matching_loss,
+    "ttac": gaussian_kl_loss,
+}
