@@ -31,7 +31,7 @@ smoke: setup
 
 bench: setup
 	$(PY) benchmarks/bench_patchcore.py
-	$(PY) benchmarks/bench_sinkhorn.py
+	$(PY) benchmarks/bench_sinkhorn.py --features real --method absorb --pot-backend torch
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

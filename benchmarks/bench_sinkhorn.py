@@ -39,12 +39,51 @@ def synthetic_features(kind: str, n_target: int, n_bank: int, dim: int, seed: in
     return target + 0.3, bank
 
 
+def real_features(n_target: int = 7840, n_bank: int = 2500, corruption: str = "gaussian_noise", seed: int = 0):
+    """Real PatchCore features on the embedded ELPV data with the bundled MobileNetV2.
+
+    Target: the patches of ``n_target / 784`` shifted test images (a RoDA minibatch); bank: a greedy
+    coreset of ``n_bank`` patches from clean training cells. Returns (model, target batch images, bank)."""
+    from lib import backbones, data, pipeline
+    from lib.patchcore import PatchCore
+
+    ext = backbones.load_backbone("mobilenet_v2")
+    task = data.load_task("elpv")
+    n_images = max(1, n_target // 784)
+    model = PatchCore(ext, coreset_ratio=1.0, max_bank=n_bank, seed=seed, device="cpu")
+    train = pipeline.dataset(task, data.subsample(task.train, 40, seed))
+    model.fit(data.make_loader(train, batch_size=16))
+    test = pipeline.dataset(task, data.subsample(task.test, n_images, seed), corruption, 5, seed)
+    images = torch.stack([test[i]["image"] for i in range(len(test))])
+    return model, images
+
+
 def real_cost(args) -> torch.Tensor:
-    """Hook for real PatchCore features (target minibatch vs memory bank), to be wired to the project's
-    feature extraction. Until then, save a cost with ``torch.save(C, path)`` and pass ``--cost-file path``."""
-    raise SystemExit(
-        "--features real is not wired yet: save an (N, M) cost with torch.save(C, 'cost.pt') and use --cost-file"
-    )
+    """Cost between the patches of one real shifted minibatch and a real memory bank (see real_features)."""
+    model, images = real_features(args.n_target, args.n_bank, seed=args.seed)
+    with torch.no_grad():
+        target = model.embed(images).reshape(-1, model.bank.shape[1])
+    args._model, args._images = model, images
+    return pairwise_cost(target, model.bank, args.cost)
+
+
+def time_adaptation_step(model, images, repeats: int = 3) -> float:
+    """Seconds per RoDA adaptation step (augment, features with gradient, OT, Eq. 6 loss, SGD step)."""
+    from lib.adaptation import AdaptConfig, adapt, bn_state, restore_bn_state
+
+    class Batch(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return dict(image=images[i], mask=torch.zeros(1, *images.shape[-2:]), label=0, path=str(i))
+
+    source = bn_state(model.extractor)
+    config = AdaptConfig(epochs=repeats, batch_size=len(images), loss=dict(eps=0.05))
+    t = time.perf_counter()
+    adapt(model, Batch(), config, show_progress=False)
+    restore_bn_state(model.extractor, source)
+    return (time.perf_counter() - t) / repeats
 
 
 def build_cost(args) -> torch.Tensor:
@@ -129,6 +168,11 @@ def main(argv=None):
             same_col = (Pd.argmax(0) == Pp.argmax(0)).double().mean().item()
             print(f"    vs ours[{method:6s}]: time ratio {tp / to:6.1f}x   max |plan diff| {diff:.2e} "
                   f"(max plan entry {Pp.max().item():.2e})   same row/col argmax {same_row:.4f}/{same_col:.4f}")
+
+    if getattr(args, "_model", None) is not None:
+        step = time_adaptation_step(args._model, args._images)
+        print(f"RoDA adaptation step ({len(args._images)} images + {len(args._images)} augmented views, "
+              f"bank {args.n_bank}): {step:.2f} s per step")
 
 
 if __name__ == "__main__":
