@@ -63,6 +63,9 @@ class AdaptConfig:
     seed: int = 0
     loss: dict = field(default_factory=dict)  # forwarded to the alignment loss (eps, rule, cost, ...)
     anomalous_patch_fraction: float = 0.5  # a patch is anomalous when this share of its cell is defect
+    # divide the loss by its (detached) value at the first step, as TTT++ scales its CORAL term by the
+    # source value; the Gaussian-KL baseline needs it (its raw value is ~10^3-10^4 on 256-d features)
+    normalize_loss: bool = False
 
     def __post_init__(self):
         if self.method != "patchcore" and self.method not in ALIGNMENT_LOSSES:
@@ -171,7 +174,7 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True) -> pd
     if config.bn_mode == "train":
         for bn in extractor.bn_modules():
             bn.train()
-    rows = []
+    rows, loss_scale = [], None
     steps = progress(total=config.epochs * len(loader), desc=f"adapt {config.method}", leave=False,
                      disable=not show_progress)
     try:
@@ -191,6 +194,13 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True) -> pd
                     anomalous = anomalous_patches(masks, model.grid, config.anomalous_patch_fraction).to(target.device)
                 extra = dict(anomalous_rows=anomalous) if anomalous is not None and "anomalous_rows" in accepted else {}
                 loss, info = loss_fn(target, bank, **static, **extra)
+                if not torch.isfinite(loss):
+                    raise AdaptationError(f"{config.method} loss is {float(loss)} at step {len(rows)}: the adaptation "
+                                          "diverged; lower lr or set normalize_loss=True")
+                if config.normalize_loss:
+                    if loss_scale is None:
+                        loss_scale = float(loss.detach()) or 1.0
+                    loss = loss / loss_scale
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -221,7 +231,14 @@ def adapt_and_evaluate(model, task, adapt_samples, eval_samples, corruption, sev
     history = pd.DataFrame()
     try:
         if config.method != "patchcore":
-            history = adapt(model, dataset(task, adapt_samples, corruption, severity, eval_seed), config)
+            try:
+                history = adapt(model, dataset(task, adapt_samples, corruption, severity, eval_seed), config)
+            except AdaptationError as err:
+                if "diverged" not in str(err):
+                    raise
+                # a diverged run is a result too: recorded as NaN with the reason, not silently dropped
+                return dict(image_auroc=float("nan"), pixel_auroc=float("nan"), diverged=str(err),
+                            adapt_seconds=time.perf_counter() - t0, steps=0), history
             if bn_file is not None:
                 save_bn_state(model.extractor, bn_file, info=asdict(config))
         adapt_seconds = time.perf_counter() - t0
@@ -229,8 +246,7 @@ def adapt_and_evaluate(model, task, adapt_samples, eval_samples, corruption, sev
     finally:
         if restore:
             restore_bn_state(model.extractor, source)
-    res["adapt_seconds"] = adapt_seconds
-    res["steps"] = len(history)
+    res.update(adapt_seconds=adapt_seconds, steps=len(history), diverged="")
     return res, history
 
 
@@ -238,7 +254,11 @@ def config_from_profile(cfg, method: str, seed: int = 0, **overrides) -> AdaptCo
     """An :class:`AdaptConfig` from the profile's ``roda`` section (loss options for the OT methods)."""
     r = copy.deepcopy(dict(cfg["roda"]))
     r.update(overrides.pop("roda", {}))
-    loss = {}
+    loss, defaults = {}, {}
+    if method == "ttt++":  # the TTT++ code's normalisation of Eq. 3: CORAL scaling 1/(4 d^2), mean over dims
+        loss = dict(coral_scaling=True, mean_reduction="mean")
+    if method == "ttac":
+        defaults["normalize_loss"] = True
     if method in ("roda", "continuous_ot"):
         loss = dict(eps=r["eps"], cost=r["cost"], cost_norm=r["cost_norm"])
         if method == "roda":
@@ -246,6 +266,7 @@ def config_from_profile(cfg, method: str, seed: int = 0, **overrides) -> AdaptCo
     loss.update(overrides.pop("loss", {}))
     fields = dict(epochs=r["epochs"], lr=r["lr"], momentum=r["momentum"], batch_size=r["batch_size"],
                   augment=r["augment"], bn_mode=r["bn_mode"])
+    fields.update(defaults)
     fields.update(overrides)
     return AdaptConfig(method=method, seed=seed, loss=loss, **fields)
 
