@@ -15,6 +15,11 @@ Modules, each named after what it holds:
 - ``adaptation``   BatchNorm-affine test-time adaptation loop (RoDA Alg. 1)
 - ``dpdl``         DPDL prototypes, Schrodinger bridge, dispersion loss, MIL heads
 - ``openset``      the open-set supervised protocol (general / hard settings)
+- ``openset_baselines``  DevNet, DRA composite heads and a focal-loss classifier under that protocol
+- ``pipeline``     the steps the RoDA notebooks share (task, bank, split, evaluation)
+- ``figures``      plotting helpers
+- ``fidelity``     the paper-vs-ours verdicts of notebook 06
+- ``download``     the official MVTec AD download with checksum (for users with internet)
 - ``profiles``     run profiles for papermill (smoke, default, real, full)
 """
 
