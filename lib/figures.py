@@ -72,3 +72,94 @@ def lines(df: pd.DataFrame, x: str, y: str, hue: str, title: str = "", ylabel: s
     ax.set_ylabel(ylabel or y)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# Notebook 06 helpers (qualitative maps, faceted bars, paper-vs-ours gaps)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def map_grid(images, maps, masks=None, row_titles=None, map_titles=None, scores=None, cell: float = 2.1,
+             alpha: float = 0.5, cmap: str = "jet"):
+    """RoDA Fig. 4 layout: per row the input image, then each anomaly map overlaid on it, then the mask.
+
+    ``images``: list of HxWx3 arrays in [0, 1]; ``maps``: list (rows) of lists (columns) of HxW maps, each
+    min-max normalised on its own; ``masks``: list of HxW bool arrays or None (no ground-truth column when
+    all are None); ``scores``: optional rows x columns image scores written into the panels."""
+    has_gt = masks is not None and any(m is not None for m in masks)
+    n_maps = len(maps[0])
+    cols = 1 + n_maps + int(has_gt)
+    fig, axes = plt.subplots(len(images), cols, figsize=(cell * cols, cell * len(images)), squeeze=False)
+    titles = ["input", *(map_titles or [f"map {i}" for i in range(n_maps)])] + (["ground truth"] if has_gt else [])
+    for r, img in enumerate(images):
+        row = axes[r]
+        row[0].imshow(np.clip(img, 0, 1))
+        for c in range(n_maps):
+            row[1 + c].imshow(np.clip(img, 0, 1))
+            row[1 + c].imshow(_unit(maps[r][c]), cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+            if scores is not None and scores[r][c] is not None:
+                row[1 + c].text(0.02, 0.03, f"s={scores[r][c]:.2f}", transform=row[1 + c].transAxes, fontsize=7,
+                                color="white", bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0))
+        if has_gt:
+            mask = masks[r]
+            row[-1].imshow(mask if mask is not None else np.zeros(img.shape[:2]), cmap="gray", vmin=0, vmax=1)
+        for c, ax in enumerate(row):
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+        if row_titles:
+            row[0].set_ylabel(row_titles[r], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def facet_bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, col: str | None = None, title: str = "",
+               percent: bool = True, ylim=None, col_wrap: int = 3, height: float = 3.2):
+    """Bars of ``y`` (mean, error bar = std over repeated rows such as seeds), one panel per ``col``."""
+    data = df.copy()
+    if percent:
+        data[y] = data[y] * 100
+    kw = dict(col=col, col_wrap=min(col_wrap, data[col].nunique()) if col else None)
+    grid = sns.catplot(data=data, x=x, y=y, hue=hue, kind="bar", errorbar="sd", height=height,
+                       aspect=1.5, sharey=True, **{k: v for k, v in kw.items() if v is not None})
+    for ax in grid.axes.flat:
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        if percent:
+            ax.axhline(50, color="gray", lw=0.8, ls=":")
+    if col:
+        grid.set_titles("{col_name}")
+    grid.set_axis_labels("", y.replace("_", " ") + (" (%)" if percent else ""))
+    if title:
+        grid.figure.suptitle(title, y=1.02)
+    return grid.figure
+
+
+def gap_comparison(df: pd.DataFrame, label: str, paper: str, ours: str, ours_err: str | None = None,
+                   paper_label: str = "paper (WRN-50, MVTec mean)", ours_label: str = "ours", title: str = ""):
+    """Horizontal bars of a difference (A - B, AUROC points) per claim: the paper's beside ours.
+
+    The paper's bars are hatched and carry ``paper_label`` in the legend so they are never read as ours."""
+    data = df.reset_index(drop=True)
+    y = np.arange(len(data))
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(data) + 1.2))
+    ax.barh(y - 0.2, data[paper], height=0.4, color="white", edgecolor="gray", hatch="///", label=paper_label)
+    err = data[ours_err] if ours_err else None
+    ax.barh(y + 0.2, data[ours], height=0.4, xerr=err, color="tab:blue", label=ours_label,
+            error_kw=dict(lw=0.8, capsize=2))
+    ax.set_yticks(y)
+    ax.set_yticklabels(data[label], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("difference A - B (AUROC points)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,242 @@
+"""The paper-vs-ours fidelity logic (lib/fidelity.py) and the reference numbers it reads."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lib import fidelity as fid
+
+CONDS = ("gaussian_noise", "defocus_blur", "brightness", "contrast")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return fid.load_reference()
+
+
+def _order(**kw):
+    base = dict(id="x", paper="roda", text="A beats B", kind="order", a={"method": "a"}, b={"method": "b"},
+                label_a="A", label_b="B")
+    base.update(kw)
+    return fid.Claim(**base)
+
+
+# ---------------------------------------------------------------- verdict on hand-made cases
+
+def test_same_sign_beyond_margin_is_reproduced():
+    v, why = fid.verdict(_order(), 90.0, 85.0, 1.0, 1.0, paper_a=88.0, paper_b=80.0)
+    assert v == "reproduced" and "+5.00" in why
+
+
+def test_opposite_sign_beyond_margin_is_not_reproduced():
+    v, why = fid.verdict(_order(), 80.0, 85.0, 1.0, 1.0, paper_a=88.0, paper_b=80.0)
+    assert v == "not reproduced" and "opposite" in why
+
+
+def test_inside_margin_is_not_reproduced_within_noise():
+    v, why = fid.verdict(_order(), 85.5, 85.0, 0.2, 0.2, paper_a=88.0, paper_b=80.0)
+    assert v == "not reproduced" and "within noise" in why
+    # the pooled std widens the margin beyond 1 point
+    v, why = fid.verdict(_order(), 88.0, 85.0, 4.0, 4.0, paper_a=88.0, paper_b=80.0)
+    assert v == "not reproduced" and "within noise" in why and "4.00" in why
+
+
+def test_expected_sign_follows_the_paper():
+    # the paper has A below B (TTAC under PatchCore): ours A below B beyond the margin reproduces it
+    v, _ = fid.verdict(_order(), 60.0, 80.0, paper_a=58.99, paper_b=80.23)
+    assert v == "reproduced"
+    v, _ = fid.verdict(_order(expect=1), 60.0, 80.0)
+    assert v == "not reproduced"
+
+
+def test_absolute_with_another_backbone_is_not_comparable():
+    claim = fid.Claim("abs", "roda", "PatchCore clean 98.81", "absolute", a={"condition": "clean"})
+    ok, reason = fid.comparability(claim, ["elpv"], "mobilenet_v2")
+    assert not ok and "mobilenet_v2" in reason and "WRN-50" in reason
+    v, why = fid.verdict(claim, 95.0, comparable=ok, reason=reason, paper_a=98.81)
+    assert v == "not comparable" and "backbone" in why
+    claim_data = fid.Claim("abs2", "roda", "x", "absolute", data_tasks=fid.MVTEC_TASKS)
+    ok, reason = fid.comparability(claim_data, ["mvtec/screw"], "wide_resnet50_2")
+    assert not ok and "data" in reason and "backbone" not in reason
+    ok, _ = fid.comparability(claim_data, list(fid.MVTEC_TASKS), "wide_resnet50_2")
+    assert ok
+    assert fid.verdict(claim, 98.5, paper_a=98.81)[0] == "reproduced"
+    assert fid.verdict(claim, 90.0, paper_a=98.81)[0] == "not reproduced"
+
+
+def test_ratio_claim():
+    claim = _order(kind="ratio", scale=0.98, expect=1)
+    assert fid.verdict(claim, 91.0, 92.0)[0] == "reproduced"  # 91 >= 90.16
+    v, why = fid.verdict(claim, 89.5, 92.0)
+    assert v == "not reproduced" and "within noise" in why
+    assert fid.verdict(claim, 80.0, 92.0)[0] == "not reproduced"
+
+
+def test_missing_numbers_are_not_run():
+    assert fid.verdict(_order(), float("nan"), 80.0)[0] == "not run"
+    assert fid.verdict(_order(), 80.0, None)[0] == "not run"
+
+
+# ---------------------------------------------------------------- the reference file
+
+def test_reference_csv_loads_with_expected_columns(ref):
+    assert set(fid.REFERENCE_COLUMNS) <= set(ref.columns)
+    assert ref["key"].is_unique
+    assert set(ref["paper"]) == {"roda", "dpdl"}
+    auroc = ref[ref.metric.isin(["image_auroc", "pixel_auroc"])]
+    assert len(auroc) > 1000
+    assert ((auroc.value > 0) & (auroc.value <= 100)).all()
+    assert set(ref.loc[ref.paper == "roda", "backbone"]) >= {"WRN-50"}
+    assert set(ref.loc[ref.paper == "dpdl", "backbone"]) == {"ResNet-18"}
+
+
+def test_every_roda_table1_mvtec_row_is_present(ref):
+    t1 = ref[(ref.paper == "roda") & (ref.table == "Table 1") & (ref.dataset == "MVTec")]
+    for method in ("PatchCore", "TTAC", "TTT++", "GNL", "RoDA"):
+        for cond in ("clean", *CONDS):
+            assert len(t1[(t1.method == method) & (t1.setting == cond)]) == 1, (method, cond)
+    v = t1.set_index(["method", "setting"])["value"]
+    assert v[("RoDA", "gaussian_noise")] == 87.92 and v[("PatchCore", "contrast")] == 60.89
+    assert v[("RoDA", "mean")] == pytest.approx(np.mean([v[("RoDA", c)] for c in CONDS]), abs=0.01)
+
+
+def test_every_claim_refers_to_existing_rows(ref):
+    keys = set(ref["key"])
+    for claim in fid.ALL_CLAIMS:
+        for k in claim.paper_a + claim.paper_b:
+            assert k in keys, (claim.id, k)
+    ids = [c.id for c in fid.ALL_CLAIMS]
+    assert len(ids) == len(set(ids))
+
+
+# ---------------------------------------------------------------- fidelity_table on synthetic results
+
+def _roda_frame(seeds=(0, 1, 2)):
+    rng = np.random.default_rng(0)
+    level = {"patchcore": 0.70, "ttt++": 0.74, "ttac": 0.60, "roda": 0.80}
+    rows = []
+    for seed in seeds:
+        for method, base in level.items():
+            for cond in CONDS:
+                rows.append(dict(task="elpv", backbone="mobilenet_v2", method=method, condition=cond, severity=5,
+                                 seed=seed, image_auroc=base + rng.normal(0, 0.002), pixel_auroc=float("nan"),
+                                 adapt_seconds=1.0))
+    return pd.DataFrame(rows)
+
+
+def test_fidelity_table_on_synthetic_results(ref):
+    results = {"03_roda": _roda_frame()}
+    table = fid.fidelity_table(fid.RODA_CLAIMS, ref, results)
+    assert list(table.columns) == list(fid.TABLE_COLUMNS)
+    by_id = table.set_index("claim_id")
+    row = by_id.loc["t1_roda_vs_patchcore_gaussian_noise"]
+    assert row.verdict == "reproduced" and row.task == "elpv" and row.n_seeds == 3
+    assert row.ours_a == pytest.approx(80.0, abs=0.5) and row.paper_a == 87.92
+    assert "±" in row.ours and "mobilenet_v2" in row.why
+    assert by_id.loc["t1_ttac_vs_patchcore_contrast", "verdict"] == "reproduced"
+    assert by_id.loc["t1_roda_vs_tttpp_brightness", "verdict"] == "reproduced"
+    # pixel AUROC is NaN (no masks): not comparable, not a failure
+    assert by_id.loc["t3_roda_vs_patchcore_pixel_contrast", "verdict"] == "not comparable"
+    # absolute numbers with a bundled backbone on ELPV are never compared
+    absolute = by_id.loc["abs_roda_mean"]
+    assert absolute.verdict == "not comparable" and "backbone" in absolute.why and "data" in absolute.why
+    # missing files say so
+    assert set(by_id.loc[by_id.index.str.startswith("t4_"), "verdict"]) == {"not run"}
+    assert "not found" in by_id.loc["t5_20pct_reaches_98pct", "why"]
+
+
+def test_fidelity_table_within_noise_and_ablation_files(ref):
+    t4 = []
+    for seed in (0, 1):
+        for row, val in (("ot_discrete", 0.801), ("ot_continuous", 0.800), ("ot_discrete_copy", 0.75),
+                         ("ot_discrete_augment", 0.70)):
+            for cond in CONDS:
+                t4.append(dict(task="synthetic", row=row, condition=cond, seed=seed, image_auroc=val + 0.001 * seed,
+                               pixel_auroc=0.9))
+    fig5b = [dict(task="synthetic", method=m, severity=s, seed=0, image_auroc=v)
+             for m, s, v in (("roda", 1, 0.90), ("patchcore", 1, 0.89), ("roda", 5, 0.85), ("patchcore", 5, 0.70))]
+    t5 = [dict(task="synthetic", adapt_fraction=f, condition=c, seed=0, image_auroc=v, pixel_auroc=0.9)
+          for f, v in ((0.2, 0.90), (0.8, 0.91), (1.0, 0.91)) for c in CONDS]
+    table = fid.fidelity_table(fid.RODA_CLAIMS, ref, {"04_table4": pd.DataFrame(t4), "04_fig5b": pd.DataFrame(fig5b),
+                                                      "04_table5": pd.DataFrame(t5)})
+    by_id = table.set_index("claim_id")
+    row = by_id.loc["t4_discrete_vs_continuous_gaussian_noise"]
+    assert row.verdict == "not reproduced" and "within noise" in row.why
+    # augment below copy: the opposite of the paper
+    assert by_id.loc["t4_augment_vs_copy_contrast", "verdict"] == "not reproduced"
+    assert "opposite" in by_id.loc["t4_augment_vs_copy_contrast", "why"]
+    # gap 15 points at severity 5 vs 1 point at severity 1
+    assert by_id.loc["fig5b_gap_grows_with_severity", "verdict"] == "reproduced"
+    assert by_id.loc["fig5b_gap_grows_with_severity", "ours_diff"] == pytest.approx(14.0)
+    assert "figure only" in by_id.loc["fig5b_gap_grows_with_severity", "paper_value"]
+    assert by_id.loc["t5_20pct_reaches_98pct", "verdict"] == "reproduced"
+    assert by_id.loc["t5_100pct_vs_20pct", "verdict"] == "not reproduced"  # +1.0 is inside the 1-point margin
+
+
+def test_fidelity_table_dpdl(ref):
+    rows = []
+    for seed in range(3):
+        for method, val in (("dpdl", 0.90), ("devnet", 0.80), ("dra", 0.895), ("flos", 0.95)):
+            for m in (10, 1):
+                rows.append(dict(task="elpv", setting="general", seen_class="all", n_anomalies=m, method=method,
+                                 seed=seed, auroc=val - 0.01 * (m == 1) + 0.001 * seed))
+    table = fid.fidelity_table(fid.DPDL_CLAIMS, ref, {"05_general_runs": pd.DataFrame(rows)},
+                               context={"backbone": "mobilenet_v2"})
+    by_id = table.set_index("claim_id")
+    assert by_id.loc["dpdl_vs_devnet_general_m10", "verdict"] == "reproduced"
+    assert by_id.loc["dpdl_vs_devnet_general_m10_elpv", "paper_a"] == 93.7
+    assert "within noise" in by_id.loc["dpdl_vs_dra_general_m1_elpv", "why"]
+    assert by_id.loc["dpdl_vs_flos_general_m10", "verdict"] == "not reproduced"
+    assert by_id.loc["abs_dpdl_general_m10_elpv", "verdict"] == "not comparable"
+    assert "ResNet-18" in by_id.loc["abs_dpdl_general_m10_elpv", "why"]
+    # no hard-setting file: not run; datasets we did not run are left out
+    assert by_id.loc["dpdl_vs_devnet_hard_m10", "verdict"] == "not run"
+    assert not by_id.index.str.endswith("_headct").any()
+    # ablation file missing
+    assert by_id.loc["t3_full_vs_m_r", "verdict"] == "not run"
+
+
+def test_dpdl_hard_and_ablation_files(ref):
+    hard = pd.DataFrame([dict(task="elpv", setting="hard", seen_class=c, n_anomalies=10, seed=s, method=m,
+                              auroc=v + (0.02 if c == "mono" else -0.02))
+                         for c in ("mono", "poly") for s in (0, 1) for m, v in (("dpdl", 0.82), ("devnet", 0.70))])
+    abl = pd.DataFrame([dict(task="elpv", setting="general", seen_class="all", n_anomalies=10, seed=s, method=m,
+                             auroc=v + 0.001 * s)
+                        for s in (0, 1, 2) for m, v in (("DPDL", 0.93), ("M_r", 0.90), ("M_n + M_r", 0.925),
+                                                        ("M_a + M_r", 0.93), ("w/o DPL", 0.85), ("w/o DFL", 0.94))])
+    table = fid.fidelity_table(fid.DPDL_CLAIMS, ref, {"05_hard_runs": hard, "05_ablation_runs": abl})
+    by_id = table.set_index("claim_id")
+    row = by_id.loc["dpdl_vs_devnet_hard_m10_elpv"]
+    assert row.verdict == "reproduced" and row.ours_a == pytest.approx(82.0) and row.paper_a == 81.8
+    assert by_id.loc["t3_full_vs_m_r", "verdict"] == "reproduced"
+    assert "within noise" in by_id.loc["t3_full_vs_m_n_p_m_r", "why"]
+    assert by_id.loc["fig2_full_vs_w_o_dpl", "verdict"] == "reproduced"
+    assert by_id.loc["fig2_full_vs_w_o_dfl", "verdict"] == "not reproduced"
+    assert "figure only" in by_id.loc["fig2_full_vs_w_o_dfl", "paper_value"]
+
+
+def test_missing_results_folder_gives_not_run(ref, tmp_path):
+    table = fid.fidelity_table(fid.ALL_CLAIMS, ref, tmp_path)
+    assert len(table) > 0 and set(table["verdict"]) == {"not run"}
+    assert table["why"].str.contains("not found").all()
+
+
+def test_results_in_percent_are_not_rescaled():
+    df = pd.DataFrame(dict(method=["a", "b"], seed=[0, 0], share_assigned=[16.0, 46.0]))
+    s, _ = fid.ours_per_seed(df, {"method": "a"}, "share_assigned")
+    assert s.iloc[0] == 16.0
+    s, _ = fid.ours_per_seed(df.assign(share_assigned=[0.16, 0.46]), {"method": "a"}, "share_assigned")
+    assert math.isclose(s.iloc[0], 16.0)
+
+
+def test_absolute_dpdl_needs_backbone_and_m(ref):
+    def frame(m_max):
+        return pd.DataFrame([dict(task="elpv", setting="general", seen_class="all", n_anomalies=m, method="dpdl",
+                                  seed=s, auroc=0.937) for m in (m_max, 1) for s in (0, 1)])
+    claims = [c for c in fid.DPDL_CLAIMS if c.id == "abs_dpdl_general_m10_elpv"]
+    same = fid.fidelity_table(claims, ref, {"05_general_runs": frame(10)}, context={"backbone": "resnet18"})
+    assert same.verdict.iloc[0] == "reproduced"
+    fewer = fid.fidelity_table(claims, ref, {"05_general_runs": frame(2)}, context={"backbone": "resnet18"})
+    assert fewer.verdict.iloc[0] == "not comparable" and "n_anomalies 2 vs the paper's 10" in fewer.why.iloc[0]
