@@ -16,6 +16,8 @@ Every value can be overridden from the notebook (``get_profile(name, roda={"epoc
 from __future__ import annotations
 
 import copy
+import json
+import os
 from pathlib import Path
 
 from .data import SHARED_DATA
@@ -98,6 +100,34 @@ PROFILES = {
 }
 
 
+OVERRIDES_ENV = "REPRO_PROFILE_OVERRIDES"
+
+
+def parse_assignments(items) -> dict:
+    """``["roda.epochs=5", "roda.variants={}"]`` -> nested dict; values are read as JSON when they parse."""
+    out: dict = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE (e.g. roda.epochs=5), got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def env_overrides() -> dict:
+    """Overrides handed to notebook kernels by ``scripts/run_notebooks.py --set`` (a JSON dict)."""
+    raw = os.environ.get(OVERRIDES_ENV)
+    return json.loads(raw) if raw else {}
+
+
 class Profile(dict):
     """A dict with attribute access (``cfg.roda["epochs"]`` or ``cfg.roda.epochs``)."""
 
@@ -112,7 +142,7 @@ class Profile(dict):
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and v and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v)
         elif v is not None:
             out[k] = copy.deepcopy(v)
@@ -129,7 +159,7 @@ def get_profile(name: str = "default", data_root=None, categories=None, device="
     """
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)}")
-    cfg = _merge(_merge(_BASE, PROFILES[name]), overrides)
+    cfg = _merge(_merge(_merge(_BASE, PROFILES[name]), env_overrides()), overrides)
     cfg["name"] = name
     if data_root is not None:
         cfg["data_root"] = str(Path(data_root).expanduser())

@@ -4,6 +4,7 @@
     python scripts/run_notebooks.py --profile default            # the main job
     python scripts/run_notebooks.py --profile real --only 02 03  # a subset
     python scripts/run_notebooks.py --profile smoke --out-dir /tmp/x
+    python scripts/run_notebooks.py --profile real --categories ksdd --set roda.epochs=5
 
 Executed copies go to ``<out-dir>/runs/<profile>/``; figures and tables to ``figures/<profile>/`` and
 ``results/<profile>/``. A failing notebook stops the run and names the failing cell.
@@ -12,6 +13,8 @@ Executed copies go to ``<out-dir>/runs/<profile>/``; figures and tables to ``fig
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,8 +56,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out-dir", default=None, help="where results/, figures/ and runs/ go (default: the repo)")
     ap.add_argument("--timeout", type=int, default=None, help="seconds per cell")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a profile value, e.g. --set roda.epochs=5 --set 'roda.variants={}'")
     args = ap.parse_args(argv)
 
+    if args.set:  # handed to every notebook kernel through the environment
+        sys.path.insert(0, str(REPO))
+        from lib.profiles import OVERRIDES_ENV, parse_assignments
+
+        os.environ[OVERRIDES_ENV] = json.dumps(parse_assignments(args.set))
     out_root = Path(args.out_dir) if args.out_dir else REPO
     run_dir = out_root / "runs" / args.profile
     run_dir.mkdir(parents=True, exist_ok=True)
