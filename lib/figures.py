@@ -56,7 +56,7 @@ def auroc_bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, title: 
     ax.axhline(50, color="gray", lw=0.8, ls=":")
     ax.set_title(title)
     if hue:
-        ax.legend(fontsize=8, ncols=min(4, data[hue].nunique()), loc="lower left")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 
