@@ -300,3 +300,39 @@ def assignment_census(model, dataset, augment: str, eps: float, rule: str = "or"
     return dict(augment=augment, n_images=int(batch["image"].shape[0]), n_target_patches=target.shape[0],
                 n_anomalous_patches=n_anom, n_assigned=n_assigned,
                 share_assigned=n_assigned / n_anom if n_anom else float("nan"))
+
+
+def open_choices(cfg) -> dict:
+    """The open choices of RoDA, one at a time away from the profile's defaults (notebook 04)."""
+    r, abl = cfg["roda"], cfg["ablation"]
+    choices = {"default": {}}
+    choices.update({f"eps={e}": dict(loss=dict(eps=e)) for e in abl["eps_grid"] if e != r["eps"]})
+    choices.update({f"epochs={e}": dict(epochs=e) for e in abl["epochs_grid"] if e != r["epochs"]})
+    choices.update({f"lr={lr}": dict(lr=lr) for lr in abl.get("lr_grid", ()) if lr != r["lr"]})
+    choices.update({"rule=and": dict(loss=dict(rule="and")), "bn_mode=train": dict(bn_mode="train"),
+                    "cost=sqeuclidean": dict(loss=dict(cost="sqeuclidean")),
+                    "cost_norm=max": dict(loss=dict(cost_norm="max")), "augment=none": dict(augment="none")})
+    return choices
+
+
+def choice_sweep(cfg, model, task, corruptions, seed: int = 0, choices: dict | None = None) -> pd.DataFrame:
+    """RoDA under each open choice: AUROC on the 20% adaptation split (what one may tune on: unlabeled
+    during adaptation, labels read only to score) and on the 80% evaluation split."""
+    from .pipeline import dataset, evaluate, target_split
+
+    choices = choices or open_choices(cfg)
+    severity = cfg["corruption"]["severity"]
+    a_split, e_split = target_split(task, cfg["corruption"]["adapt_fraction"], seed)
+    rows = []
+    for c, name in progress([(c, k) for c in corruptions for k in choices], desc="choices"):
+        conf = config_from_profile(cfg, "roda", seed=seed, **copy.deepcopy(choices[name]))
+        source = bn_state(model.extractor)
+        try:
+            adapt(model, dataset(task, a_split, c, severity, seed), conf, show_progress=False)
+            on_adapt = evaluate(model, task, a_split, c, severity, seed)
+            on_eval = evaluate(model, task, e_split, c, severity, seed)
+        finally:
+            restore_bn_state(model.extractor, source)
+        rows.append(dict(task=task.name, choice=name, condition=c, seed=seed,
+                         adapt_split_auroc=on_adapt["image_auroc"], eval_split_auroc=on_eval["image_auroc"]))
+    return pd.DataFrame(rows)
