@@ -284,8 +284,12 @@ def assignment_census(model, dataset, augment: str, eps: float, rule: str = "or"
 
     generator = torch.Generator().manual_seed(seed)
     loader = make_loader(dataset, batch_size=batch_size, shuffle=True, seed=seed)
-    batch = next(b for b in loader if b["mask"].any()) if any(dataset[i]["mask"].any() for i in range(len(dataset))) \
-        else next(iter(loader))
+    batch = None
+    for candidate in loader:  # the first batch that holds a defect (else the first batch)
+        batch = batch if batch is not None else candidate
+        if candidate["mask"].any():
+            batch = candidate
+            break
     images, masks = augment_batch(batch["image"], batch["mask"], augment, generator)
     with torch.no_grad():
         target = model.embed(images).reshape(-1, model.bank.shape[1])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .utils import REPO_ROOT, stable_hash
+from .utils import REPO_ROOT
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MIN_SIDE = 32
@@ -424,11 +424,3 @@ def make_loader(dataset, batch_size: int = 16, shuffle: bool = False, seed: int 
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0,
                                        generator=generator)
-
-
-def with_box(sample: Sample, box) -> Sample:
-    return replace(sample, box=tuple(int(v) for v in box))
-
-
-def sample_key(sample: Sample) -> int:
-    return stable_hash(sample.path, sample.box)

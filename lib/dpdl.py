@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -601,7 +602,9 @@ class MapCache:
                 img = dataset[i]["image"]
                 if variant is not None:
                     s = samples[i]
-                    g = torch.Generator().manual_seed(stable_hash("cutmix", s.path, s.box, variant))
+                    # keyed by the last path parts, not the absolute path: the same pseudo anomalies everywhere
+                    key = "/".join(Path(s.path).parts[-3:])
+                    g = torch.Generator().manual_seed(stable_hash("cutmix", key, s.box, variant))
                     img = cutmix_pseudo_anomaly(img, g)
                 images.append(img)
             with torch.no_grad():
