@@ -27,3 +27,13 @@ class TinyExtractor(torch.nn.Module):
 @pytest.fixture
 def tiny_extractor():
     return TinyExtractor()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many tiny iterations: on a shared 2-core box every multi-threaded parallel region (torch parallelises
+    ``exp`` even for 100 elements) can wait a scheduler slice, so such test modules run single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

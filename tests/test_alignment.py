@@ -17,14 +17,7 @@ from lib.transport import discretize, pairwise_cost
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny iterations: on a shared 2-core box every multi-threaded parallel region (torch parallelises
-    ``exp`` even for 100 elements) can wait a scheduler slice, so these tests run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _feats(n, d=5, seed=0, dtype=torch.float64):
