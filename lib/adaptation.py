@@ -280,7 +280,7 @@ def assignment_census(model, dataset, augment: str, eps: float, rule: str = "or"
     encoder; only the patches of the *original* images are counted (the paper's total of anomalous
     patches is the same for all three strategies), and a patch counts as assigned when it is the
     column argmax of some bank entry (see :func:`lib.transport.assignment_stats`)."""
-    from .transport import assignment_stats, discretize, normalize_cost, pairwise_cost, sinkhorn_log
+    from .alignment import roda_loss
 
     generator = torch.Generator().manual_seed(seed)
     loader = make_loader(dataset, batch_size=batch_size, shuffle=True, seed=seed)
@@ -293,12 +293,12 @@ def assignment_census(model, dataset, augment: str, eps: float, rule: str = "or"
     images, masks = augment_batch(batch["image"], batch["mask"], augment, generator)
     with torch.no_grad():
         target = model.embed(images).reshape(-1, model.bank.shape[1])
-        plan, _ = sinkhorn_log(normalize_cost(pairwise_cost(target, model.bank, kind=cost), cost_norm)[0], eps)
-    pairs = discretize(plan, rule)
-    anomalous = anomalous_patches(masks, model.grid, anomalous_patch_fraction)
-    n_original = batch["image"].shape[0] * model.grid[0] * model.grid[1]
-    anomalous[n_original:] = False  # count the original images' patches only
-    stats = assignment_stats(pairs, anomalous_rows=anomalous.to(plan.device))
+        anomalous = anomalous_patches(masks, model.grid, anomalous_patch_fraction)
+        n_original = batch["image"].shape[0] * model.grid[0] * model.grid[1]
+        anomalous[n_original:] = False  # count the original images' patches only
+        # the same plan, discretisation and counts as one step of the adaptation loop
+        _, stats = roda_loss(target, model.bank, eps=eps, cost=cost, cost_norm=cost_norm, rule=rule,
+                             anomalous_rows=anomalous.to(target.device))
     n_anom = int(anomalous.sum())
     n_assigned = int(stats.get("n_anomalous_col_argmax") or 0)
     return dict(augment=augment, n_images=int(batch["image"].shape[0]), n_target_patches=target.shape[0],
