@@ -55,6 +55,9 @@ class AdaptConfig:
 
     method: str = "roda"
     epochs: int = 10  # paper: 10 on MVTec
+    # a fixed number of optimisation steps instead of ``epochs`` (the split is cycled as often as
+    # needed): notebook 04's Table 5 uses it to compare amounts of target data at equal optimisation
+    steps: int | None = None
     lr: float = 0.003  # paper
     momentum: float = 0.9  # paper
     batch_size: int = 10  # paper
@@ -72,6 +75,8 @@ class AdaptConfig:
             raise AdaptationError(f"unknown method {self.method!r}: choose one of {sorted(ALIGNMENT_LOSSES)}")
         if self.augment not in AUGMENTATIONS:
             raise AdaptationError(f"unknown augment {self.augment!r}: choose one of {AUGMENTATIONS}")
+        if self.steps is not None and self.steps < 1:
+            raise AdaptationError(f"steps must be a positive number of optimisation steps (or None), got {self.steps}")
         if self.bn_mode not in ("eval", "train"):
             raise AdaptationError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
 
@@ -175,11 +180,14 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True) -> pd
         for bn in extractor.bn_modules():
             bn.train()
     rows, loss_scale = [], None
-    steps = progress(total=config.epochs * len(loader), desc=f"adapt {config.method}", leave=False,
-                     disable=not show_progress)
+    total = config.steps if config.steps is not None else config.epochs * len(loader)
+    n_epochs = -(-total // len(loader))  # enough passes over the split for ``total`` steps
+    steps = progress(total=total, desc=f"adapt {config.method}", leave=False, disable=not show_progress)
     try:
-        for epoch in range(config.epochs):
+        for epoch in range(n_epochs):
             for batch in loader:
+                if len(rows) == total:
+                    break
                 images, masks = augment_batch(batch["image"], batch["mask"], config.augment, generator)
                 with extractor.differentiable_mode():
                     feats = model.embed(images)

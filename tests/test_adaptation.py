@@ -107,3 +107,16 @@ def test_each_method_runs_one_step(fitted):
                                                                          loss=loss), show_progress=False)
         assert len(hist) == 1 and hist.loss.notna().all(), method
         restore_bn_state(fitted.extractor, source)
+
+
+def test_fixed_step_budget_cycles_the_split(fitted):
+    """``steps`` replaces ``epochs``: 5 steps over a 2-batch split run 3 passes and stop mid-pass."""
+    source = bn_state(fitted.extractor)
+    data = TensorDataset(_textures(4, 6))
+    hist = adapt(fitted, data, AdaptConfig(epochs=1, steps=5, batch_size=2, loss=dict(eps=0.1)), show_progress=False)
+    restore_bn_state(fitted.extractor, source)
+    assert len(hist) == 5 and list(hist.epoch) == [0, 0, 1, 1, 2]
+    assert len(adapt(fitted, data, AdaptConfig(epochs=2, batch_size=2, loss=dict(eps=0.1)), show_progress=False)) == 4
+    restore_bn_state(fitted.extractor, source)
+    with pytest.raises(AdaptationError, match="positive"):
+        AdaptConfig(steps=0)
