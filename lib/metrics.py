@@ -18,6 +18,16 @@ def image_auroc(labels, scores) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+def shortcut_auroc(labels, statistic) -> float:
+    """How well a label-blind image statistic (mean grey level, contrast, ...) separates anomalous from
+    normal images: the image AUROC of the statistic used as a score, folded to [0.5, 1] since either
+    direction is a shortcut. Near 1, a model that merely tracks the statistic reaches an image AUROC near
+    1 *or near 0*, which then says little about defects (MVTec screw's test split is such a case for the
+    mean grey level, notebook 01)."""
+    auc = image_auroc(labels, statistic)
+    return max(auc, 1.0 - auc)
+
+
 def pixel_auroc(masks, maps, max_pixels: int | None = 4_000_000, seed: int = 0) -> float:
     """Pixel AUROC over all images ("full pixel AUROC" of the official PatchCore evaluation).
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.metrics import image_auroc, mean_std, pixel_auroc
+from lib.metrics import image_auroc, mean_std, pixel_auroc, shortcut_auroc
 
 
 def test_separable_case_is_perfect_and_reversed_is_zero():
@@ -35,3 +35,11 @@ def test_mean_std_formats_seeds():
     assert out.loc["a", "mean"] == pytest.approx(0.85)
     assert out.loc["a", "text"] == "85.0 ± 7.1"
     assert out.loc["b", "text"] == "50.0"
+
+
+def test_shortcut_auroc_folds_both_directions():
+    labels = [0, 0, 0, 1, 1, 1]
+    darker_normals = [0.40, 0.41, 0.42, 0.60, 0.61, 0.62]  # the statistic separates the classes ...
+    assert shortcut_auroc(labels, darker_normals) == 1.0
+    assert shortcut_auroc(labels, [-v for v in darker_normals]) == 1.0  # ... in either direction
+    assert shortcut_auroc(labels, [0.5, 0.6, 0.4, 0.6, 0.5, 0.4]) == 0.5  # no information: chance
