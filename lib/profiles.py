@@ -5,8 +5,8 @@ profile    data                                                         cost
 =========  ===========================================================  ==========================
 smoke      a generated 128 px MVTec-layout set with masks               seconds (the tests)
 default    ELPV solar cells, shipped by the ``elpv-dataset`` package    minutes on 2 CPU cores
-real       ``../shared/data`` (MVTec screw, KolektorSDD, HeadCT,         tens of minutes on 2 CPU
-           BrainMRI) or a user's MVTec AD root via ``data_root``         cores
+real       ``../shared/data`` (MVTec screw, KolektorSDD, HeadCT,         about 4 h on 2 CPU cores
+           BrainMRI) or a user's MVTec AD root via ``data_root``         (04 alone 1.5 h)
 full       all 15 MVTec AD categories, the papers' backbones            GPU-sized (hours)
 =========  ===========================================================  ==========================
 
