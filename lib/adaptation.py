@@ -38,8 +38,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .alignment import ALIGNMENT_LOSSES, source_stats
+from .alignment import ALIGNMENT_LOSSES, roda_loss, source_stats
 from .data import DataError, make_loader
+from .pipeline import dataset, evaluate, target_split
 from .utils import progress, torch_save
 
 AUGMENTATIONS = ("none", "copy", "flip_rot90")
@@ -230,8 +231,6 @@ def adapt_and_evaluate(model, task, adapt_samples, eval_samples, corruption, sev
                        bn_file=None) -> tuple[dict, pd.DataFrame]:
     """Adapt on ``adapt_samples``, score ``eval_samples`` (both shifted by ``corruption``), then restore
     the source BatchNorm state (unless ``restore=False``). ``method="patchcore"`` skips adaptation."""
-    from .pipeline import dataset, evaluate
-
     if not eval_samples:
         raise DataError("the evaluation split is empty: lower corruption.adapt_fraction")
     source = bn_state(model.extractor)
@@ -288,8 +287,6 @@ def assignment_census(model, dataset, augment: str, eps: float, rule: str = "or"
     encoder; only the patches of the *original* images are counted (the paper's total of anomalous
     patches is the same for all three strategies), and a patch counts as assigned when it is the
     column argmax of some bank entry (see :func:`lib.transport.assignment_stats`)."""
-    from .alignment import roda_loss
-
     generator = torch.Generator().manual_seed(seed)
     loader = make_loader(dataset, batch_size=batch_size, shuffle=True, seed=seed)
     batch = None
@@ -330,8 +327,6 @@ def open_choices(cfg) -> dict:
 def choice_sweep(cfg, model, task, corruptions, seed: int = 0, choices: dict | None = None) -> pd.DataFrame:
     """RoDA under each open choice: AUROC on the 20% adaptation split (what one may tune on: unlabeled
     during adaptation, labels read only to score) and on the 80% evaluation split."""
-    from .pipeline import dataset, evaluate, target_split
-
     choices = choices or open_choices(cfg)
     severity = cfg["corruption"]["severity"]
     a_split, e_split = target_split(task, cfg["corruption"]["adapt_fraction"], seed)

@@ -65,7 +65,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import progress, seed_everything, stable_hash
+from .data import AnomalyDataset
+from .utils import progress, seed_everything, stable_hash, torch_save
 
 __all__ = [
     "DPDLNet",
@@ -568,8 +569,6 @@ class MapCache:
 
     def save(self, path=None):
         """Write the maps (atomically) to ``path`` (default: the ``path`` given at construction)."""
-        from .utils import torch_save
-
         path = path or self.path
         if path is None:
             raise ValueError("MapCache.save needs a path")
@@ -583,8 +582,6 @@ class MapCache:
         return (sample.path, tuple(sample.box) if sample.box else None, variant)
 
     def _images(self, samples):
-        from .data import AnomalyDataset
-
         return AnomalyDataset(samples, resize=self.resize, crop=self.crop)
 
     def _compute(self, samples, variant: int | None):

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .data import AnomalyDataset, Task, load_task, make_loader, stratified_split, subsample
 from .metrics import image_auroc, pixel_auroc
@@ -83,12 +84,9 @@ def image_statistics(task: Task, samples, corruption=None, severity=5, seed=0):
     """Per image of ``samples`` (preprocessed as the model sees them): label, defect, mean grey level
     and grey-level std (contrast). Notebook 01 checks with them whether global intensity alone
     separates the classes (:func:`lib.metrics.shortcut_auroc`)."""
-    import pandas as pd
-
     ds = dataset(task, samples, corruption, severity, seed)
     rows = []
     for i, s in enumerate(samples):
         grey = ds[i]["image"].mean(0)
         rows.append(dict(label=s.label, defect=s.defect, mean=float(grey.mean()), std=float(grey.std())))
     return pd.DataFrame(rows)
-
