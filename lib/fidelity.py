@@ -369,7 +369,8 @@ def evaluate_claim(claim: Claim, reference: pd.DataFrame, results: dict, context
             sa, sb = sa.loc[common], sb.loc[common]
         n = int(sa.size)
         ctx = f"paper: {claim.paper_backbone} on {claim.paper_data}; ours: {backbone or 'backbone ?'} on {label}, "
-        ctx += f"{n} seed{'s' if n != 1 else ''}" + "".join(f", {k}={'/'.join(map(str, v))}" for k, v in resolved.items())
+        ctx += f"{n} seed{'s' if n != 1 else ''}"
+        ctx += "".join(f", {k}={'/'.join(map(str, v))}" for k, v in resolved.items())
         ctx += f"; {claim.note}" if claim.note else ""
         p = se = float("nan")
         if n == 0:
@@ -390,7 +391,8 @@ def evaluate_claim(claim: Claim, reference: pd.DataFrame, results: dict, context
         pair = claim.kind != "absolute" and claim.b is not None
         rows.append(dict(base, task=label, n_seeds=n, verdict=v, why=why, p_value=p, ours_se=se,
                          ours=f"{claim.label_a} {_fmt(sa)} vs {claim.label_b} {_fmt(sb)}" if pair else _fmt(sa),
-                         ours_a=sa.mean() if n else float("nan"), ours_b=(sb.mean() if n else float("nan")) if pair else None,
+                         ours_a=sa.mean() if n else float("nan"),
+                         ours_b=(sb.mean() if n else float("nan")) if pair else None,
                          ours_diff=float((sa - claim.scale * sb).mean()) if pair and n else None,
                          ours_std_a=sa.std(ddof=1) if n > 1 else 0.0,
                          ours_std_b=(sb.std(ddof=1) if n > 1 else 0.0) if pair else None))

@@ -171,10 +171,12 @@ def _path_task(name: str) -> TaskSpec:
 def task_name(name: str) -> str:
     """The registry name of ``name``: a short MVTec category becomes ``mvtec/<category>``."""
     name = str(name).strip()
-    if name in TASKS or _looks_like_path(name):
+    if name in TASKS:
         return name
     if name in MVTEC_CATEGORIES:
         return f"mvtec/{name}"
+    if _looks_like_path(name):
+        return name
     raise unknown("task", name, (*TASKS, *MVTEC_CATEGORIES))
 
 
