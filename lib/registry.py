@@ -14,8 +14,9 @@ Tasks
     folder (``train/good``, ``test/<defect>``, optional ``ground_truth``) or to a folder with ``labels.csv``.
 
 Corruptions
-    :data:`PAPER_CORRUPTIONS` (RoDA Sec. 4.1, at severity 5) and :data:`ALL_CORRUPTIONS` (every name of
-    ``imagecorruptions.get_corruption_names('all')``, in the package's order).
+    :data:`PAPER_CORRUPTIONS` (RoDA Sec. 4.1, at severity 5), :data:`ALL_CORRUPTIONS` (every name of
+    ``imagecorruptions.get_corruption_names('all')``, in the package's order) and :data:`EXTRA_CORRUPTIONS`
+    (your own, name -> dotted path of the function).
 
 Methods
     :data:`ALIGNMENT_METHODS` (RoDA side: the alignment losses of Tab. 1/4, ``"patchcore"`` = no adaptation)
@@ -33,8 +34,9 @@ from pathlib import Path
 
 __all__ = [
     "RegistryError", "TaskSpec", "TASKS", "MVTEC_CATEGORIES", "PAPER_CORRUPTIONS", "ALL_CORRUPTIONS",
-    "MIN_SIDE", "ALIGNMENT_METHODS", "OPENSET_METHODS", "task", "task_name", "task_root", "geometry",
-    "corruption", "method", "method_path", "paper_row", "LOADER_KINDS",
+    "MIN_SIDE", "EXTRA_CORRUPTIONS", "ALIGNMENT_METHODS", "OPENSET_METHODS", "task", "task_name", "task_root",
+    "geometry", "corruption", "corruption_function", "method", "method_path", "paper_row", "LOADER_KINDS",
+    "unknown",
 ]
 
 
@@ -71,14 +73,26 @@ ALL_CORRUPTIONS = (
     "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate",
 )
 
+#: Corruptions beyond imagecorruptions: name -> dotted path of ``f(image, severity) -> image`` (uint8 HxWx3 in
+#: and out, severity 1..5). ``lib.corruptions.corrupt`` runs it under a seeded NumPy global state like the
+#: package's own, so a function drawing from ``np.random`` is deterministic per (image, name, severity, seed).
+EXTRA_CORRUPTIONS: dict[str, str] = {}
+
 CLEAN = "clean"
 
 
 def corruption(name: str) -> str:
     """``name`` if it is a known corruption (or ``"clean"``); otherwise :class:`RegistryError`."""
-    if name == CLEAN or name in ALL_CORRUPTIONS:
+    if name == CLEAN or name in ALL_CORRUPTIONS or name in EXTRA_CORRUPTIONS:
         return name
-    raise unknown("corruption", name, (CLEAN, *ALL_CORRUPTIONS))
+    raise unknown("corruption", name, (CLEAN, *ALL_CORRUPTIONS, *EXTRA_CORRUPTIONS))
+
+
+def corruption_function(name: str):
+    """The function of an :data:`EXTRA_CORRUPTIONS` entry, imported on first use."""
+    if name not in EXTRA_CORRUPTIONS:
+        raise unknown("extra corruption", name, EXTRA_CORRUPTIONS)
+    return _resolve(EXTRA_CORRUPTIONS[name])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,5 +282,9 @@ def method_path(name: str, side: str) -> str:
 
 def method(name: str, side: str):
     """The callable behind a method name, imported on first use (no import cycle at module load)."""
-    module, _, attribute = method_path(name, side).partition(":")
+    return _resolve(method_path(name, side))
+
+
+def _resolve(path: str):
+    module, _, attribute = path.partition(":")
     return getattr(importlib.import_module(module), attribute)

@@ -114,3 +114,12 @@ def test_geometry_per_protocol():
 def test_bad_loader_kind_is_refused():
     with pytest.raises(ValueError, match="loader"):
         reg.TaskSpec("x", "zip")
+
+
+def test_extra_corruptions_register_by_dotted_path(monkeypatch):
+    monkeypatch.setitem(reg.EXTRA_CORRUPTIONS, "invert", "numpy:invert")
+    import numpy as np
+
+    assert reg.corruption("invert") == "invert" and reg.corruption_function("invert") is np.invert
+    with pytest.raises(reg.RegistryError, match="Did you mean 'invert'"):
+        reg.corruption_function("inverts")
