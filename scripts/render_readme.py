@@ -17,6 +17,7 @@ Options (all optional):
   (e.g. seeds), or the mean alone when the group has one row;
 - ``percent=a,b``: multiply these columns by 100 (AUROCs stored as fractions);
 - ``digits=N``: decimals of numbers (default 2);
+- ``count=name``: with ``by``, a column ``name`` with the number of rows of each group (list it in ``columns``);
 - ``sort=a,b``: sort rows by these columns (default: the CSV's order, groups in order of appearance);
 - ``rename=a:new name,b:other``: header labels.
 
@@ -53,11 +54,14 @@ def parse_spec(spec: str) -> tuple[str, dict]:
             continue
         key, sep, value = part.partition("=")
         key = key.strip()
-        if not sep or key not in ("columns", "where", "by", "percent", "digits", "sort", "rename"):
-            raise ReadmeError(f"bad option {part!r}: use columns=, where=, by=, percent=, digits=, sort=, rename=")
+        if not sep or key not in ("columns", "where", "by", "count", "percent", "digits", "sort", "rename"):
+            raise ReadmeError(f"bad option {part!r}: use columns=, where=, by=, count=, percent=, digits=, sort=, "
+                              "rename=")
         if key == "where":
             column, _, values = value.partition(":")
             options["where"].append((column.strip(), [v.strip() for v in values.split(",")]))
+        elif key == "count":
+            options["count"] = value.strip()
         elif key == "digits":
             options["digits"] = int(value)
         elif key == "rename":
@@ -82,8 +86,9 @@ def render_table(df: pd.DataFrame, options: dict) -> str:
             raise ReadmeError(f"where: no column {column!r}; the CSV has {list(df.columns)}")
         df = df[df[column].astype(str).isin(values)]
     columns = options.get("columns") or list(df.columns)
+    count = options.get("count") if options.get("by") else None
     missing = [c for c in columns + options.get("by", []) + options.get("percent", []) + options.get("sort", [])
-               if c not in df.columns]
+               if c not in df.columns and c != count]
     if missing:
         raise ReadmeError(f"no column {missing}; the CSV has {list(df.columns)}")
     df = df.copy()
@@ -91,11 +96,13 @@ def render_table(df: pd.DataFrame, options: dict) -> str:
         df[column] = df[column].astype(float) * 100
     by = options.get("by")
     if by:
-        values = [c for c in columns if c not in by]
+        values = [c for c in columns if c not in by and c != count]
         grouped = df.groupby(by, sort=False, dropna=False)
         rows = []
         for key, group in grouped:
             row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+            if count:
+                row[count] = len(group)
             for c in values:
                 v = pd.to_numeric(group[c], errors="coerce")
                 if v.notna().any() and len(group) > 1:
@@ -105,7 +112,7 @@ def render_table(df: pd.DataFrame, options: dict) -> str:
                 else:
                     row[c] = ", ".join(dict.fromkeys(map(str, group[c])))
             rows.append(row)
-        df = pd.DataFrame(rows, columns=by + values)
+        df = pd.DataFrame(rows, columns=by + values + ([count] if count else []))
     if options.get("sort"):
         df = df.sort_values(options["sort"], kind="stable")
     df = df[columns]

@@ -66,3 +66,10 @@ def test_errors_name_the_line_and_the_fix(readme):
     with pytest.raises(rr.ReadmeError, match="bad option"):
         rr.parse_spec("a.csv | colums=a")
     assert rr.main([str(readme.parent / "nope.md")]) == 2
+
+
+def test_count_per_group():
+    df = pd.DataFrame(dict(paper=["r", "r", "r", "d"], verdict=["x", "x", "y", "x"]))
+    table = rr.render_table(df, dict(columns=["paper", "verdict", "n"], by=["paper", "verdict"], count="n",
+                                     where=[]))
+    assert table.splitlines()[2:] == ["| r | x | 2 |", "| r | y | 1 |", "| d | x | 1 |"]
