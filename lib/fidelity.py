@@ -8,11 +8,9 @@ Kinds: ``"order"`` / ``"gap"`` (A above or below B; the paper's sign decides, ``
 of the paper's margin we recover), ``"ratio"`` (A >= scale x B, Table 5's "20% reaches 98% of 100%") and
 ``"absolute"`` (a value, only comparable with the paper's backbone on the paper's data).
 
-The test (:func:`difference_test`). Our result files hold one AUROC per (task, method, condition, seed), not
-per-image scores, so a paired bootstrap over images or DeLong's test cannot be run on them. The test uses
-what the files hold: the paired per-seed differences d_s = A_s - scale * B_s (s = 1..n seeds) and the
-sampling error of the test split, which does not shrink with more seeds because every seed is scored on the
-same images::
+The test (:func:`difference_test`). The result tables hold one AUROC per (task, method, condition, seed). The
+test uses the paired per-seed differences d_s = A_s - scale * B_s (s = 1..n seeds) and the sampling error of
+the test split, which does not shrink with more seeds because every seed is scored on the same images::
 
     se^2 = var_s(d) / n  +  se_split(A)^2 + scale^2 se_split(B)^2
 
@@ -24,6 +22,8 @@ Rows averaged on the same images (the mean over corruptions) take the mean of th
 correlated bound); tasks pooled into the paper's class mean are independent. The reference is the normal
 distribution when ``se_split`` is known, else Student's t with n - 1 degrees of freedom; two-sided, level
 ``alpha`` (0.05). Pixel AUROC has no split error (pixels of one image are not independent): seeds only.
+Where a runner also wrote per-image scores (``<stem>_scores.csv``), the split error of a pairwise AUROC claim
+is DeLong's paired one instead (:func:`delong_se`), which keeps the correlation of A and B on the same images.
 
 Verdicts: **reproduced** when the difference is significant in the paper's direction; **not reproduced**
 when it is significant the other way; **not significant** otherwise, or when there is no error estimate
@@ -55,6 +55,7 @@ AUROC_METRICS = {"image_auroc", "auroc"}  # metrics with a split error from the 
 TASK_COLUMNS = ("task", "dataset")
 BACKBONE_IDS = {"WRN-50": "wide_resnet50_2", "ResNet-18": "resnet18"}
 ALPHA = 0.05
+SCORES = "_scores"  # <stem>_scores.csv: the table's columns (one row per image) + image, label, score
 __all__ = ["ALL_CLAIMS", "DPDL_CLAIMS", "RODA_CLAIMS", "Claim", "reference_key", "slug", "fidelity_table",
            "load_reference", "load_results", "summary", "verdict", "difference_test", "auroc_se"]
 
@@ -74,10 +75,13 @@ def load_reference(path=None) -> pd.DataFrame:
 
 
 def load_results(results_dir) -> dict:
-    """Our result tables in ``results_dir``: stem -> DataFrame, or None where the file is missing."""
+    """Our result tables in ``results_dir``: stem -> DataFrame, or None where the file is missing; also the
+    per-image score tables ``<stem>_scores`` where a runner wrote them (see :func:`delong_se`)."""
     results_dir = Path(results_dir)
-    return {stem: (pd.read_csv(results_dir / f"{stem}.csv") if (results_dir / f"{stem}.csv").exists() else None)
-            for stem in RESULT_FILES}
+    stems = [*RESULT_FILES, *(f"{stem}{SCORES}" for stem in RESULT_FILES)]
+    found = {stem: (pd.read_csv(results_dir / f"{stem}.csv") if (results_dir / f"{stem}.csv").exists() else None)
+             for stem in stems}
+    return {k: v for k, v in found.items() if v is not None or not k.endswith(SCORES)}
 
 
 def paper_value(reference: pd.DataFrame, keys) -> float | None:
@@ -199,6 +203,58 @@ def ours_per_seed(df: pd.DataFrame, selector, metric: str, split_sizes: dict | N
     return total, math.sqrt(var), resolved
 
 
+def placements(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's placement values: for each anomalous image the share of normal images scored below it (ties
+    1/2), for each normal image the share of anomalous ones scored above it; AUROC = mean of the first.
+    Midrank form (Sun & Xu 2014): V10 = (rank in all - rank among anomalous) / n_normal."""
+    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, float)
+    pos, neg = scores[labels], scores[~labels]
+    ranks = stats.rankdata(np.concatenate([pos, neg]))
+    v10 = (ranks[: pos.size] - stats.rankdata(pos)) / neg.size
+    v01 = 1.0 - (ranks[pos.size:] - stats.rankdata(neg)) / pos.size
+    return v10, v01
+
+
+def _side_placements(df: pd.DataFrame, where: dict):
+    """Placements per image of one side, averaged over its groups (e.g. corruptions of the same images)."""
+    sub, _ = _select(df, where)
+    keys = [c for c in sub.columns if c not in ("image", "label", "score")]
+    v10s, v01s = [], []
+    for _, g in sub.groupby(keys, dropna=False) if keys else [(None, sub)]:
+        g = g.sort_values("image")
+        v10, v01 = placements(g["label"], g["score"])
+        v10s.append(pd.Series(v10, index=g["image"][g["label"] == 1].to_numpy()))
+        v01s.append(pd.Series(v01, index=g["image"][g["label"] == 0].to_numpy()))
+    if not v10s or any(not v.index.equals(v10s[0].index) for v in v10s):
+        return None
+    return sum(v10s) / len(v10s), sum(v01s) / len(v01s)
+
+
+def delong_se(claim: Claim, scores: pd.DataFrame | None, tasks, seeds, tcol) -> float | None:
+    """The paired split error of A - scale B (percent points) from per-image scores, or None.
+
+    DeLong, DeLong & Clarke-Pearson (1988): with placements V10 (anomalous) and V01 (normal) of both sides on
+    the same images, Var(AUC_A - s AUC_B) = Var(V10_A - s V10_B) / m + Var(V01_A - s V01_B) / n, which keeps the
+    positive correlation of two methods on the same images (Hanley-McNeil must drop it). Averaged over seeds.
+    Used for single-task, single-term pairwise claims whose file has a ``<stem>_scores`` table."""
+    if (scores is None or claim.kind == "absolute" or claim.pool_tasks or not isinstance(claim.a, dict)
+            or not isinstance(claim.b, dict) or claim.metric not in AUROC_METRICS or not seeds):
+        return None
+    if tcol in scores.columns:
+        scores = scores[scores[tcol].astype(str).isin(tasks)]
+    variances = []
+    for seed in seeds:
+        df = scores[scores["seed"] == seed] if "seed" in scores.columns else scores
+        a, b = _side_placements(df, claim.a), _side_placements(df, claim.b)
+        if a is None or b is None or not (a[0].index.equals(b[0].index) and a[1].index.equals(b[1].index)):
+            return None
+        d10, d01 = a[0] - claim.scale * b[0], a[1] - claim.scale * b[1]
+        if len(d10) < 2 or len(d01) < 2:
+            return None
+        variances.append(d10.var(ddof=1) / len(d10) + d01.var(ddof=1) / len(d01))
+    return 100.0 * math.sqrt(float(np.mean(variances)))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The test and the verdict
 # ----------------------------------------------------------------------------------------------------
@@ -228,9 +284,11 @@ def difference_test(diffs, se_split: float = float("nan")) -> tuple[float, float
 
 
 def verdict(claim: Claim, ours_a, ours_b=None, se_a=float("nan"), se_b=float("nan"), comparable: bool = True,
-            reason: str = "", paper_a=None, paper_b=None, alpha: float = ALPHA) -> tuple[str, str, float, float]:
+            reason: str = "", paper_a=None, paper_b=None, alpha: float = ALPHA,
+            se_diff: float | None = None) -> tuple[str, str, float, float]:
     """(verdict, why, p, se) for per-seed values ``ours_a`` / ``ours_b`` (same seeds, percent points) and the
-    split errors ``se_a`` / ``se_b`` of their means. ``paper_a``/``paper_b`` give the paper's sign (unless
+    split errors ``se_a`` / ``se_b`` of their means (``se_diff``: the paired split error of A - scale B, from
+    :func:`delong_se`, used instead where given). ``paper_a``/``paper_b`` give the paper's sign (unless
     ``claim.expect``) and, for absolute claims, the value to match."""
     context = f" ({reason})" if reason else ""
     a = np.atleast_1d(np.asarray(ours_a if ours_a is not None else [], float))
@@ -260,7 +318,7 @@ def verdict(claim: Claim, ours_a, ours_b=None, se_a=float("nan"), se_b=float("na
             expect = int(np.sign(paper_diff))
     if not expect:
         return "not comparable", "the paper gives no direction for this claim" + context, nan, nan
-    se_split = math.sqrt(se_a ** 2 + (claim.scale * se_b) ** 2)
+    se_split = se_diff if se_diff is not None else math.sqrt(se_a ** 2 + (claim.scale * se_b) ** 2)
     diff, se, p = difference_test(a - claim.scale * b, se_split)
     scaled = f"{claim.scale:g} x " if claim.scale != 1 else ""
     what = f"ours {claim.label_a} - {scaled}{claim.label_b} = {diff:+.2f}"
@@ -386,8 +444,11 @@ def evaluate_claim(claim: Claim, reference: pd.DataFrame, results: dict, context
                             for k, v in claim.paper_params.items() if k in resolved and resolved[k] != [v]]
                 comparable = comparable and not mismatch
                 diff_reason = "; ".join(([diff_reason] if diff_reason else []) + mismatch)
+            se_diff = delong_se(claim, results.get(claim.file + SCORES), group, list(sa.index), tcol)
+            ctx += "; paired DeLong split error" if se_diff is not None else ""
             v, why, p, se = verdict(claim, sa.to_numpy(), sb.to_numpy() if claim.b is not None else None, se_a, se_b,
-                                    comparable, diff_reason + ("; " if diff_reason else "") + ctx, pa, pb, alpha)
+                                    comparable, diff_reason + ("; " if diff_reason else "") + ctx, pa, pb, alpha,
+                                    se_diff)
         pair = claim.kind != "absolute" and claim.b is not None
         rows.append(dict(base, task=label, n_seeds=n, verdict=v, why=why, p_value=p, ours_se=se,
                          ours=f"{claim.label_a} {_fmt(sa)} vs {claim.label_b} {_fmt(sb)}" if pair else _fmt(sa),

@@ -291,3 +291,62 @@ def test_absolute_dpdl_needs_backbone_and_m(ref):
     assert same.verdict.iloc[0] == "reproduced"
     fewer = fid.fidelity_table(claims, ref, {"05_general_runs": frame(2)}, context={"backbone": "resnet18"})
     assert fewer.verdict.iloc[0] == "not comparable" and "n_anomalies 2 vs the paper's 10" in fewer.why.iloc[0]
+
+
+# ---------------------------------------------------------------- DeLong with per-image scores
+
+def test_placements_give_the_auroc_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.ones(30), np.zeros(50)]
+    scores = np.round(rng.normal(labels, 1.0), 1)  # rounded: ties
+    v10, v01 = fid.placements(labels, scores)
+    assert v10.mean() == pytest.approx(roc_auc_score(labels, scores))
+    assert v01.mean() == pytest.approx(roc_auc_score(labels, scores))
+
+
+def test_delong_variance_matches_a_bootstrap():
+    rng = np.random.default_rng(2)
+    labels = np.r_[np.ones(40), np.zeros(60)]
+    a = rng.normal(labels * 1.0, 1.0)
+    b = a + rng.normal(0, 0.5, a.size)  # correlated with A
+    claim = _order(a={"method": "a"}, b={"method": "b"})
+    df = pd.DataFrame(dict(method=np.repeat(["a", "b"], a.size), image=np.tile(np.arange(a.size), 2),
+                           label=np.tile(labels, 2), score=np.r_[a, b], seed=0))
+    se = fid.delong_se(claim, df, ["-"], [0], None)
+    diffs = []
+    for _ in range(800):
+        idx = np.r_[rng.choice(40, 40), 40 + rng.choice(60, 60)]
+        va, vb = fid.placements(labels[idx], a[idx]), fid.placements(labels[idx], b[idx])
+        diffs.append(100 * (va[0].mean() - vb[0].mean()))
+    assert se == pytest.approx(np.std(diffs), rel=0.2)
+    # the paired error is far below the unpaired (Hanley-McNeil) one for correlated methods
+    unpaired = 100 * math.hypot(fid.auroc_se(fid.placements(labels, a)[0].mean(), 40, 60),
+                                fid.auroc_se(fid.placements(labels, b)[0].mean(), 40, 60))
+    assert se < 0.8 * unpaired
+    # identical methods: no split error at all
+    assert fid.delong_se(claim, df.assign(score=np.r_[a, a]), ["-"], [0], None) == 0.0
+
+
+def test_fidelity_table_uses_per_image_scores(ref):
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.ones(50), np.zeros(50)]
+    rows, scores = [], []
+    for seed in (0, 1):
+        base = rng.normal(labels * 1.5, 1.0)
+        for method, shift in (("patchcore", 0.0), ("roda", 0.6)):
+            s = base + shift * labels + rng.normal(0, 0.3, labels.size)
+            v10, _ = fid.placements(labels, s)
+            rows.append(dict(task="t", method=method, condition="gaussian_noise", severity=5, seed=seed,
+                             image_auroc=v10.mean()))
+            scores += [dict(task="t", method=method, condition="gaussian_noise", severity=5, seed=seed, image=i,
+                            label=int(lab), score=x) for i, (lab, x) in enumerate(zip(labels, s))]
+    split = pd.DataFrame([dict(task="t", split="target eval", images=100, normal=50, anomalous=50)])
+    claims = [c for c in fid.RODA_CLAIMS if c.id == "t1_roda_vs_patchcore_gaussian_noise"]
+    results = {"03_roda": pd.DataFrame(rows), "01_target_split": split}
+    unpaired = fid.fidelity_table(claims, ref, results).iloc[0]
+    paired = fid.fidelity_table(claims, ref, {**results, "03_roda_scores": pd.DataFrame(scores)}).iloc[0]
+    assert "paired DeLong" in paired.why and "DeLong" not in unpaired.why
+    assert paired.ours_se < unpaired.ours_se
+    assert paired.p_value < unpaired.p_value
