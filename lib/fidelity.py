@@ -1,105 +1,63 @@
-"""Paper vs. ours: the claims of RoDA and DPDL, our numbers for each, and a verdict.
+"""Paper vs. ours: the claims of RoDA and DPDL, our numbers for each, and a verdict from a statistical test.
 
-A :class:`Claim` names the paper rows it rests on (keys of ``references/paper_numbers.csv``) and how to
-compute the same quantity from our result tables (``results/<profile>/*.csv``). Three kinds:
+The claims are data (:mod:`lib.claims`: one row per comparison, expanded into :class:`Claim` objects);
+:func:`fidelity_table` runs one loop over them. A claim names the paper rows it rests on (keys of
+``references/paper_numbers.csv``) and how to compute the same quantity from ``results/<profile>/*.csv``.
 
-* ``"order"`` / ``"gap"``: A beats B (or B beats A; the paper's sign decides). ``"gap"`` also reports
-  how much of the paper's margin we recover. Verdict (:func:`verdict`): **reproduced** when our mean
-  difference has the paper's sign and exceeds a noise margin (default: the larger of 1 AUROC point and the
-  pooled std over seeds), **not reproduced** when the sign is opposite beyond the margin, and
-  **not reproduced** with the reason "within noise" otherwise.
-* ``"ratio"``: A reaches at least ``scale`` x B (Table 5: 20% adaptation >= 98% of the 100% upper bound).
-  Reproduced when our A - scale*B >= 0, "within noise" when it falls short by less than the margin.
-* ``"absolute"``: a value. Only comparable with the paper's backbone on the paper's data; otherwise
-  **not comparable**, and the reason names the difference (backbone, data).
+Kinds: ``"order"`` / ``"gap"`` (A above or below B; the paper's sign decides, ``gap`` also reports the share
+of the paper's margin we recover), ``"ratio"`` (A >= scale x B, Table 5's "20% reaches 98% of 100%") and
+``"absolute"`` (a value, only comparable with the paper's backbone on the paper's data).
 
-Our AUROCs are fractions in [0, 1]; the paper file holds percents. Everything here is in percent points.
-A result file that is missing gives "not run". Our files (``RESULT_FILES``) are those notebooks 02-05 write:
-``02_patchcore``, ``03_roda``, ``04_table4``, ``04_table5``, ``04_fig5a``, ``04_fig5b``, and DPDL's per-run
-tables ``05_general_runs``, ``05_hard_runs``, ``05_ablation_runs`` (column ``auroc``).
+The test (:func:`difference_test`). The result tables hold one AUROC per (task, method, condition, seed). The
+test uses the paired per-seed differences d_s = A_s - scale * B_s (s = 1..n seeds) and the sampling error of
+the test split, which does not shrink with more seeds because every seed is scored on the same images::
+
+    se^2 = var_s(d) / n  +  se_split(A)^2 + scale^2 se_split(B)^2
+
+``se_split`` of an AUROC is Hanley & McNeil's (1982) standard error from the split's normal / anomalous
+counts (columns ``test_normal`` / ``test_anomaly`` of the DPDL runs; the ``target eval`` row of
+``01_target_split.csv`` for the RoDA tables); of a share (Fig. 5a) the binomial sqrt(p(1-p)/n). Treating A
+and B as independent ignores their positive correlation on the same images, so the test is conservative.
+Rows averaged on the same images (the mean over corruptions) take the mean of their errors (the perfectly
+correlated bound); tasks pooled into the paper's class mean are independent. The reference is the normal
+distribution when ``se_split`` is known, else Student's t with n - 1 degrees of freedom; two-sided, level
+``alpha`` (0.05). Pixel AUROC has no split error (pixels of one image are not independent): seeds only.
+Where a runner also wrote per-image scores (``<stem>_scores.csv``), the split error of a pairwise AUROC claim
+is DeLong's paired one instead (:func:`delong_se`), which keeps the correlation of A and B on the same images.
+
+Verdicts: **reproduced** when the difference is significant in the paper's direction; **not reproduced**
+when it is significant the other way; **not significant** otherwise, or when there is no error estimate
+(one seed and no split size). Absolute claims: **reproduced** when the paper's value lies inside our
+1 - alpha interval, **not reproduced** when it lies outside. **not comparable**: an absolute number with
+another backbone or on other data, or a metric our data cannot give; **not run**: the result is missing.
+Our AUROCs are fractions, the paper's percents: everything here is in percent points.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
+from .claims import ALL_CLAIMS, DPDL_CLAIMS, RODA_CLAIMS, Claim, reference_key, slug
 from .utils import REPO_ROOT
 
 REFERENCE_CSV = REPO_ROOT / "references" / "paper_numbers.csv"
 REFERENCE_COLUMNS = ("key", "paper", "source", "table", "dataset", "category", "setting", "method", "metric",
                      "value", "std", "printed", "backbone", "note")
-RESULT_FILES = ("02_patchcore", "03_roda", "04_table4", "04_table5", "04_fig5a", "04_fig5b", "05_general_runs",
-                "05_hard_runs", "05_ablation_runs")
+RESULT_FILES = ("01_target_split", "02_patchcore", "03_roda", "04_table4", "04_table5", "04_fig5a", "04_fig5b",
+                "05_general_runs", "05_hard_runs", "05_ablation_runs")
 PERCENT_METRICS = {"image_auroc", "pixel_auroc", "auc_pr", "auroc", "share_assigned"}
+AUROC_METRICS = {"image_auroc", "auroc"}  # metrics with a split error from the image counts
 TASK_COLUMNS = ("task", "dataset")
 BACKBONE_IDS = {"WRN-50": "wide_resnet50_2", "ResNet-18": "resnet18"}
-MVTEC_TASKS = tuple(f"mvtec/{c}" for c in (
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
-    "toothbrush", "transistor", "wood", "zipper"))
-CORRUPTIONS = ("gaussian_noise", "defocus_blur", "brightness", "contrast")
-VERDICTS = ("reproduced", "not reproduced", "not comparable", "not run")
-
-# where-values: a scalar, a list/tuple/set (any of), "max"/"min" (the extreme present), or a callable
-Where = dict
-Selector = Any  # a Where, or a tuple of (coefficient, Where) terms that are summed per seed
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9+]+", "_", str(text).lower()).strip("_").replace("+", "p")
-
-
-def reference_key(paper, table, dataset, setting, method, metric, category=None) -> str:
-    """The ``key`` of a row of ``paper_numbers.csv`` (same slugs as the file)."""
-    return ":".join([paper, slug(table), slug(dataset), slug(category) if category else "-", slug(setting),
-                     slug(method), metric])
-
-
-@dataclass
-class Claim:
-    """One checkable statement of a paper.
-
-    ``paper_a`` / ``paper_b``: reference keys (averaged when several). ``file``: our result table (stem).
-    ``a`` / ``b``: which of our rows give A and B (a ``Where`` dict, or ``((coef, where), ...)`` summed per
-    seed). ``expect``: +1 "A above B", -1 "A below B"; None takes the sign of the paper's numbers.
-    ``tasks``: our tasks the claim applies to (None: every task of the file). ``pool_tasks``: average our
-    tasks into one number (the paper's class means) instead of one row per task.
-    """
-
-    id: str
-    paper: str
-    text: str
-    kind: str
-    paper_a: tuple = ()
-    paper_b: tuple = ()
-    file: str = "03_roda"
-    a: Selector = field(default_factory=dict)
-    b: Selector = None
-    metric: str = "image_auroc"
-    label_a: str = "A"
-    label_b: str = "B"
-    expect: int | None = None
-    scale: float = 1.0
-    tasks: tuple | None = None
-    pool_tasks: bool = False
-    paper_backbone: str = "WRN-50"
-    paper_data: str = "MVTec AD, mean over 15 classes"
-    data_tasks: tuple | None = None  # our tasks that make up the paper's data (absolute claims)
-    paper_params: dict = field(default_factory=dict)  # settings that must match for absolute claims
-    figure_only: str = ""  # the paper shows it only as a plot: what the text says
-    note: str = ""
-
-    def __post_init__(self):
-        if self.kind not in ("gap", "order", "absolute", "ratio"):
-            raise ValueError(f"claim {self.id}: kind must be gap/order/absolute/ratio, got {self.kind!r}")
-        if self.kind != "absolute" and self.b is None:
-            raise ValueError(f"claim {self.id}: a {self.kind} claim needs b")
+ALPHA = 0.05
+SCORES = "_scores"  # <stem>_scores.csv: the table's columns (one row per image) + image, label, score
+__all__ = ["ALL_CLAIMS", "DPDL_CLAIMS", "RODA_CLAIMS", "Claim", "reference_key", "slug", "fidelity_table",
+           "load_reference", "load_results", "summary", "verdict", "difference_test", "auroc_se"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,10 +75,13 @@ def load_reference(path=None) -> pd.DataFrame:
 
 
 def load_results(results_dir) -> dict:
-    """Our result tables in ``results_dir``: stem -> DataFrame, or None where the file is missing."""
+    """Our result tables in ``results_dir``: stem -> DataFrame, or None where the file is missing; also the
+    per-image score tables ``<stem>_scores`` where a runner wrote them (see :func:`delong_se`)."""
     results_dir = Path(results_dir)
-    return {stem: (pd.read_csv(results_dir / f"{stem}.csv") if (results_dir / f"{stem}.csv").exists() else None)
-            for stem in RESULT_FILES}
+    stems = [*RESULT_FILES, *(f"{stem}{SCORES}" for stem in RESULT_FILES)]
+    found = {stem: (pd.read_csv(results_dir / f"{stem}.csv") if (results_dir / f"{stem}.csv").exists() else None)
+             for stem in stems}
+    return {k: v for k, v in found.items() if v is not None or not k.endswith(SCORES)}
 
 
 def paper_value(reference: pd.DataFrame, keys) -> float | None:
@@ -135,7 +96,7 @@ def paper_value(reference: pd.DataFrame, keys) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Our side
+# Our side: per-seed values and the split's sampling error
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -143,17 +104,9 @@ def task_column(df: pd.DataFrame) -> str | None:
     return next((c for c in TASK_COLUMNS if c in df.columns), None)
 
 
-def _terms(selector) -> list:
-    if isinstance(selector, dict):
-        return [(1.0, selector)]
-    return [(float(c), w) for c, w in selector]
-
-
-def _select(df: pd.DataFrame, where: Where) -> tuple[pd.DataFrame, dict]:
+def _select(df: pd.DataFrame, where: dict) -> tuple[pd.DataFrame, dict]:
     """Rows of ``df`` matching ``where``; also the values that "max"/"min" resolved to."""
-    resolved = {}
-    sub = df
-    special = {}
+    sub, resolved, special = df, {}, {}
     for col, want in where.items():
         if col not in sub.columns:
             return sub.iloc[0:0], resolved
@@ -168,9 +121,8 @@ def _select(df: pd.DataFrame, where: Where) -> tuple[pd.DataFrame, dict]:
     for col, how in special.items():
         if sub.empty:
             break
-        value = sub[col].max() if how == "max" else sub[col].min()
-        resolved[col] = value
-        sub = sub[sub[col] == value]
+        resolved[col] = sub[col].max() if how == "max" else sub[col].min()
+        sub = sub[sub[col] == resolved[col]]
     return sub, resolved
 
 
@@ -181,38 +133,130 @@ def _to_percent(values: pd.Series, metric: str) -> pd.Series:
     return values
 
 
-def ours_per_seed(df: pd.DataFrame, selector, metric: str) -> tuple[pd.Series, dict]:
-    """The selected quantity per seed (percent points), and the resolved "max"/"min" values.
+def auroc_se(auc, n_pos, n_neg):
+    """Hanley & McNeil (1982) standard error of an AUROC ``auc`` in [0, 1] on ``n_pos`` / ``n_neg`` images:
+    se^2 = [A(1-A) + (n_pos-1)(Q1-A^2) + (n_neg-1)(Q2-A^2)] / (n_pos n_neg), Q1 = A/(2-A), Q2 = 2A^2/(1+A)."""
+    a = np.asarray(auc, float)
+    n1, n0 = np.asarray(n_pos, float), np.asarray(n_neg, float)
+    q1, q2 = a / (2 - a), 2 * a ** 2 / (1 + a)
+    var = (a * (1 - a) + (n1 - 1) * (q1 - a ** 2) + (n0 - 1) * (q2 - a ** 2)) / (n1 * n0)
+    return np.sqrt(np.clip(var, 0.0, None))
 
-    Each term is the mean of its rows per seed; terms are summed with their coefficients on the seeds
-    they share. Rows with NaN in ``metric`` are dropped (e.g. pixel AUROC without masks)."""
-    total, resolved = None, {}
-    for coef, where in _terms(selector):
+
+def split_se(df: pd.DataFrame, metric: str, split_sizes: dict | None = None) -> pd.Series:
+    """Per-row sampling error of ``metric`` (percent points) from the test split; NaN where unknown.
+
+    AUROC: :func:`auroc_se` with the row's ``test_anomaly`` / ``test_normal``, else ``split_sizes[task] =
+    (normal, anomalous)``. ``share_assigned``: binomial over ``n_anomalous_patches``. Anything else: NaN."""
+    nan = pd.Series(np.nan, index=df.index)
+    if metric not in df.columns:
+        return nan
+    value = df[metric].astype(float)
+    frac = value / 100.0 if value.abs().max() > 1.0 + 1e-9 else value
+    if metric == "share_assigned" and "n_anomalous_patches" in df.columns:
+        return pd.Series(100 * np.sqrt(frac * (1 - frac) / df["n_anomalous_patches"].astype(float)), index=df.index)
+    if metric not in AUROC_METRICS:
+        return nan
+    if {"test_normal", "test_anomaly"} <= set(df.columns):
+        n_neg, n_pos = df["test_normal"].astype(float), df["test_anomaly"].astype(float)
+    else:
+        tcol = task_column(df)
+        if not split_sizes or tcol is None:
+            return nan
+        sizes = df[tcol].map(lambda t: split_sizes.get(str(t), (np.nan, np.nan)))
+        n_neg, n_pos = sizes.map(lambda s: s[0]).astype(float), sizes.map(lambda s: s[1]).astype(float)
+    return pd.Series(100 * auroc_se(frac, n_pos, n_neg), index=df.index)
+
+
+def split_sizes_from(results: dict) -> dict:
+    """task -> (normal, anomalous) of the RoDA evaluation split (``01_target_split.csv``, ``target eval``)."""
+    df = results.get("01_target_split")
+    if df is None or "split" not in df.columns:
+        return {}
+    rows = df[df["split"] == "target eval"]
+    return {str(r.task): (float(r.normal), float(r.anomalous)) for r in rows.itertuples()}
+
+
+def ours_per_seed(df: pd.DataFrame, selector, metric: str, split_sizes: dict | None = None):
+    """(per-seed values in percent points, the split error of their mean, resolved "max"/"min" values).
+
+    Each term is the mean of its rows per seed; terms are summed with their coefficients on the seeds they
+    share. Rows with NaN in ``metric`` are dropped (e.g. pixel AUROC without masks). The split error of a
+    term is the mean of its rows' errors (rows on the same images); terms combine as independent."""
+    terms = [(1.0, selector)] if isinstance(selector, dict) else [(float(c), w) for c, w in selector]
+    total, var, resolved = None, 0.0, {}
+    for coef, where in terms:
         sub, res = _select(df, where)
         for k, v in res.items():
             resolved.setdefault(k, [])
             if v not in resolved[k]:
                 resolved[k].append(v)
+        if metric in sub.columns:
+            sub = sub.assign(_v=_to_percent(sub[metric], metric), _se=split_se(sub, metric, split_sizes))
+            sub = sub.dropna(subset=["_v"])
         if sub.empty or metric not in sub.columns:
-            return pd.Series(dtype=float), resolved
-        sub = sub.assign(_v=_to_percent(sub[metric], metric)).dropna(subset=["_v"])
-        if sub.empty:
-            return pd.Series(dtype=float), resolved
-        per_seed = sub.groupby("seed")["_v"].mean() if "seed" in sub.columns else pd.Series([sub["_v"].mean()], index=[0])
-        per_seed = coef * per_seed
+            return pd.Series(dtype=float), float("nan"), resolved
+        seeds = sub["seed"] if "seed" in sub.columns else pd.Series(0, index=sub.index)
+        per_seed = coef * sub.groupby(seeds)["_v"].mean()
+        var += (coef * sub["_se"].mean(skipna=False)) ** 2
         total = per_seed if total is None else total.add(per_seed, fill_value=None).dropna()
-    return (total if total is not None else pd.Series(dtype=float)), resolved
+    return total, math.sqrt(var), resolved
 
 
-def _mean_std(series: pd.Series) -> tuple[float, float, int]:
-    n = int(series.size)
-    if n == 0:
-        return float("nan"), float("nan"), 0
-    return float(series.mean()), float(series.std(ddof=1)) if n > 1 else 0.0, n
+def placements(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's placement values: for each anomalous image the share of normal images scored below it (ties
+    1/2), for each normal image the share of anomalous ones scored above it; AUROC = mean of the first.
+    Midrank form (Sun & Xu 2014): V10 = (rank in all - rank among anomalous) / n_normal."""
+    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, float)
+    pos, neg = scores[labels], scores[~labels]
+    ranks = stats.rankdata(np.concatenate([pos, neg]))
+    v10 = (ranks[: pos.size] - stats.rankdata(pos)) / neg.size
+    v01 = 1.0 - (ranks[pos.size:] - stats.rankdata(neg)) / pos.size
+    return v10, v01
+
+
+def _side_placements(df: pd.DataFrame, where: dict):
+    """Placements per image of one side, averaged over its groups (e.g. corruptions of the same images)."""
+    sub, _ = _select(df, where)
+    keys = [c for c in sub.columns if c not in ("image", "label", "score")]
+    v10s, v01s = [], []
+    for _, g in sub.groupby(keys, dropna=False) if keys else [(None, sub)]:
+        g = g.sort_values("image")
+        v10, v01 = placements(g["label"], g["score"])
+        v10s.append(pd.Series(v10, index=g["image"][g["label"] == 1].to_numpy()))
+        v01s.append(pd.Series(v01, index=g["image"][g["label"] == 0].to_numpy()))
+    if not v10s or any(not v.index.equals(v10s[0].index) for v in v10s):
+        return None
+    return sum(v10s) / len(v10s), sum(v01s) / len(v01s)
+
+
+def delong_se(claim: Claim, scores: pd.DataFrame | None, tasks, seeds, tcol) -> float | None:
+    """The paired split error of A - scale B (percent points) from per-image scores, or None.
+
+    DeLong, DeLong & Clarke-Pearson (1988): with placements V10 (anomalous) and V01 (normal) of both sides on
+    the same images, Var(AUC_A - s AUC_B) = Var(V10_A - s V10_B) / m + Var(V01_A - s V01_B) / n, which keeps the
+    positive correlation of two methods on the same images (Hanley-McNeil must drop it). Averaged over seeds.
+    Used for single-task, single-term pairwise claims whose file has a ``<stem>_scores`` table."""
+    if (scores is None or claim.kind == "absolute" or claim.pool_tasks or not isinstance(claim.a, dict)
+            or not isinstance(claim.b, dict) or claim.metric not in AUROC_METRICS or not seeds):
+        return None
+    if tcol in scores.columns:
+        scores = scores[scores[tcol].astype(str).isin(tasks)]
+    variances = []
+    for seed in seeds:
+        df = scores[scores["seed"] == seed] if "seed" in scores.columns else scores
+        a, b = _side_placements(df, claim.a), _side_placements(df, claim.b)
+        if a is None or b is None or not (a[0].index.equals(b[0].index) and a[1].index.equals(b[1].index)):
+            return None
+        d10, d01 = a[0] - claim.scale * b[0], a[1] - claim.scale * b[1]
+        if len(d10) < 2 or len(d01) < 2:
+            return None
+        variances.append(d10.var(ddof=1) / len(d10) + d01.var(ddof=1) / len(d01))
+    return 100.0 * math.sqrt(float(np.mean(variances)))
 
 
 # ----------------------------------------------------------------------------------------------------
-# Verdict
+# The test and the verdict
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -220,65 +264,77 @@ def _missing(x) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
 
-def noise_margin(std_a: float = 0.0, std_b: float = 0.0, min_margin: float = 1.0) -> float:
-    """The larger of ``min_margin`` (1 AUROC point) and the pooled std sqrt((sa^2 + sb^2) / 2)."""
-    pooled = math.sqrt(((std_a or 0.0) ** 2 + (std_b or 0.0) ** 2) / 2.0)
-    return max(min_margin, pooled)
+def difference_test(diffs, se_split: float = float("nan")) -> tuple[float, float, float]:
+    """(mean difference, its standard error, two-sided p) for per-seed differences ``diffs`` (see the module
+    docstring): se^2 = var_s(d)/n + se_split^2; normal reference when ``se_split`` is known, else t(n-1).
+    No error estimate (one seed, no split error): se and p are NaN."""
+    d = np.asarray(diffs, float)
+    n = d.size
+    est = float(d.mean()) if n else float("nan")
+    known = not _missing(se_split) and not math.isnan(se_split)
+    if n == 0 or (n < 2 and not known):
+        return est, float("nan"), float("nan")
+    var = (d.var(ddof=1) / n if n > 1 else 0.0) + (se_split ** 2 if known else 0.0)
+    se = math.sqrt(var)
+    if se == 0.0:
+        return est, 0.0, (0.0 if est != 0 else 1.0)
+    z = abs(est) / se
+    p = 2 * (stats.norm.sf(z) if known else stats.t.sf(z, n - 1))
+    return est, se, float(p)
 
 
-def verdict(claim: Claim, ours_a, ours_b=None, std_a=0.0, std_b=0.0, comparable: bool = True, reason: str = "",
-            paper_a=None, paper_b=None, margin: float | None = None, min_margin: float = 1.0) -> tuple[str, str]:
-    """("reproduced" | "not reproduced" | "not comparable" | "not run", why).
-
-    All numbers in percent points. ``paper_a``/``paper_b`` give the paper's sign (unless ``claim.expect``)
-    and, for absolute claims, the value to match. ``comparable=False`` short-circuits to "not comparable"
-    with ``reason``."""
+def verdict(claim: Claim, ours_a, ours_b=None, se_a=float("nan"), se_b=float("nan"), comparable: bool = True,
+            reason: str = "", paper_a=None, paper_b=None, alpha: float = ALPHA,
+            se_diff: float | None = None) -> tuple[str, str, float, float]:
+    """(verdict, why, p, se) for per-seed values ``ours_a`` / ``ours_b`` (same seeds, percent points) and the
+    split errors ``se_a`` / ``se_b`` of their means (``se_diff``: the paired split error of A - scale B, from
+    :func:`delong_se`, used instead where given). ``paper_a``/``paper_b`` give the paper's sign (unless
+    ``claim.expect``) and, for absolute claims, the value to match."""
     context = f" ({reason})" if reason else ""
-    if _missing(ours_a) or (claim.kind != "absolute" and _missing(ours_b)):
-        return "not run", reason or "no result for this claim"
+    a = np.atleast_1d(np.asarray(ours_a if ours_a is not None else [], float))
+    b = np.atleast_1d(np.asarray(ours_b if ours_b is not None else [], float))
+    nan = float("nan")
+    if a.size == 0 or np.isnan(a).all() or (claim.kind != "absolute" and (b.size == 0 or np.isnan(b).all())):
+        return "not run", reason or "no result for this claim", nan, nan
     if not comparable:
-        return "not comparable", reason or "different setting"
+        return "not comparable", reason or "different setting", nan, nan
+    level = f"{100 * (1 - alpha):.0f}%"
     if claim.kind == "absolute":
         if _missing(paper_a):
-            return "not comparable", "the paper gives no number" + context
-        m = margin if margin is not None else max(min_margin, std_a or 0.0)
-        diff = ours_a - paper_a
-        if abs(diff) <= m:
-            return "reproduced", f"ours {ours_a:.2f} vs paper {paper_a:.2f}: within {m:.2f}{context}"
-        return "not reproduced", f"ours {ours_a:.2f} vs paper {paper_a:.2f}: off by {diff:+.2f} (> {m:.2f}){context}"
+            return "not comparable", "the paper gives no number" + context, nan, nan
+        diff, se, p = difference_test(a - paper_a, se_a)
+        what = f"ours {a.mean():.2f} vs paper {paper_a:.2f}"
+        if math.isnan(se):
+            return "not significant", f"{what}: no error estimate (one seed, no split size){context}", p, se
+        half = stats.norm.ppf(1 - alpha / 2) * se
+        if p >= alpha:
+            return "reproduced", f"{what}: inside our {level} interval ±{half:.2f}{context}", p, se
+        return "not reproduced", f"{what}: off by {diff:+.2f}, outside ±{half:.2f} (p={p:.3g}){context}", p, se
 
-    scale = claim.scale
-    expect = claim.expect
-    paper_diff = None
+    expect, paper_diff = claim.expect, None
     if not _missing(paper_a) and not _missing(paper_b):
-        paper_diff = paper_a - scale * paper_b
+        paper_diff = paper_a - claim.scale * paper_b
         if expect is None:
             expect = int(np.sign(paper_diff))
     if not expect:
-        return "not comparable", "the paper gives no direction for this claim" + context
-    diff = ours_a - scale * ours_b
-    m = margin if margin is not None else noise_margin(std_a, scale * (std_b or 0.0), min_margin)
-    word = "above" if expect > 0 else "below"
-    what = f"ours {claim.label_a} - {('%g x ' % scale) if scale != 1 else ''}{claim.label_b} = {diff:+.2f}"
+        return "not comparable", "the paper gives no direction for this claim" + context, nan, nan
+    se_split = se_diff if se_diff is not None else math.sqrt(se_a ** 2 + (claim.scale * se_b) ** 2)
+    diff, se, p = difference_test(a - claim.scale * b, se_split)
+    scaled = f"{claim.scale:g} x " if claim.scale != 1 else ""
+    what = f"ours {claim.label_a} - {scaled}{claim.label_b} = {diff:+.2f}"
+    what += f" ± {se:.2f}" if not math.isnan(se) else ""
     if paper_diff is not None:
         what += f" (paper {paper_diff:+.2f})"
-    extra = ""
-    if claim.kind == "gap" and paper_diff:
-        extra = f"; {100 * diff / paper_diff:.0f}% of the paper's gap"
-    if paper_diff is not None and abs(paper_diff) <= m:
-        extra += f"; the paper's own gap {abs(paper_diff):.2f} is inside this margin"
-    signed = expect * diff
-    if claim.kind == "ratio":
-        if signed >= 0:
-            return "reproduced", f"{what}: meets the bound{extra}{context}"
-        if signed >= -m:
-            return "not reproduced", f"{what}: short of the bound, within noise (margin {m:.2f}){extra}{context}"
-        return "not reproduced", f"{what}: short of the bound by more than the margin {m:.2f}{extra}{context}"
-    if signed > m:
-        return "reproduced", f"{what}: {claim.label_a} {word} {claim.label_b} beyond the noise margin {m:.2f}{extra}{context}"
-    if signed < -m:
-        return "not reproduced", f"{what}: opposite sign beyond the noise margin {m:.2f}{extra}{context}"
-    return "not reproduced", f"{what}: within noise (margin {m:.2f}){extra}{context}"
+    extra = f"; {100 * diff / paper_diff:.0f}% of the paper's gap" if claim.kind == "gap" and paper_diff else ""
+    if math.isnan(se):
+        return "not significant", f"{what}: no error estimate (one seed, no split size){extra}{context}", p, se
+    word = ("meets the bound" if claim.kind == "ratio" else f"{claim.label_a} {'above' if expect > 0 else 'below'} "
+            f"{claim.label_b}")
+    if p >= alpha:
+        return "not significant", f"{what}: p={p:.3g} >= {alpha:g}{extra}{context}", p, se
+    if expect * diff > 0:
+        return "reproduced", f"{what}: {word}, p={p:.3g}{extra}{context}", p, se
+    return "not reproduced", f"{what}: significant in the opposite direction, p={p:.3g}{extra}{context}", p, se
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,10 +359,11 @@ def comparability(claim: Claim, tasks: list, backbone: str | None) -> tuple[bool
     return (not diffs), "; ".join(diffs)
 
 
-def _fmt(mean, std, n) -> str:
-    if _missing(mean):
+def _fmt(values: pd.Series) -> str:
+    n = int(values.size)
+    if n == 0:
         return "-"
-    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f} (1 seed)"
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}" if n > 1 else f"{values.mean():.2f} (1 seed)"
 
 
 def _paper_text(claim: Claim, reference: pd.DataFrame, pa, pb) -> str:
@@ -324,8 +381,20 @@ def _paper_text(claim: Claim, reference: pd.DataFrame, pa, pb) -> str:
     return text
 
 
+def _side(claim, selector, sub, tcol, group, sizes):
+    """Per-seed values, split error and resolved extremes of one side, pooling tasks where the claim does."""
+    if selector is None:
+        return pd.Series(dtype=float), float("nan"), {}
+    if not (claim.pool_tasks and tcol and len(group) > 1):
+        return ours_per_seed(sub, selector, claim.metric, sizes)
+    parts = [ours_per_seed(sub[sub[tcol] == t], selector, claim.metric, sizes) for t in group]
+    values = pd.concat([s for s, _, _ in parts], axis=1).mean(axis=1, skipna=False).dropna()
+    se = math.sqrt(sum(e ** 2 for _, e, _ in parts)) / len(parts)
+    return values, se, {}
+
+
 def evaluate_claim(claim: Claim, reference: pd.DataFrame, results: dict, context: dict | None = None,
-                   min_margin: float = 1.0, skip_absent_tasks: bool = True) -> list[dict]:
+                   alpha: float = ALPHA, skip_absent_tasks: bool = True) -> list[dict]:
     """Rows of the fidelity table for one claim (one per task, or one pooled)."""
     pa, pb = paper_value(reference, claim.paper_a), paper_value(reference, claim.paper_b)
     source = ", ".join(sorted(set(reference.set_index("key").loc[list(claim.paper_a + claim.paper_b), "table"])))
@@ -339,46 +408,31 @@ def evaluate_claim(claim: Claim, reference: pd.DataFrame, results: dict, context
         return [dict(base, task="-", ours="-", n_seeds=0, verdict="not run",
                      why=f"{claim.file}.csv not found: notebook {claim.file[:2]} was not run for this profile")]
     tcol = task_column(df)
-    our_tasks = sorted(map(str, df[tcol].dropna().unique())) if tcol else ["-"]
-    tasks = [t for t in our_tasks if claim.tasks is None or t in claim.tasks]
+    tasks = [t for t in (sorted(map(str, df[tcol].dropna().unique())) if tcol else ["-"])
+             if claim.tasks is None or t in claim.tasks]
     if not tasks:
-        if skip_absent_tasks:
-            return []
-        return [dict(base, task="-", ours="-", n_seeds=0, verdict="not run",
-                     why=f"no task of {claim.file}.csv matches {', '.join(claim.tasks)}")]
-    groups = [(", ".join(tasks), tasks)] if claim.pool_tasks else [(t, [t]) for t in tasks]
+        return [] if skip_absent_tasks else [dict(base, task="-", ours="-", n_seeds=0, verdict="not run",
+                                                  why=f"no task of {claim.file}.csv matches {claim.tasks}")]
+    sizes = split_sizes_from(results)
     backbone = _our_backbone(df, context or {})
     rows = []
-    for label, group in groups:
+    for label, group in ([(", ".join(tasks), tasks)] if claim.pool_tasks else [(t, [t]) for t in tasks]):
         sub = df[df[tcol].astype(str).isin(group)] if tcol else df
-        if claim.pool_tasks and tcol and len(group) > 1:
-            # the paper's class mean: average tasks per seed (each task weighs the same)
-            sa = pd.concat([ours_per_seed(sub[sub[tcol] == t], claim.a, claim.metric)[0] for t in group], axis=1).mean(axis=1, skipna=False).dropna()
-            sb = (pd.concat([ours_per_seed(sub[sub[tcol] == t], claim.b, claim.metric)[0] for t in group], axis=1)
-                  .mean(axis=1, skipna=False).dropna() if claim.b is not None else pd.Series(dtype=float))
-            resolved = {}
-        else:
-            sa, resolved = ours_per_seed(sub, claim.a, claim.metric)
-            sb, res_b = ours_per_seed(sub, claim.b, claim.metric) if claim.b is not None else (pd.Series(dtype=float), {})
-            for k, vs in res_b.items():
-                resolved[k] = resolved.get(k, []) + [v for v in vs if v not in resolved.get(k, [])]
-        if claim.b is not None:  # pair seeds where both sides have them
+        sa, se_a, resolved = _side(claim, claim.a, sub, tcol, group, sizes)
+        sb, se_b, res_b = _side(claim, claim.b, sub, tcol, group, sizes)
+        for k, vs in res_b.items():
+            resolved[k] = resolved.get(k, []) + [v for v in vs if v not in resolved.get(k, [])]
+        if claim.b is not None:  # pair the seeds both sides have
             common = sa.index.intersection(sb.index)
-            if len(common):
-                sa, sb = sa.loc[common], sb.loc[common]
-        ma, sda, na = _mean_std(sa)
-        mb, sdb, nb = _mean_std(sb)
-        ours_ctx = f"ours: {backbone or 'backbone ?'} on {label}, {na} seed{'s' if na != 1 else ''}"
-        if resolved:
-            ours_ctx += ", " + ", ".join(f"{k}={'/'.join(map(str, vs))}" for k, vs in resolved.items())
-        mismatch = [f"{k} {'/'.join(map(str, resolved[k]))} vs the paper's {v}"
-                    for k, v in claim.paper_params.items() if k in resolved and resolved[k] != [v]]
-        ctx = f"paper: {claim.paper_backbone} on {claim.paper_data}; {ours_ctx}"
-        if claim.note:
-            ctx += f"; {claim.note}"
-        if na == 0 or (claim.b is not None and nb == 0):
-            metric_absent = claim.metric in df.columns and df[claim.metric].isna().all()
-            if metric_absent:
+            sa, sb = sa.loc[common], sb.loc[common]
+        n = int(sa.size)
+        ctx = f"paper: {claim.paper_backbone} on {claim.paper_data}; ours: {backbone or 'backbone ?'} on {label}, "
+        ctx += f"{n} seed{'s' if n != 1 else ''}"
+        ctx += "".join(f", {k}={'/'.join(map(str, v))}" for k, v in resolved.items())
+        ctx += f"; {claim.note}" if claim.note else ""
+        p = se = float("nan")
+        if n == 0:
+            if claim.metric in df.columns and df[claim.metric].isna().all():
                 v, why = "not comparable", f"no {claim.metric} in our results (no masks for this data); {ctx}"
             else:
                 v, why = "not run", f"no rows of {claim.file}.csv match this claim; {ctx}"
@@ -386,40 +440,42 @@ def evaluate_claim(claim: Claim, reference: pd.DataFrame, results: dict, context
             comparable, diff_reason = True, ""
             if claim.kind == "absolute":
                 comparable, diff_reason = comparability(claim, group, backbone)
-                if mismatch:
-                    comparable = False
-                    diff_reason = "; ".join(([diff_reason] if diff_reason else []) + mismatch)
-            v, why = verdict(claim, ma, mb if claim.b is not None else None, sda, sdb, comparable,
-                             diff_reason + ("; " if diff_reason else "") + ctx, pa, pb, min_margin=min_margin)
-        if claim.kind == "absolute" or claim.b is None:
-            ours_text = _fmt(ma, sda, na)
-            ours_diff = None
-        else:
-            ours_text = f"{claim.label_a} {_fmt(ma, sda, na)} vs {claim.label_b} {_fmt(mb, sdb, nb)}"
-            ours_diff = ma - claim.scale * mb if na and nb else None
-        rows.append(dict(base, task=label, ours=ours_text, ours_a=ma, ours_b=mb if claim.b is not None else None,
-                         ours_diff=ours_diff, ours_std_a=sda, ours_std_b=sdb if claim.b is not None else None,
-                         n_seeds=na, verdict=v, why=why))
+                mismatch = [f"{k} {'/'.join(map(str, resolved[k]))} vs the paper's {v}"
+                            for k, v in claim.paper_params.items() if k in resolved and resolved[k] != [v]]
+                comparable = comparable and not mismatch
+                diff_reason = "; ".join(([diff_reason] if diff_reason else []) + mismatch)
+            se_diff = delong_se(claim, results.get(claim.file + SCORES), group, list(sa.index), tcol)
+            ctx += "; paired DeLong split error" if se_diff is not None else ""
+            v, why, p, se = verdict(claim, sa.to_numpy(), sb.to_numpy() if claim.b is not None else None, se_a, se_b,
+                                    comparable, diff_reason + ("; " if diff_reason else "") + ctx, pa, pb, alpha,
+                                    se_diff)
+        pair = claim.kind != "absolute" and claim.b is not None
+        rows.append(dict(base, task=label, n_seeds=n, verdict=v, why=why, p_value=p, ours_se=se,
+                         ours=f"{claim.label_a} {_fmt(sa)} vs {claim.label_b} {_fmt(sb)}" if pair else _fmt(sa),
+                         ours_a=sa.mean() if n else float("nan"),
+                         ours_b=(sb.mean() if n else float("nan")) if pair else None,
+                         ours_diff=float((sa - claim.scale * sb).mean()) if pair and n else None,
+                         ours_std_a=sa.std(ddof=1) if n > 1 else 0.0,
+                         ours_std_b=(sb.std(ddof=1) if n > 1 else 0.0) if pair else None))
     return rows
 
 
 TABLE_COLUMNS = ("claim_id", "paper", "claim", "paper_source", "task", "paper_value", "ours", "n_seeds", "verdict",
-                 "why", "paper_a", "paper_b", "paper_diff", "ours_a", "ours_b", "ours_diff", "ours_std_a",
-                 "ours_std_b")
+                 "why", "p_value", "paper_a", "paper_b", "paper_diff", "ours_a", "ours_b", "ours_diff", "ours_se",
+                 "ours_std_a", "ours_std_b")
 
 
-def fidelity_table(claims, reference_df: pd.DataFrame, ours, context: dict | None = None, min_margin: float = 1.0,
+def fidelity_table(claims, reference_df: pd.DataFrame, ours, context: dict | None = None, alpha: float = ALPHA,
                    skip_absent_tasks: bool = True) -> pd.DataFrame:
-    """The fidelity table: claim, paper value(s), ours mean ± std, verdict, why.
+    """The fidelity table: claim, paper value(s), ours mean ± std, verdict, p, why.
 
     ``ours``: a results folder or a dict ``stem -> DataFrame | None`` (see :data:`RESULT_FILES`).
-    ``context``: facts our files do not hold, e.g. ``{"backbone": cfg.backbone}``.
+    ``context``: facts our files do not hold, e.g. ``{"backbone": cfg.backbone}``. ``alpha``: the test's level.
     Claims tied to tasks we did not run are left out (``skip_absent_tasks``; per-dataset claims are also left
     out when their file is missing); a missing file gives "not run" for the other claims."""
     results = load_results(ours) if isinstance(ours, (str, Path)) else dict(ours)
-    rows = []
-    for claim in claims:
-        rows.extend(evaluate_claim(claim, reference_df, results, context, min_margin, skip_absent_tasks))
+    rows = [row for claim in claims for row in evaluate_claim(claim, reference_df, results, context, alpha,
+                                                              skip_absent_tasks)]
     table = pd.DataFrame(rows)
     for col in TABLE_COLUMNS:
         if col not in table.columns:
@@ -430,215 +486,3 @@ def fidelity_table(claims, reference_df: pd.DataFrame, ours, context: dict | Non
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Verdict counts per paper."""
     return table.groupby(["paper", "verdict"]).size().unstack(fill_value=0)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The standard claims
-# ----------------------------------------------------------------------------------------------------
-
-
-def _rk(table, setting, method, metric="image_auroc", dataset="MVTec", category=None, paper="roda"):
-    return reference_key(paper, table, dataset, setting, method, metric, category)
-
-
-def _roda_claims() -> list[Claim]:
-    claims = []
-    conds = CORRUPTIONS
-    main = dict(severity="max")
-
-    def sel(method, cond, **kw):
-        return dict(method=method, condition=cond, **main, **kw)
-
-    for c in conds:
-        claims.append(Claim(
-            f"t1_roda_vs_patchcore_{c}", "roda", f"RoDA beats PatchCore under {c} (Table 1, image AUROC)", "gap",
-            (_rk("Table 1", c, "RoDA"),), (_rk("Table 1", c, "PatchCore"),), "03_roda",
-            sel("roda", c), sel("patchcore", c), label_a="RoDA", label_b="PatchCore"))
-    for c in conds:
-        claims.append(Claim(
-            f"t1_roda_vs_tttpp_{c}", "roda", f"RoDA beats TTT++ under {c} (Table 1)", "order",
-            (_rk("Table 1", c, "RoDA"),), (_rk("Table 1", c, "TTT++"),), "03_roda",
-            sel("roda", c), sel("ttt++", c), label_a="RoDA", label_b="TTT++"))
-    for c in conds:
-        claims.append(Claim(
-            f"t1_ttac_vs_patchcore_{c}", "roda", f"TTAC underperforms PatchCore under {c} (Table 1)", "order",
-            (_rk("Table 1", c, "TTAC"),), (_rk("Table 1", c, "PatchCore"),), "03_roda",
-            sel("ttac", c), sel("patchcore", c), label_a="TTAC", label_b="PatchCore"))
-    claims.append(Claim(
-        "t1_roda_vs_patchcore_mean", "roda", "RoDA beats PatchCore on the mean over the four corruptions (Table 1)",
-        "gap", (_rk("Table 1", "mean", "RoDA"),), (_rk("Table 1", "mean", "PatchCore"),), "03_roda",
-        sel("roda", list(conds)), sel("patchcore", list(conds)), label_a="RoDA", label_b="PatchCore"))
-    claims.append(Claim(
-        "t1_tttpp_vs_patchcore_mean", "roda", "TTT++ improves on PatchCore on MVTec (Table 1 mean)", "order",
-        (_rk("Table 1", "mean", "TTT++"),), (_rk("Table 1", "mean", "PatchCore"),), "03_roda",
-        sel("ttt++", list(conds)), sel("patchcore", list(conds)), label_a="TTT++", label_b="PatchCore"))
-    for c in conds:
-        claims.append(Claim(
-            f"t3_roda_vs_patchcore_pixel_{c}", "roda", f"RoDA beats PatchCore in pixel AUROC under {c} (Table 3)",
-            "gap", (_rk("Table 3", c, "RoDA", "pixel_auroc"),), (_rk("Table 3", c, "PatchCore", "pixel_auroc"),),
-            "03_roda", sel("roda", c), sel("patchcore", c), metric="pixel_auroc", label_a="RoDA",
-            label_b="PatchCore"))
-
-    # Table 4 (ablations)
-    def t4(row, cond):
-        return dict(row=row, condition=cond)
-
-    t4_names = dict(no_alignment="no alignment", kl="KL-Div.", moment_matching="Moment Matching",
-                    ot_hungarian="OT + Hungarian", ot_continuous="OT + continuous", ot_discrete="OT + discrete",
-                    ot_discrete_copy="OT + discrete + direct copy",
-                    ot_discrete_augment="OT + discrete + data augment. (RoDA)")
-    for c in conds:
-        claims.append(Claim(
-            f"t4_discrete_vs_continuous_{c}", "roda", f"discrete beats continuous OT under {c} (Table 4)", "order",
-            (_rk("Table 4", c, t4_names["ot_discrete"]),), (_rk("Table 4", c, t4_names["ot_continuous"]),),
-            "04_table4", t4("ot_discrete", c), t4("ot_continuous", c), label_a="discrete", label_b="continuous"))
-    for c in conds:
-        claims.append(Claim(
-            f"t4_augment_vs_copy_{c}", "roda", f"augmentation beats direct copy under {c} (Table 4)", "order",
-            (_rk("Table 4", c, t4_names["ot_discrete_augment"]),), (_rk("Table 4", c, t4_names["ot_discrete_copy"]),),
-            "04_table4", t4("ot_discrete_augment", c), t4("ot_discrete_copy", c), label_a="augment",
-            label_b="copy"))
-    for a, b, text in (("moment_matching", "kl", "moment matching beats KL alignment"),
-                       ("ot_discrete", "moment_matching", "discrete OT beats moment matching"),
-                       ("ot_discrete", "ot_hungarian", "discrete OT beats the Hungarian assignment"),
-                       ("kl", "no_alignment", "KL alignment is worse than no alignment"),
-                       ("ot_discrete_augment", "no_alignment", "full RoDA beats no alignment")):
-        claims.append(Claim(
-            f"t4_{a}_vs_{b}_mean", "roda", f"{text} (Table 4, mean over the four corruptions)", "order",
-            tuple(_rk("Table 4", c, t4_names[a]) for c in conds), tuple(_rk("Table 4", c, t4_names[b]) for c in conds),
-            "04_table4", t4(a, list(conds)), t4(b, list(conds)), label_a=t4_names[a], label_b=t4_names[b]))
-
-    # Fig. 5a (share of anomalous patches assigned), in percent of the anomalous patches
-    fig5a = {"none": "no augmentation", "copy": "direct copy", "flip_rot90": "data augmentation (RoDA)"}
-    for a, b in (("flip_rot90", "none"), ("flip_rot90", "copy"), ("copy", "none")):
-        claims.append(Claim(
-            f"fig5a_{a}_vs_{b}", "roda",
-            f"{fig5a[a]} assigns fewer anomalous patches than {fig5a[b]} (Fig. 5a)", "order",
-            (_rk("Fig. 5a", "one batch (condition not stated)", fig5a[a], "share_assigned"),),
-            (_rk("Fig. 5a", "one batch (condition not stated)", fig5a[b], "share_assigned"),),
-            "04_fig5a", dict(augment=a), dict(augment=b), metric="share_assigned", label_a=a, label_b=b,
-            paper_data="MVTec AD, one adaptation batch (class and corruption not stated)",
-            note="share of anomalous target patches that receive an assignment, percent"))
-
-    # Table 5
-    claims.append(Claim(
-        "t5_20pct_reaches_98pct", "roda", "20% adaptation data reaches >= 98% of the 100% upper bound (Table 5)",
-        "ratio", (_rk("Table 5", "mean", "RoDA (adapt 20%)"),), (_rk("Table 5", "mean", "RoDA (adapt 100%)"),),
-        "04_table5", dict(adapt_fraction=0.2, condition=list(conds)), dict(adapt_fraction=1.0, condition=list(conds)),
-        label_a="20%", label_b="100%", expect=1, scale=0.98))
-    claims.append(Claim(
-        "t5_100pct_vs_20pct", "roda", "adapting on all target data beats 20% (Table 5 mean)", "order",
-        (_rk("Table 5", "mean", "RoDA (adapt 100%)"),), (_rk("Table 5", "mean", "RoDA (adapt 20%)"),),
-        "04_table5", dict(adapt_fraction=1.0, condition=list(conds)), dict(adapt_fraction=0.2, condition=list(conds)),
-        label_a="100%", label_b="20%"))
-
-    # Fig. 5b (severity), no numbers printed
-    claims.append(Claim(
-        "fig5b_gap_grows_with_severity", "roda",
-        "RoDA's margin over PatchCore grows with Gaussian-noise severity (Fig. 5b)", "order", (), (), "04_fig5b",
-        ((1, dict(method="roda", severity="max")), (-1, dict(method="patchcore", severity="max"))),
-        ((1, dict(method="roda", severity="min")), (-1, dict(method="patchcore", severity="min"))),
-        label_a="gap@max severity", label_b="gap@min severity", expect=1,
-        figure_only="the text says the gap becomes more pronounced at higher noise levels"))
-    claims.append(Claim(
-        "fig5b_roda_vs_patchcore_max_severity", "roda",
-        "RoDA beats PatchCore at the highest Gaussian-noise severity (Fig. 5b; Table 1 at severity 5)", "order",
-        (_rk("Table 1", "gaussian_noise", "RoDA"),), (_rk("Table 1", "gaussian_noise", "PatchCore"),), "04_fig5b",
-        dict(method="roda", severity="max"), dict(method="patchcore", severity="max"), label_a="RoDA",
-        label_b="PatchCore"))
-
-    # absolute values: only with WRN-50 on all 15 MVTec classes
-    abs_common = dict(pool_tasks=True, data_tasks=MVTEC_TASKS)
-    claims.append(Claim(
-        "abs_patchcore_clean", "roda", "PatchCore clean image AUROC 98.81 (Table 1)", "absolute",
-        (_rk("Table 1", "clean", "PatchCore"),), (), "02_patchcore", dict(condition="clean"), **abs_common))
-    claims.append(Claim(
-        "abs_patchcore_gaussian_noise", "roda", "PatchCore image AUROC under Gaussian noise 80.23 (Table 1)",
-        "absolute", (_rk("Table 1", "gaussian_noise", "PatchCore"),), (), "02_patchcore",
-        dict(condition="gaussian_noise", severity="max"), **abs_common))
-    claims.append(Claim(
-        "abs_roda_mean", "roda", "RoDA mean image AUROC over the four corruptions 91.34 (Table 1)", "absolute",
-        (_rk("Table 1", "mean", "RoDA"),), (), "03_roda", sel("roda", list(conds)), **abs_common))
-    return claims
-
-
-# DPDL: our dataset name -> (paper dataset, category) for the rows that exist in the paper
-DPDL_DATASETS = {"elpv": ("ELPV", None), "headct": ("HeadCT", None), "brainmri": ("BrainMRI", None),
-                 "ksdd": ("SDD", None), **{t: ("MVTec", t.split("/", 1)[1]) for t in MVTEC_TASKS}}
-DPDL_BASELINES = {"devnet": "DevNet", "dra": "DRA", "flos": "FLOS"}
-_T1 = ("MVTec", "Optical", "SDD", "AITEX", "ELPV", "Mastcam", "Hyper-Kvasir", "BrainMRI", "HeadCT")
-_T2 = (("MVTec", "carpet"), ("MVTec", "metal_nut"), ("AITEX", None), ("ELPV", None), ("Mastcam", None),
-       ("Hyper-Kvasir", None))
-
-
-DPDL_FILES = {"general": "05_general_runs", "hard": "05_hard_runs"}  # columns: task, setting, seen_class,
-# n_anomalies, seed, method (dpdl/devnet/dra/flos), auroc; hard rows are averaged over seen classes per seed
-ABLATION_FILE = "05_ablation_runs"  # method: DPDL, w/o DPL, w/o DFL, M_r, M_n + M_r, M_a + M_r (general, largest M)
-
-
-def _dpdl_where(method, setting, m):
-    return dict(method=method, setting=setting, n_anomalies="max" if m == 10 else 1)
-
-
-def _dpdl_claims() -> list[Claim]:
-    claims = []
-    common = dict(paper_backbone="ResNet-18", metric="auroc")
-    # across the paper's datasets, checked on every dataset we run
-    for setting, table, rows in (("general", "Table 1", [(d, None) for d in _T1]), ("hard", "Table 2", list(_T2))):
-        for m in (10, 1):
-            ps = f"{setting} M={m}"
-            for ours_b, name in DPDL_BASELINES.items():
-                claims.append(Claim(
-                    f"dpdl_vs_{ours_b}_{setting}_m{m}", "dpdl",
-                    f"DPDL beats {name} in the {setting} setting, M={m} ({table}, all its datasets)", "order",
-                    tuple(_rk(table, ps, "DPDL", dataset=d, category=c, paper="dpdl") for d, c in rows),
-                    tuple(_rk(table, ps, name, dataset=d, category=c, paper="dpdl") for d, c in rows),
-                    DPDL_FILES[setting], _dpdl_where("dpdl", setting, m), _dpdl_where(ours_b, setting, m),
-                    label_a="DPDL", label_b=name, expect=1,
-                    paper_data=f"{len(rows)} datasets of {table} (mean)",
-                    note=f"paper M={m}; ours takes {'the largest M run' if m == 10 else 'M=1'}", **common))
-    # per dataset, where we run the paper's dataset
-    for ours_task, (dataset, category) in DPDL_DATASETS.items():
-        settings = [("general", "Table 5" if category else "Table 1")]
-        if (dataset, category) in _T2:
-            settings.append(("hard", "Table 2"))
-        for setting, table in settings:
-            for m in (10, 1):
-                ps = f"{setting} M={m}"
-                where = dataset + (f"/{category}" if category else "")
-                for ours_b, name in (("devnet", "DevNet"), ("dra", "DRA")):
-                    claims.append(Claim(
-                        f"dpdl_vs_{ours_b}_{setting}_m{m}_{slug(ours_task)}", "dpdl",
-                        f"DPDL vs {name} on {where}, {setting} M={m} ({table})", "order",
-                        (_rk(table, ps, "DPDL", dataset=dataset, category=category, paper="dpdl"),),
-                        (_rk(table, ps, name, dataset=dataset, category=category, paper="dpdl"),),
-                        DPDL_FILES[setting], _dpdl_where("dpdl", setting, m), _dpdl_where(ours_b, setting, m),
-                        label_a="DPDL", label_b=name, tasks=(ours_task,), paper_data=where, **common))
-                claims.append(Claim(
-                    f"abs_dpdl_{setting}_m{m}_{slug(ours_task)}", "dpdl",
-                    f"DPDL AUC on {where}, {setting} M={m} ({table})", "absolute",
-                    (_rk(table, ps, "DPDL", dataset=dataset, category=category, paper="dpdl"),), (), DPDL_FILES[setting],
-                    _dpdl_where("dpdl", setting, m), tasks=(ours_task,), paper_data=where,
-                    paper_params={"n_anomalies": m}, **common))
-    # Table 3 heads (general M=10; the paper's mean of AITEX / ELPV / Mastcam), on every dataset we run
-    heads = {"M_r": "M_r only", "M_n + M_r": "M_n + M_r", "M_a + M_r": "M_a + M_r"}
-    ds = ("AITEX", "ELPV", "Mastcam")
-    for ours_variant, name in heads.items():
-        claims.append(Claim(
-            f"t3_full_vs_{slug(ours_variant)}", "dpdl", f"all three heads beat {name} (general M=10, Table 3)", "order",
-            tuple(_rk("Table 3", "general M=10", "M_n + M_a + M_r (DPDL)", dataset=d, paper="dpdl") for d in ds),
-            tuple(_rk("Table 3", "general M=10", name, dataset=d, paper="dpdl") for d in ds),
-            ABLATION_FILE, dict(method="DPDL", n_anomalies="max"), dict(method=ours_variant, n_anomalies="max"),
-            label_a="DPDL", label_b=name, paper_data="AITEX, ELPV, Mastcam (mean)", **common))
-    for ours_variant in ("w/o DPL", "w/o DFL"):
-        claims.append(Claim(
-            f"fig2_full_vs_{slug(ours_variant)}", "dpdl", f"DPDL beats DPDL {ours_variant} (Fig. 2)", "order", (), (),
-            ABLATION_FILE, dict(method="DPDL", n_anomalies="max"), dict(method=ours_variant, n_anomalies="max"),
-            label_a="DPDL", label_b=ours_variant, expect=1,
-            figure_only="removing either component gives a significant AUC decline", **common))
-    return claims
-
-
-RODA_CLAIMS: tuple[Claim, ...] = tuple(_roda_claims())
-DPDL_CLAIMS: tuple[Claim, ...] = tuple(_dpdl_claims())
-ALL_CLAIMS: tuple[Claim, ...] = RODA_CLAIMS + DPDL_CLAIMS

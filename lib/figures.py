@@ -146,7 +146,8 @@ def gap_comparison(df: pd.DataFrame, label: str, paper: str, ours: str, ours_err
                    paper_label: str = "paper (WRN-50, MVTec mean)", ours_label: str = "ours", title: str = ""):
     """Horizontal bars of a difference (A - B, AUROC points) per claim: the paper's beside ours.
 
-    The paper's bars are hatched and carry ``paper_label`` in the legend so they are never read as ours."""
+    The paper's bars are hatched and carry ``paper_label`` in the legend so they are never read as ours.
+    ``ours_err``: a column of error bars for ours (notebook 06: the fidelity test's standard error of A - B)."""
     data = df.reset_index(drop=True)
     y = np.arange(len(data))
     fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(data) + 1.2))

@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Regenerate the README's result tables from the CSVs they come from, or check that they are current.
+
+A table in the README sits between two markers; the first names the CSV (relative to the README's folder)
+and how to show it, options separated by ``|``::
+
+    <!-- table: results/real/03_roda.csv | columns=task,method,condition,image_auroc | by=task,method,condition
+         | where=method:patchcore,roda | percent=image_auroc | digits=1 | rename=image_auroc:image AUROC (%) -->
+    | task | method | ... |            <- everything up to the end marker is replaced
+    <!-- /table -->
+
+Options (all optional):
+
+- ``columns=a,b,c``: the columns shown, in this order (default: all);
+- ``where=col:v1,v2``: keep rows whose ``col`` is one of the values (repeat the option for more columns);
+- ``by=a,b``: one row per group; the other shown columns become ``mean ± std`` over the group's rows
+  (e.g. seeds), or the mean alone when the group has one row;
+- ``percent=a,b``: multiply these columns by 100 (AUROCs stored as fractions);
+- ``digits=N``: decimals of numbers (default 2);
+- ``count=name``: with ``by``, a column ``name`` with the number of rows of each group (list it in ``columns``);
+- ``sort=a,b``: sort rows by these columns (default: the CSV's order, groups in order of appearance);
+- ``rename=a:new name,b:other``: header labels.
+
+``python scripts/render_readme.py`` rewrites the README in place (atomically); ``--check`` writes nothing and
+exits 1 naming each table that differs from its CSV (for the test command). A missing CSV or column is an
+error naming the marker's line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+START = re.compile(r"<!--\s*table:\s*(?P<spec>.*?)\s*-->", re.S)
+END = "<!-- /table -->"
+
+
+class ReadmeError(ValueError):
+    pass
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """(csv path, options) of a marker's text ``path | key=value | ...``."""
+    parts = [p.strip() for p in " ".join(spec.split()).split("|")]
+    path, options = parts[0], {"where": []}
+    for part in parts[1:]:
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in ("columns", "where", "by", "count", "percent", "digits", "sort", "rename"):
+            raise ReadmeError(f"bad option {part!r}: use columns=, where=, by=, count=, percent=, digits=, sort=, "
+                              "rename=")
+        if key == "where":
+            column, _, values = value.partition(":")
+            options["where"].append((column.strip(), [v.strip() for v in values.split(",")]))
+        elif key == "count":
+            options["count"] = value.strip()
+        elif key == "digits":
+            options["digits"] = int(value)
+        elif key == "rename":
+            pairs = [p.split(":", 1) for p in value.split(",") if ":" in p]
+            options["rename"] = {old.strip(): new.strip() for old, new in pairs}
+        else:
+            options[key] = [v.strip() for v in value.split(",") if v.strip()]
+    return path, options
+
+
+def _number(value, digits: int) -> str:
+    if isinstance(value, float):
+        return "" if pd.isna(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_table(df: pd.DataFrame, options: dict) -> str:
+    """The Markdown table of ``df`` shaped by ``options`` (see the module docstring)."""
+    digits = options.get("digits", 2)
+    for column, values in options.get("where", []):
+        if column not in df.columns:
+            raise ReadmeError(f"where: no column {column!r}; the CSV has {list(df.columns)}")
+        df = df[df[column].astype(str).isin(values)]
+    columns = options.get("columns") or list(df.columns)
+    count = options.get("count") if options.get("by") else None
+    missing = [c for c in columns + options.get("by", []) + options.get("percent", []) + options.get("sort", [])
+               if c not in df.columns and c != count]
+    if missing:
+        raise ReadmeError(f"no column {missing}; the CSV has {list(df.columns)}")
+    df = df.copy()
+    for column in options.get("percent", []):
+        df[column] = df[column].astype(float) * 100
+    by = options.get("by")
+    if by:
+        values = [c for c in columns if c not in by and c != count]
+        grouped = df.groupby(by, sort=False, dropna=False)
+        rows = []
+        for key, group in grouped:
+            row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+            if count:
+                row[count] = len(group)
+            for c in values:
+                v = pd.to_numeric(group[c], errors="coerce")
+                if v.notna().any() and len(group) > 1:
+                    row[c] = f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+                elif v.notna().any():
+                    row[c] = f"{v.mean():.{digits}f}"
+                else:
+                    row[c] = ", ".join(dict.fromkeys(map(str, group[c])))
+            rows.append(row)
+        df = pd.DataFrame(rows, columns=by + values + ([count] if count else []))
+    if options.get("sort"):
+        df = df.sort_values(options["sort"], kind="stable")
+    df = df[columns]
+    names = options.get("rename", {})
+    lines = ["| " + " | ".join(names.get(c, c) for c in columns) + " |", "|" + " --- |" * len(columns)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_number(v, digits) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def render(text: str, root: Path) -> tuple[str, list[str]]:
+    """(the README with every table regenerated, the markers' CSV paths whose table changed)."""
+    out, changed, pos = [], [], 0
+    for match in START.finditer(text):
+        if match.start() < pos:
+            continue
+        line = text.count("\n", 0, match.start()) + 1
+        end = text.find(END, match.end())
+        if end < 0:
+            raise ReadmeError(f"line {line}: table marker without {END}")
+        path, options = parse_spec(match.group("spec"))
+        csv = root / path
+        if not csv.is_file():
+            raise ReadmeError(f"line {line}: {csv} does not exist (run the notebook that writes it)")
+        try:
+            table = render_table(pd.read_csv(csv), options)
+        except ReadmeError as err:
+            raise ReadmeError(f"line {line} ({path}): {err}") from None
+        new = f"\n{table}\n"
+        if text[match.end():end] != new:
+            changed.append(f"line {line}: {path}")
+        out += [text[pos:match.end()], new]
+        pos = end
+    out.append(text[pos:])
+    return "".join(out), changed
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("readme", nargs="?", default=str(Path(__file__).resolve().parent.parent / "README.md"))
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when a table is out of date")
+    parser.add_argument("--root", default=None, help="folder the CSV paths are relative to (default: the README's)")
+    args = parser.parse_args(argv)
+    readme = Path(args.readme)
+    if not readme.is_file():
+        print(f"error: {readme} does not exist", file=sys.stderr)
+        return 2
+    try:
+        text, changed = render(readme.read_text(encoding="utf-8"), Path(args.root) if args.root else readme.parent)
+    except ReadmeError as err:
+        print(f"error: {readme}: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        for item in changed:
+            print(f"{readme}: table out of date, {item}", file=sys.stderr)
+        if changed:
+            print("run: python scripts/render_readme.py", file=sys.stderr)
+        return 1 if changed else 0
+    if changed:
+        _write_atomic(readme, text)
+    print(f"{readme}: {len(changed)} table(s) regenerated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

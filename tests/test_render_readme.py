@@ -1,0 +1,75 @@
+"""scripts/render_readme.py: README tables regenerated from CSVs, and --check on a temporary README."""
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import render_readme as rr  # noqa: E402
+
+MARKER = ("<!-- table: results/x.csv | columns=task,method,auroc | by=task,method | where=method:a,b "
+          "| percent=auroc | digits=1 | rename=auroc:AUROC (%) -->")
+
+
+@pytest.fixture
+def readme(tmp_path):
+    (tmp_path / "results").mkdir()
+    pd.DataFrame(dict(task=["t"] * 6, method=["a", "a", "b", "b", "c", "c"], seed=[0, 1] * 3,
+                      auroc=[0.80, 0.82, 0.70, 0.70, 0.5, 0.5])).to_csv(tmp_path / "results" / "x.csv", index=False)
+    path = tmp_path / "README.md"
+    path.write_text(f"# Title\n\ntext 1\n\n{MARKER}\nstale\n<!-- /table -->\n\nafter\n")
+    return path
+
+
+def test_render_writes_the_table_and_check_passes_after(readme):
+    assert rr.main([str(readme), "--check"]) == 1
+    assert rr.main([str(readme)]) == 0
+    text = readme.read_text()
+    assert "| task | method | AUROC (%) |" in text
+    assert "| t | a | 81.0 ± 1.4 |" in text and "| t | b | 70.0 ± 0.0 |" in text
+    assert "| t | c |" not in text and "stale" not in text
+    assert text.startswith("# Title\n\ntext 1\n\n") and text.endswith("<!-- /table -->\n\nafter\n")
+    assert rr.main([str(readme), "--check"]) == 0
+    # idempotent
+    before = readme.read_text()
+    rr.main([str(readme)])
+    assert readme.read_text() == before
+
+
+def test_check_fails_when_the_csv_changes(readme, capsys):
+    rr.main([str(readme)])
+    csv = readme.parent / "results" / "x.csv"
+    df = pd.read_csv(csv)
+    df.loc[0, "auroc"] = 0.9
+    df.to_csv(csv, index=False)
+    assert rr.main([str(readme), "--check"]) == 1
+    assert "results/x.csv" in capsys.readouterr().err
+
+
+def test_plain_table_without_grouping(tmp_path):
+    df = pd.DataFrame(dict(name=["x", "y"], value=[1.23456, 2.0], n=[3, 4]))
+    table = rr.render_table(df, dict(columns=["name", "value", "n"], digits=3, where=[]))
+    assert table.splitlines() == ["| name | value | n |", "| --- | --- | --- |", "| x | 1.235 | 3 |",
+                                  "| y | 2.000 | 4 |"]
+
+
+def test_errors_name_the_line_and_the_fix(readme):
+    text = readme.read_text().replace("columns=task", "columns=tsk")
+    with pytest.raises(rr.ReadmeError, match=r"line 5 .*'tsk'"):
+        rr.render(text, readme.parent)
+    with pytest.raises(rr.ReadmeError, match="does not exist"):
+        rr.render(readme.read_text().replace("x.csv", "y.csv"), readme.parent)
+    with pytest.raises(rr.ReadmeError, match="without"):
+        rr.render(readme.read_text().replace("<!-- /table -->", ""), readme.parent)
+    with pytest.raises(rr.ReadmeError, match="bad option"):
+        rr.parse_spec("a.csv | colums=a")
+    assert rr.main([str(readme.parent / "nope.md")]) == 2
+
+
+def test_count_per_group():
+    df = pd.DataFrame(dict(paper=["r", "r", "r", "d"], verdict=["x", "x", "y", "x"]))
+    table = rr.render_table(df, dict(columns=["paper", "verdict", "n"], by=["paper", "verdict"], count="n",
+                                     where=[]))
+    assert table.splitlines()[2:] == ["| r | x | 2 |", "| r | y | 1 |", "| d | x | 1 |"]
