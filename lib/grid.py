@@ -207,3 +207,83 @@ def collect(out_dir, cells: list[dict] | None = None) -> "pd.DataFrame":  # noqa
         row.update({k: metrics[k] for k in record.get("metric_names", metrics)})
         rows.append({**row, "seconds": record["seconds"], "host": record["host"]})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The RoDA table as a grid
+# ----------------------------------------------------------------------------------------------------
+
+
+def roda_cell(cell: dict) -> dict:
+    """One row of notebook 03's table (``results/<profile>/03_roda.csv``) as a cell function.
+
+    ``cell``: ``profile``, ``task``, ``corruption``, ``severity``, ``seed``, ``method`` (``"patchcore"``: no
+    adaptation; else a method of :mod:`lib.adaptation`), and optionally ``data_root``, ``device`` (default
+    ``"auto"``: the GPU Ray gave the worker, else CPU), ``out_dir`` (where the profile's cache of banks lives).
+    The bank of (task, backbone, seed) is built once per machine and cached like the notebooks do.
+    """
+    from . import adaptation, pipeline
+    from .backbones import load_backbone
+    from .profiles import get_profile
+
+    cfg = get_profile(cell.get("profile", "default"), data_root=cell.get("data_root"),
+                      device=cell.get("device", "auto"), out_dir=cell.get("out_dir"))
+    seed = int(cell["seed"])
+    extractor = load_backbone(cfg["backbone"], cfg.get("backbone_weights"), device=cfg["device"])
+    task = pipeline.resolve_task(cfg, cell["task"])
+    adapt_split, eval_split = pipeline.target_split(task, cfg["corruption"]["adapt_fraction"], seed)
+    model, bank = pipeline.fit_or_load_bank(cfg, task, extractor, seed=seed)
+    config = adaptation.config_from_profile(cfg, cell["method"], seed=seed)
+    res, _ = adaptation.adapt_and_evaluate(model, task, adapt_split, eval_split, cell["corruption"],
+                                           int(cell["severity"]), config, eval_seed=seed,
+                                           batch_size=cfg["patchcore"]["batch_size"])
+    return dict(backbone=extractor.name, image_auroc=float(res["image_auroc"]), pixel_auroc=float(res["pixel_auroc"]),
+                adapt_seconds=round(float(res["adapt_seconds"]), 1), steps=int(res["steps"]),
+                diverged=res["diverged"], bank_size=int(bank["bank_size"]), device=cfg["device"])
+
+
+def profile_cells(profile: str = "default", methods=None, seeds=None, **profile_kwargs) -> list[dict]:
+    """The cells of notebook 03's table for a profile: task x corruption x severity x seed x method.
+
+    ``profile_kwargs`` go to :func:`lib.profiles.get_profile` (``data_root``, ``categories``, ...) and the ones a
+    worker needs (``data_root``, ``out_dir``, ``device``) are copied into every cell."""
+    from .profiles import get_profile
+
+    cfg = get_profile(profile, **profile_kwargs)
+    extra = {k: str(v) for k, v in profile_kwargs.items() if k in ("data_root", "out_dir", "device") and v is not None}
+    cells = expand(profile=profile, task=list(cfg["tasks"]), corruption=list(cfg["corruption"]["names"]),
+                   severity=int(cfg["corruption"]["severity"]), seed=list(seeds or cfg["seeds"]),
+                   method=list(methods or cfg["roda"]["methods"]))
+    return [dict(c, **extra) for c in cells]
+
+
+def main(argv=None) -> int:
+    """``python -m lib.grid --profile full --address auto --out results/full/grid [--gpus-per-cell 1]``"""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Run notebook 03's RoDA table as a grid of independent cells.")
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--out", required=True, help="folder of cells/*.json and grid.csv (shared by reruns)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "ray", "serial"))
+    ap.add_argument("--address", default=None, help="Ray cluster: 'auto' on a cluster node, 'ray://head:10001'")
+    ap.add_argument("--cpus-per-cell", type=float, default=1)
+    ap.add_argument("--gpus-per-cell", type=float, default=0)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--categories", default=None, help="comma-separated MVTec categories (full profile)")
+    ap.add_argument("--methods", default=None, help="comma-separated; default: the profile's")
+    ap.add_argument("--seeds", default=None, help="comma-separated; default: the profile's")
+    args = ap.parse_args(argv)
+    cells = profile_cells(args.profile, methods=args.methods and args.methods.split(","),
+                          seeds=args.seeds and [int(s) for s in args.seeds.split(",")], data_root=args.data_root,
+                          categories=args.categories)
+    run = run_grid(roda_cell, cells, args.out, backend=args.backend, address=args.address,
+                   num_cpus=args.cpus_per_cell, num_gpus=args.gpus_per_cell)
+    print(f"{len(run.ran)} cells ran, {len(run.skipped)} were done already, {len(run.failed)} failed; "
+          f"table: {Path(args.out) / 'grid.csv'}")
+    for cell, error in run.failed:
+        print(f"FAILED {cell}: {error.splitlines()[0]}")
+    return 1 if run.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
