@@ -70,7 +70,6 @@ def main(argv=None):
     ds = AnomalyDataset(samples, **GEOMETRY["elpv"])
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])
     batches = list(images.split(args.batch_size))
-    n_train_batches = -(-args.n_train // args.batch_size)
 
     rows = []
 
@@ -98,7 +97,7 @@ def main(argv=None):
         lambda: torch.cat([old_pc.aggregate(m, *dims)[0] for m in maps_old]),
         lambda: torch.cat([patchcore.aggregate(m, *dims)[0] for m in maps_old]),
         lambda a, b: f"max |diff| {float((a - b).abs().max()):.1e} (features up to {float(a.abs().max()):.1f})")
-    n_train_images = sum(len(b) for b in batches[:n_train_batches])
+    n_train_images = len(subsample(task.train, args.n_train, seed=0))
     train = f_new[:n_train_images].reshape(-1, dims[1]).contiguous()
     test = f_new[n_train_images:].reshape(-1, dims[1]).contiguous()
     steps = min(args.coreset_steps, args.max_bank)

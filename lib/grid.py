@@ -13,8 +13,10 @@ metrics (plain numbers or strings). Both pickle, so a cell can run in another pr
 
 Every finished cell writes ``<out_dir>/cells/<key>.json`` atomically (a temporary file renamed into place), where
 ``key`` is a hash of the cell dict. So a rerun skips finished cells, a killed worker or node loses only the cell it
-was running, and nothing half-written is ever read. :func:`collect` merges the cell files into one table (one row
-per cell: the cell's fields, then its metrics), the layout the notebooks' result CSVs use.
+was running, and nothing half-written is ever read. The worker writes the file where it runs and returns the
+record, which the driver writes too when it cannot see the worker's file, so a cluster needs no shared disk.
+:func:`collect` merges the cell files into one table (one row per cell: the cell's fields, then its metrics),
+the layout the notebooks' result CSVs use.
 """
 
 from __future__ import annotations
@@ -179,7 +181,10 @@ def _run_ray(fn, pending, out_dir, result, address, num_cpus, num_gpus, max_retr
     while waiting:
         done, waiting = ray.wait(waiting, num_returns=1)
         try:
-            ray.get(done[0])
+            record = ray.get(done[0])
+            path = cell_path(out_dir, refs[done[0]])
+            if not path.exists():  # the worker wrote it on another machine: keep a copy here as well
+                _write_json_atomic(record, path)
             result.ran.append(refs[done[0]])
         except Exception as exc:  # noqa: BLE001 - RayTaskError, WorkerCrashedError, node loss: the cell is lost
             result.failed.append((refs[done[0]], f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"))
