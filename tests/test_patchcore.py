@@ -183,3 +183,12 @@ def test_bank_round_trip_and_errors(tmp_path, tiny_extractor):
         PatchCore.load(tmp_path / "missing.pt", tiny_extractor, device="cpu")
     with pytest.raises(BankError, match="empty"):
         PatchCore(tiny_extractor, device="cpu").patch_scores(batch)
+
+
+def test_fit_and_scores_are_bit_identical_across_runs(tiny_extractor):
+    runs = []
+    for _ in range(2):
+        model = PatchCore(tiny_extractor, coreset_ratio=0.3, pretrain_dim=24, target_dim=16, device="cpu").fit(_loader(4))
+        runs.append((model.bank, model.predict(_loader(3, seed=5, anomalous=True))["scores"]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert np.array_equal(runs[0][1], runs[1][1])
