@@ -24,6 +24,7 @@ Anomaly maps are the patch scores bilinearly upsampled to the input size and Gau
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -59,26 +60,70 @@ def local_neighbourhoods(feature: torch.Tensor, patch_size: int = 3) -> torch.Te
     return unfolded.reshape(b, c * patch_size * patch_size, h, w).permute(0, 2, 3, 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _window_tables(length: int, size: int, device: str):
+    """Index tables of adaptive average pooling ``length -> size`` and of its transpose.
+
+    Output ``j`` averages inputs ``start_j .. end_j - 1`` with ``start_j = floor(j L / size)`` and
+    ``end_j = ceil((j + 1) L / size)`` (torch's windows). Forward: row ``r`` of ``idx`` holds input
+    ``start_j + r`` of every output (``mask`` 0 past the window's end). Transpose: row ``r`` of ``idx_t``
+    holds the ``r``-th output whose window contains input ``i`` (``mask_t`` 0 where there is none).
+    """
+    j = torch.arange(size)
+    start = (j * length) // size
+    end = ((j + 1) * length + size - 1) // size
+    width = end - start
+    rows = torch.arange(int(width.max()))[:, None]
+    idx = torch.minimum(start[None] + rows, end[None] - 1)
+    mask = (rows < width[None]).float()
+    owners = [[] for _ in range(length)]
+    for out, (a, b) in enumerate(zip(start.tolist(), end.tolist())):
+        for i in range(a, b):
+            owners[i].append(out)
+    depth = max(len(o) for o in owners)
+    idx_t = torch.tensor([[o[min(r, len(o) - 1)] for o in owners] for r in range(depth)])
+    mask_t = torch.tensor([[float(r < len(o)) for o in owners] for r in range(depth)])
+    return tuple(t.to(device) for t in (idx, mask, width.float(), idx_t, mask_t))
+
+
+def _gather_sum(x: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_r x[:, idx[r]] * mask[r] along dim 1, the rows added in order (no scatter, no zero fill)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    acc = x.index_select(1, idx[0])
+    for r in range(1, idx.shape[0]):
+        term = x.index_select(1, idx[r])
+        if not bool(mask[r].all()):
+            term.mul_(mask[r].to(x.dtype).view(shape))
+        acc.add_(term)
+    return acc
+
+
+class _WindowMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, size):
+        idx, mask, width, idx_t, mask_t = _window_tables(x.shape[1], size, str(x.device))
+        ctx.save_for_backward(width, idx_t, mask_t)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return _gather_sum(x, idx, mask).div_(width.to(x.dtype).view(shape))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        width, idx_t, mask_t = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (grad.dim() - 2)
+        return _gather_sum(grad / width.to(grad.dtype).view(shape), idx_t, mask_t), None
+
+
 def adaptive_mean_dim1(x: torch.Tensor, size: int) -> torch.Tensor:
     """``F.adaptive_avg_pool1d`` along dim 1 of ``x`` (B, L, ...) -> (B, size, ...), bit for bit.
 
     Output ``j`` is the mean of inputs ``floor(j L / size) .. ceil((j + 1) L / size) - 1``. The windows are
     at most a few inputs wide, so the mean is a handful of ``index_select`` slices summed in order (the
-    order of torch's own kernel, hence equal bits) instead of a copy that moves dim 1 last.
+    order of torch's own kernel, hence equal bits) instead of a copy that moves dim 1 last. The gradient
+    is the transposed pooling done the same way, by gathers (each input lies in one or two windows),
+    which is several times faster than autograd's scatter (``index_add``) into a zero-filled tensor.
     """
-    length = x.shape[1]
-    j = torch.arange(size)
-    start = (j * length) // size
-    end = ((j + 1) * length + size - 1) // size
-    width = end - start
-    shape = (1, size) + (1,) * (x.dim() - 2)
-    acc = x.index_select(1, start.to(x.device))
-    for t in range(1, int(width.max())):
-        term = x.index_select(1, torch.minimum(start + t, end - 1).to(x.device))
-        if bool((width <= t).any()):  # shorter windows add an exact zero
-            term = term * (width > t).to(x.dtype).to(x.device).view(shape)
-        acc = acc + term
-    return acc / width.to(x.dtype).to(x.device).view(shape)
+    return _WindowMean.apply(x, int(size))
 
 
 def aggregate(features: list[torch.Tensor], pretrain_dim: int, target_dim: int, patch_size: int = 3):

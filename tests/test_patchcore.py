@@ -192,3 +192,15 @@ def test_fit_and_scores_are_bit_identical_across_runs(tiny_extractor):
         runs.append((model.bank, model.predict(_loader(3, seed=5, anomalous=True))["scores"]))
     assert torch.equal(runs[0][0], runs[1][0])
     assert np.array_equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("length, size", [(288, 256), (30, 8), (7, 3), (5, 9)])
+def test_adaptive_mean_gradient(length, size):
+    x = torch.randn(1, length, 2, dtype=torch.double, requires_grad=True, generator=torch.Generator().manual_seed(1))
+    assert torch.autograd.gradcheck(lambda y: adaptive_mean_dim1(y, size), (x,))
+    ref = x.detach().clone().requires_grad_()
+    w = torch.randn(1, size, 2, dtype=torch.double, generator=torch.Generator().manual_seed(2))
+    (adaptive_mean_dim1(x, size) * w).sum().backward()
+    pooled = F.adaptive_avg_pool1d(ref.transpose(1, 2).reshape(-1, 1, length), size).reshape(1, 2, size).transpose(1, 2)
+    (pooled * w).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
