@@ -76,6 +76,7 @@ def test_ray_grid_loses_only_the_killed_cell(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     # the local workers import lib.grid and this test module (cheap_cell) from the driver's environment
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here; silences Ray's FutureWarning
     cells, crash = _grid(tmp_path, hard_crash=True)
     init = dict(num_cpus=2, object_store_memory=80 * 2**20)
     try:
