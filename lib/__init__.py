@@ -8,6 +8,8 @@ Modules, each named after what it holds:
 - ``synthetic``    a small deterministic MVTec-layout set with masks (tests and the smoke profile)
 - ``corruptions``  seeded image corruptions (imagecorruptions, with fixes for its 1.1.2 failures)
 - ``backbones``    ImageNet-pretrained feature extractors that install offline, plus torchvision ones
+- ``backbone_registry``  what each backbone is and where its weights come from (files, hashes)
+- ``weight_ports``  the MobileNetV2, EfficientNet-Lite and Inception-v3 weight ports onto torchvision modules
 - ``patchcore``    patch features, approximate greedy coreset, memory bank, scoring
 - ``metrics``      image / pixel AUROC
 - ``transport``    log-domain Sinkhorn and the discretization of RoDA Eq. 6
@@ -21,6 +23,7 @@ Modules, each named after what it holds:
 - ``fidelity``     the paper-vs-ours verdicts of notebook 06
 - ``download``     the official MVTec AD download with checksum (for users with internet)
 - ``profiles``     run profiles for papermill (smoke, default, real, full)
+- ``grid``         a grid of independent runs, one atomic result file per cell, through Ray or serially
 """
 
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@ Anomaly maps are the patch scores bilinearly upsampled to the input size and Gau
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -59,25 +60,95 @@ def local_neighbourhoods(feature: torch.Tensor, patch_size: int = 3) -> torch.Te
     return unfolded.reshape(b, c * patch_size * patch_size, h, w).permute(0, 2, 3, 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _window_tables(length: int, size: int, device: str):
+    """Index tables of adaptive average pooling ``length -> size`` and of its transpose.
+
+    Output ``j`` averages inputs ``start_j .. end_j - 1`` with ``start_j = floor(j L / size)`` and
+    ``end_j = ceil((j + 1) L / size)`` (torch's windows). Forward: row ``r`` of ``idx`` holds input
+    ``start_j + r`` of every output (``mask`` 0 past the window's end). Transpose: row ``r`` of ``idx_t``
+    holds the ``r``-th output whose window contains input ``i`` (``mask_t`` 0 where there is none).
+    """
+    j = torch.arange(size)
+    start = (j * length) // size
+    end = ((j + 1) * length + size - 1) // size
+    width = end - start
+    rows = torch.arange(int(width.max()))[:, None]
+    idx = torch.minimum(start[None] + rows, end[None] - 1)
+    mask = (rows < width[None]).float()
+    owners = [[] for _ in range(length)]
+    for out, (a, b) in enumerate(zip(start.tolist(), end.tolist())):
+        for i in range(a, b):
+            owners[i].append(out)
+    depth = max(len(o) for o in owners)
+    idx_t = torch.tensor([[o[min(r, len(o) - 1)] for o in owners] for r in range(depth)])
+    mask_t = torch.tensor([[float(r < len(o)) for o in owners] for r in range(depth)])
+    return tuple(t.to(device) for t in (idx, mask, width.float(), idx_t, mask_t))
+
+
+def _gather_sum(x: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_r x[:, idx[r]] * mask[r] along dim 1, the rows added in order (no scatter, no zero fill)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    acc = x.index_select(1, idx[0])
+    for r in range(1, idx.shape[0]):
+        term = x.index_select(1, idx[r])
+        if not bool(mask[r].all()):
+            term.mul_(mask[r].to(x.dtype).view(shape))
+        acc.add_(term)
+    return acc
+
+
+class _WindowMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, size):
+        idx, mask, width, idx_t, mask_t = _window_tables(x.shape[1], size, str(x.device))
+        ctx.save_for_backward(width, idx_t, mask_t)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return _gather_sum(x, idx, mask).div_(width.to(x.dtype).view(shape))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        width, idx_t, mask_t = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (grad.dim() - 2)
+        return _gather_sum(grad / width.to(grad.dtype).view(shape), idx_t, mask_t), None
+
+
+def adaptive_mean_dim1(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool1d`` along dim 1 of ``x`` (B, L, ...) -> (B, size, ...), bit for bit.
+
+    Output ``j`` is the mean of inputs ``floor(j L / size) .. ceil((j + 1) L / size) - 1``. The windows are
+    at most a few inputs wide, so the mean is a handful of ``index_select`` slices summed in order (the
+    order of torch's own kernel, hence equal bits) instead of a copy that moves dim 1 last. The gradient
+    is the transposed pooling done the same way, by gathers (each input lies in one or two windows),
+    which is several times faster than autograd's scatter (``index_add``) into a zero-filled tensor.
+    """
+    return _WindowMean.apply(x, int(size))
+
+
 def aggregate(features: list[torch.Tensor], pretrain_dim: int, target_dim: int, patch_size: int = 3):
     """Official PatchCore aggregation of several taps into one ``target_dim`` vector per location.
 
     Returns the patch features (B, h*w, target_dim) on the grid (h, w) of the first (finest) tap.
+
+    Same map as the official order (neighbourhoods -> bilinear onto the finest grid -> pool to
+    ``pretrain_dim`` -> stack -> pool to ``target_dim``), computed in a cheaper order that is equal up to
+    float round-off: the pooling is linear and acts on each location alone, bilinear interpolation
+    mixes locations only, so they commute and each coarse tap is pooled *before* it is interpolated
+    (``pretrain_dim`` channels interpolated instead of ``C * p * p``); the pooling runs on channel-first
+    tensors (:func:`adaptive_mean_dim1`), with no transposed copy of the ``C * p * p`` neighbourhoods.
     """
     h, w = features[0].shape[-2:]
     per_layer = []
     for f in features:
-        nb = local_neighbourhoods(f, patch_size)  # (B, h_l, w_l, C*9)
-        if nb.shape[1:3] != (h, w):
-            # interpolate every neighbourhood element onto the finest grid
-            nb = F.interpolate(nb.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False)
-            nb = nb.permute(0, 2, 3, 1)
-        b = nb.shape[0]
-        flat = nb.reshape(b * h * w, 1, -1)
-        per_layer.append(F.adaptive_avg_pool1d(flat, pretrain_dim))  # (N, 1, pretrain_dim)
-    stacked = torch.cat(per_layer, dim=1).reshape(b * h * w, 1, -1)
-    merged = F.adaptive_avg_pool1d(stacked, target_dim).reshape(b, h * w, target_dim)
-    return merged, (h, w)
+        b, _, hl, wl = f.shape
+        nb = F.unfold(f, kernel_size=patch_size, padding=(patch_size - 1) // 2, stride=1)  # (B, C*p*p, hl*wl)
+        pooled = adaptive_mean_dim1(nb, pretrain_dim).reshape(b, pretrain_dim, hl, wl)
+        if (hl, wl) != (h, w):
+            pooled = F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=False)
+        per_layer.append(pooled.reshape(b, pretrain_dim, h * w))
+    merged = adaptive_mean_dim1(torch.cat(per_layer, dim=1), target_dim)  # (B, target_dim, h*w)
+    return merged.transpose(1, 2).contiguous(), (h, w)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,22 +160,51 @@ def _sq_norms(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum(-1)
 
 
-def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int | None = None, max_elements: int = 2**25):
+def faiss_available() -> bool:
+    """Whether the optional ``faiss`` package imports (``pip install faiss-cpu``); never required."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _nearest_faiss(queries: torch.Tensor, bank: torch.Tensor):
+    import faiss
+
+    index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(np.ascontiguousarray(bank.detach().float().cpu().numpy()))
+    d2, idx = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), 1)
+    d = torch.from_numpy(d2[:, 0]).clamp_min_(0.0).sqrt_().to(queries.device)
+    return d, torch.from_numpy(idx[:, 0]).long().to(queries.device)
+
+
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int | None = None,
+                      max_elements: int = 2**22, backend: str = "torch"):
     """Distance of every query to its nearest bank entry, and that entry's index, in query chunks.
 
-    Memory is ``chunk x |bank|`` at a time; ``chunk`` defaults to what fits in ``max_elements``.
+    ``min_k ||q - m_k||^2 = ||q||^2 + min_k (||m_k||^2 - 2 q.m_k)``: one fused ``addmm`` per chunk, the
+    query norm added after the minimum. Memory is ``chunk x |bank|`` at a time; ``chunk`` defaults to
+    what fits in ``max_elements`` (16 MB of float32: cache-sized blocks are faster than large ones).
+    ``backend="faiss"`` uses ``faiss.IndexFlatL2`` (exact search; optional package, CPU, no gradient).
     """
     if bank.numel() == 0 or bank.shape[0] == 0:
         raise BankError("the memory bank is empty: fit PatchCore on at least one normal image first")
+    if backend == "faiss":
+        if not faiss_available():
+            raise ImportError("backend='faiss' needs the optional faiss package: pip install faiss-cpu "
+                              "(or use backend='torch', the default)")
+        return _nearest_faiss(queries, bank)
+    if backend != "torch":
+        raise ValueError(f"backend must be 'torch' or 'faiss', not {backend!r}")
     if chunk is None:
         chunk = max(1, max_elements // bank.shape[0])
     bank_sq = _sq_norms(bank)
     dists, idx = [], []
     for start in range(0, queries.shape[0], chunk):
         q = queries[start : start + chunk]
-        d2 = _sq_norms(q)[:, None] - 2.0 * q @ bank.T + bank_sq[None, :]
-        d2, i = d2.min(dim=1)
-        dists.append(d2.clamp_min(0.0).sqrt())
+        d2, i = torch.addmm(bank_sq, q, bank.T, alpha=-2.0).min(dim=1)
+        dists.append((d2 + _sq_norms(q)).clamp_min(0.0).sqrt())
         idx.append(i)
     return torch.cat(dists), torch.cat(idx)
 
@@ -128,6 +228,12 @@ def greedy_coreset(
 
     With ``proj_dim`` the distances are computed in a seeded Gaussian random projection to ``proj_dim``
     dimensions (Johnson-Lindenstrauss; the official code uses an untrained ``nn.Linear`` instead).
+
+    The loop keeps squared distances (same order, no square roots) in a running minimum ``d2`` and,
+    per step, writes ``||x||^2 - 2 X x_i`` with one fused matrix-vector product (``addmv``) into a
+    preallocated buffer, adds ``||x_i||^2`` and takes the elementwise minimum in place: four passes over
+    N floats next to the N x proj_dim product, no allocation. The chosen index stays a device tensor,
+    so a GPU never waits for the host inside the loop.
     """
     N = features.shape[0]
     if N == 0:
@@ -138,26 +244,36 @@ def greedy_coreset(
     if proj_dim is not None and proj_dim < x.shape[1]:
         mapping = torch.randn(x.shape[1], proj_dim, generator=gen) / math.sqrt(proj_dim)
         x = x @ mapping.to(x.device)
+    x = x.contiguous()
     x_sq = _sq_norms(x)
+    buf = torch.empty_like(x_sq)
 
-    def dist_to(i: int) -> torch.Tensor:
-        return (x_sq - 2.0 * x @ x[i] + x_sq[i]).clamp_min_(0.0).sqrt_()
+    def sq_dist_to(i: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = ||x - x_i||^2 for every x; ``i`` a one-element index tensor."""
+        torch.addmv(x_sq, x, x.index_select(0, i)[0], alpha=-2.0, out=out)
+        return out.add_(x_sq.index_select(0, i))
 
+    selected = torch.empty(n, dtype=torch.long, device=x.device)
     if start is None:
-        starts = torch.randperm(N, generator=gen)[: min(n_starts, N)].tolist()
-        min_dist = torch.stack([dist_to(i) for i in starts]).mean(0)
-        selected = []
+        starts = torch.randperm(N, generator=gen)[: min(n_starts, N)].to(x.device)
+        mean_dist = torch.zeros_like(x_sq)
+        for k in range(len(starts)):
+            mean_dist.add_(sq_dist_to(starts[k : k + 1], buf).clamp_min_(0.0).sqrt_())
+        min_d2 = mean_dist.div_(len(starts)).square_()
+        first = 0
     else:
-        selected = [int(start)]
-        min_dist = dist_to(int(start))
-        min_dist[int(start)] = -1.0
-    steps = range(n - len(selected))
-    for _ in progress(steps, desc="coreset", leave=False) if show_progress else steps:
-        i = int(torch.argmax(min_dist))
-        selected.append(i)
-        torch.minimum(min_dist, dist_to(i), out=min_dist)
-        min_dist[i] = -1.0  # chosen: never again (float round-off can leave it a hair above 0)
-    return torch.tensor(selected, dtype=torch.long)
+        first_idx = torch.tensor([int(start)], device=x.device)
+        min_d2 = sq_dist_to(first_idx, torch.empty_like(x_sq))
+        min_d2.index_fill_(0, first_idx, -1.0)
+        selected[0] = int(start)
+        first = 1
+    steps = range(first, n)
+    for step in progress(steps, desc="coreset", leave=False) if show_progress else steps:
+        i = torch.argmax(min_d2).view(1)
+        selected[step : step + 1] = i
+        torch.minimum(min_d2, sq_dist_to(i, buf), out=min_d2)
+        min_d2.index_fill_(0, i, -1.0)  # chosen: never again (round-off can leave it a hair above 0)
+    return selected.cpu()
 
 
 def coverage_radius(features: torch.Tensor, coreset: torch.Tensor) -> float:

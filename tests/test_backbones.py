@@ -280,3 +280,14 @@ def test_resnet18_imagenet_weights_offline_error(tmp_path, monkeypatch):
     assert "resnet18-f37072fd.pth" in message and "weights='/path/to/" in message
     assert str(tmp_path) in message  # where to put the file
     assert "resnet18" not in bb.available_backbones(ready_only=True)
+
+
+def test_channels_last_gives_the_same_taps_in_the_usual_layout():
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    fast = load_backbone("mobilenet_v2", weights="random")
+    plain = load_backbone("mobilenet_v2", weights="random", channels_last=False)
+    assert fast.channels_last and not plain.channels_last
+    for a, b in zip(fast(x), plain(x)):
+        assert a.is_contiguous() and a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert fast.normalization == plain.normalization  # banks built either way stay interchangeable

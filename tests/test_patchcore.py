@@ -2,8 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib.patchcore import (BankError, PatchCore, aggregate, coverage_radius, greedy_coreset, local_neighbourhoods,
-                           nearest_distances)
+import torch.nn.functional as F
+
+from lib.patchcore import (BankError, PatchCore, adaptive_mean_dim1, aggregate, coverage_radius, faiss_available,
+                           greedy_coreset, local_neighbourhoods, nearest_distances)
 from conftest import TinyExtractor
 
 
@@ -72,6 +74,68 @@ def test_local_neighbourhoods_and_aggregation_shapes():
     assert grid == (8, 8) and feats.shape == (2, 64, 24)
 
 
+def official_order_aggregate(features, pretrain_dim, target_dim):
+    """The official order: neighbourhoods, bilinear onto the finest grid, pool, stack, pool."""
+    h, w = features[0].shape[-2:]
+    pooled = []
+    for f in features:
+        nb = local_neighbourhoods(f).permute(0, 3, 1, 2)
+        if nb.shape[-2:] != (h, w):
+            nb = F.interpolate(nb, size=(h, w), mode="bilinear", align_corners=False)
+        flat = nb.permute(0, 2, 3, 1).reshape(-1, 1, nb.shape[1])
+        pooled.append(F.adaptive_avg_pool1d(flat, pretrain_dim))
+    merged = F.adaptive_avg_pool1d(torch.cat(pooled, 1).reshape(len(pooled[0]), 1, -1), target_dim)
+    return merged.reshape(features[0].shape[0], h * w, target_dim)
+
+
+@pytest.mark.parametrize("channels, dims", [((8, 16), (32, 24)), ((32, 96), (256, 256)), ((3, 5), (100, 7))])
+def test_aggregation_equals_the_official_order(channels, dims):
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(2, channels[0], 8, 8, generator=g), torch.randn(2, channels[1], 4, 4, generator=g)
+    ours, _ = aggregate([a, b], *dims)
+    torch.testing.assert_close(ours, official_order_aggregate([a, b], *dims), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length, size", [(288, 256), (864, 256), (512, 256), (100, 256), (7, 3), (5, 5)])
+def test_adaptive_mean_is_torchs_adaptive_pool_bit_for_bit(length, size):
+    x = torch.randn(3, length, 11, generator=torch.Generator().manual_seed(length))
+    ref = F.adaptive_avg_pool1d(x.transpose(1, 2).reshape(-1, 1, length), size).reshape(3, 11, size).transpose(1, 2)
+    assert torch.equal(adaptive_mean_dim1(x, size), ref)
+
+
+def test_projected_coreset_selection_is_unchanged_by_the_squared_distance_loop():
+    """The loop compares squared distances; the order, hence every pick, is that of the distances."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3000, 64, generator=g)
+    ours = greedy_coreset(x, 60, proj_dim=16, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    p = x @ (torch.randn(64, 16, generator=gen) / 4.0)
+    d = torch.cdist(p.double(), p.double())
+    starts = torch.randperm(len(x), generator=gen)[:10]
+    mind, chosen = d[starts].mean(0), []
+    for _ in range(60):
+        i = int(torch.argmax(mind))
+        chosen.append(i)
+        mind = torch.minimum(mind, d[i])
+        mind[i] = -1
+    assert ours.tolist() == chosen
+
+
+@pytest.mark.skipif(not faiss_available(), reason="optional faiss not installed (pip install faiss-cpu)")
+def test_faiss_knn_agrees_with_torch():
+    g = torch.Generator().manual_seed(5)
+    q, m = torch.randn(500, 64, generator=g), torch.randn(300, 64, generator=g)
+    d_t, i_t = nearest_distances(q, m)
+    d_f, i_f = nearest_distances(q, m, backend="faiss")
+    torch.testing.assert_close(d_f, d_t, atol=1e-4, rtol=1e-5)
+    assert (i_f == i_t).float().mean() > 0.99  # exact search: only float ties may differ
+
+
+def test_knn_backend_errors():
+    with pytest.raises(ValueError, match="backend"):
+        nearest_distances(torch.randn(3, 4), torch.randn(2, 4), backend="annoy")
+
+
 def test_aggregation_is_differentiable():
     a = torch.randn(1, 4, 8, 8, requires_grad=True)
     b = torch.randn(1, 6, 4, 4, requires_grad=True)
@@ -119,3 +183,24 @@ def test_bank_round_trip_and_errors(tmp_path, tiny_extractor):
         PatchCore.load(tmp_path / "missing.pt", tiny_extractor, device="cpu")
     with pytest.raises(BankError, match="empty"):
         PatchCore(tiny_extractor, device="cpu").patch_scores(batch)
+
+
+def test_fit_and_scores_are_bit_identical_across_runs(tiny_extractor):
+    runs = []
+    for _ in range(2):
+        model = PatchCore(tiny_extractor, coreset_ratio=0.3, pretrain_dim=24, target_dim=16, device="cpu").fit(_loader(4))
+        runs.append((model.bank, model.predict(_loader(3, seed=5, anomalous=True))["scores"]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert np.array_equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("length, size", [(288, 256), (30, 8), (7, 3), (5, 9)])
+def test_adaptive_mean_gradient(length, size):
+    x = torch.randn(1, length, 2, dtype=torch.double, requires_grad=True, generator=torch.Generator().manual_seed(1))
+    assert torch.autograd.gradcheck(lambda y: adaptive_mean_dim1(y, size), (x,))
+    ref = x.detach().clone().requires_grad_()
+    w = torch.randn(1, size, 2, dtype=torch.double, generator=torch.Generator().manual_seed(2))
+    (adaptive_mean_dim1(x, size) * w).sum().backward()
+    pooled = F.adaptive_avg_pool1d(ref.transpose(1, 2).reshape(-1, 1, length), size).reshape(1, 2, size).transpose(1, 2)
+    (pooled * w).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
