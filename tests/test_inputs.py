@@ -332,3 +332,25 @@ def test_smoke_profile_reruns_bit_identical(tmp_path, monkeypatch):
     differ = [str(p) for p in a if "_timings" not in p.name and
               (tmp_path / "a" / p).read_bytes() != (tmp_path / "b" / p).read_bytes()]
     assert not differ, f"CSVs that differ between two runs with the same seed: {differ}"
+
+
+def test_seeding_selects_deterministic_kernels():
+    """The backward of ``x[rows]`` with repeated rows (the RoDA loss) accumulates with atomic adds on CPU
+    unless torch's deterministic algorithms are on: with two threads its last bits changed between runs."""
+    from lib.utils import seed_everything
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        seed_everything(0)
+        assert torch.are_deterministic_algorithms_enabled()
+        x = torch.randn(64, 32, requires_grad=True)
+        rows = torch.randint(0, 64, (20000,), generator=torch.Generator().manual_seed(0))
+        grads = []
+        for _ in range(3):
+            x.grad = None
+            (x[rows] * torch.linspace(0, 1, 32)).sum().backward()
+            grads.append(x.grad.clone())
+        assert all(torch.equal(grads[0], g) for g in grads[1:])
+    finally:
+        torch.use_deterministic_algorithms(before)
