@@ -65,6 +65,17 @@ def bank_key(model: PatchCore, task: Task) -> str:
         device=model.device.type)
 
 
+def features_key(model: PatchCore, task: Task, samples, corruption=None, severity=5, seed=0) -> str:
+    """Cache key of the patch features of ``samples`` under a shift (for :func:`lib.cache.cached`): the files,
+    the geometry, the shift, the backbone with its current weights (so adapted BatchNorm parameters give
+    another key) and the aggregation settings."""
+    shifted = bool(corruption) and corruption != "clean" and severity != 0
+    return cache.content_key(
+        kind="patch-features/1", files=cache.samples_fingerprint(samples), geometry=task.geometry(),
+        shift=[corruption, severity, seed] if shifted else None, backbone=cache.extractor_fingerprint(model.extractor),
+        dims=[model.pretrain_dim, model.target_dim, model.patch_size], device=model.device.type)
+
+
 def fit_or_load_bank(cfg, task: Task, extractor, seed: int = 0, use_cache: bool = True):
     """PatchCore bank for ``task``; cached under the profile's cache folder and reused only when its
     :func:`bank_key` matches (else rebuilt, and the reason printed).

@@ -354,3 +354,18 @@ def test_seeding_selects_deterministic_kernels():
         assert all(torch.equal(grads[0], g) for g in grads[1:])
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_feature_cache_key_follows_files_shift_and_weights(synth_root, tiny_extractor, tmp_path):
+    from lib.patchcore import PatchCore
+
+    task = load_task("mvtec/synthetic", synth_root)
+    model = PatchCore(tiny_extractor, device="cpu")
+    key = lambda *a: pipeline.features_key(model, task, list(task.test), *a)  # noqa: E731
+    assert key("contrast", 5, 0) == key("contrast", 5, 0)
+    assert len({key("contrast", 5, 0), key("contrast", 4, 0), key("contrast", 5, 1), key(None, 5, 0)}) == 4
+    assert key(None, 5, 0) == key(None, 5, 1)  # clean images do not depend on the shift seed
+    before = key("contrast", 5, 0)
+    with torch.no_grad():
+        tiny_extractor.stem[2].weight.mul_(1.5)  # an adapted BatchNorm affine parameter
+    assert key("contrast", 5, 0) != before
