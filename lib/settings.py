@@ -14,6 +14,7 @@ Keys that a profile holds but :data:`SPEC` does not list are checked against the
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -274,6 +275,8 @@ def check_value(key: str, value, rule: Rule):
 
 def _suggest(value, rule: Rule) -> str:
     """'; did you mean 'gaussian_noise'?' for a misspelt choice (alone or inside a list)."""
+    if rule.kind == "seq" and isinstance(value, str):
+        return f"; write a list as JSON, e.g. --set 'KEY=[{json.dumps(value)}]'"
     choice_rule = rule.item if rule.kind == "seq" and rule.item is not None else rule
     if choice_rule.choices is None:
         return ""

@@ -369,3 +369,9 @@ def test_feature_cache_key_follows_files_shift_and_weights(synth_root, tiny_extr
     with torch.no_grad():
         tiny_extractor.stem[2].weight.mul_(1.5)  # an adapted BatchNorm affine parameter
     assert key("contrast", 5, 0) != before
+
+
+def test_a_list_given_as_text_says_how_to_write_it(env_set):
+    env_set("tasks=ksdd")
+    with pytest.raises(SettingsError, match=r"tasks='ksdd': must be a non-empty list of strings.*KEY=\[\"ksdd\"\]"):
+        profiles.resolve("smoke", device="cpu")
