@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -75,23 +76,57 @@ def samples_fingerprint(samples) -> list:
             for s in samples]
 
 
-def tensor_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's state (parameters and buffers, names, shapes and values)."""
+def tensor_digest(module: torch.nn.Module, skip=()) -> str:
+    """SHA-256 of a module's state (parameters and buffers, names, shapes and values), leaving out the
+    entries whose names start with one of ``skip``."""
     h = hashlib.sha256()
     for name, value in sorted(module.state_dict().items()):
+        if any(name.startswith(prefix) for prefix in skip):
+            continue
         t = value.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
     return h.hexdigest()
 
 
+_UNUSED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def unused_modules(extractor: torch.nn.Module, size: int = 224) -> tuple:
+    """Names of the leaf modules that a forward pass of ``extractor`` never runs (e.g. the classifier of a
+    network whose taps stop earlier), found once per extractor with forward hooks on a blank image."""
+    if extractor not in _UNUSED:
+        ran, hooks = set(), []
+        for name, module in extractor.named_modules():
+            if not list(module.children()):
+                hooks.append(module.register_forward_hook(lambda m, i, o, name=name: ran.add(name)))
+        training = extractor.training
+        try:
+            extractor.eval()
+            device = next(iter(extractor.parameters()), torch.empty(0)).device
+            with torch.no_grad():
+                extractor(torch.zeros(1, 3, size, size, device=device))
+        finally:
+            extractor.train(training)
+            for h in hooks:
+                h.remove()
+        _UNUSED[extractor] = tuple(sorted(n for n, m in extractor.named_modules()
+                                          if not list(m.children()) and n not in ran and next(m.parameters(), None) is not None))
+    return _UNUSED[extractor]
+
+
 def extractor_fingerprint(extractor) -> dict:
-    """The backbone identity: name, taps, normalisation (with the weights id) and a digest of its weights."""
+    """The backbone identity: name, taps, normalisation (with the weights id) and a digest of the weights the
+    taps depend on.
+
+    Modules a forward pass never runs are left out (:func:`unused_modules`): no feature depends on them, and
+    a bundled network whose weights stop before its classifier gets a freshly (randomly) initialised one in
+    every process."""
     out = dict(name=getattr(extractor, "name", type(extractor).__name__),
                layers=list(getattr(extractor, "layers", []) or []),
                normalization=getattr(extractor, "normalization", None))
     if isinstance(extractor, torch.nn.Module):
-        out["weights"] = tensor_digest(extractor)
+        out["weights"] = tensor_digest(extractor, skip=tuple(f"{n}." for n in unused_modules(extractor)))
     return out
 
 

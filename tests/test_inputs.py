@@ -375,3 +375,18 @@ def test_a_list_given_as_text_says_how_to_write_it(env_set):
     env_set("tasks=ksdd")
     with pytest.raises(SettingsError, match=r"tasks='ksdd': must be a non-empty list of strings.*KEY=\[\"ksdd\"\]"):
         profiles.resolve("smoke", device="cpu")
+
+
+def test_backbone_fingerprint_ignores_modules_no_tap_uses(tiny_extractor):
+    """A bundled network's unused classifier is freshly initialised in every process: it must not change
+    the key (else every bank is rebuilt), while a weight the taps use must."""
+    from conftest import TinyExtractor
+
+    a, b = TinyExtractor(), TinyExtractor()
+    a.head_fc, b.head_fc = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)  # never run by forward
+    with torch.no_grad():
+        b.head_fc.weight.add_(1.0)
+    assert cache.extractor_fingerprint(a) == cache.extractor_fingerprint(b)
+    with torch.no_grad():
+        b.deep[0].weight.add_(1e-3)
+    assert cache.extractor_fingerprint(a) != cache.extractor_fingerprint(b)
