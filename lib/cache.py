@@ -29,8 +29,8 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ def tensor_digest(module: torch.nn.Module, skip=()) -> str:
     return h.hexdigest()
 
 
-_UNUSED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_UNUSED: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def unused_modules(extractor: torch.nn.Module, size: int = 224) -> tuple:
@@ -144,7 +144,7 @@ def read(path, key: str):
         blob = torch.load(path, map_location="cpu", weights_only=False)
         stored, payload = blob["cache_key"], blob["payload"]
         assert blob.get("cache_format") == CACHE_FORMAT
-    except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
+    except Exception as exc:
         raise CacheMiss(f"{path.name} is unreadable ({type(exc).__name__})") from None
     if stored != key:
         raise CacheMiss(f"{path.name} was built from other data or settings (key {stored[:12]} != {key[:12]})")

@@ -34,7 +34,14 @@ import warnings
 from pathlib import Path
 
 from .data import SHARED_DATA, is_labelled_folder
-from .settings import DERIVED_KEYS, SPEC, SettingsError, check_value, inferred_rule, unknown_key_message
+from .settings import (
+    DERIVED_KEYS,
+    SPEC,
+    SettingsError,
+    check_value,
+    inferred_rule,
+    unknown_key_message,
+)
 from .utils import REPO_ROOT, ensure_writable, resolve_device, write_json
 
 MVTEC_CATEGORIES = (
@@ -228,7 +235,7 @@ class Profile(Section):
     def __reduce__(self):
         return (_rebuild, (dict(self), getattr(self, "_raw", None)))
 
-    def replace(self, changes: dict | None = None, **overrides) -> "Profile":
+    def replace(self, changes: dict | None = None, **overrides) -> Profile:
         """A new profile with ``overrides`` merged in and checked like ``get_profile``'s
         (``cfg.replace(roda={"epochs": 1})``; dotted keys in ``changes``: ``cfg.replace({"roda.epochs": 1})``).
         Settings that default to another one (:data:`DERIVED`) follow the new values."""

@@ -16,8 +16,8 @@ from __future__ import annotations
 import difflib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 class SettingsError(ValueError):
@@ -44,7 +44,7 @@ class Rule:
     open_high: bool = False
     choices: tuple | Callable | None = None
     nullable: bool = False
-    item: "Rule | None" = None
+    item: Rule | None = None
     nonempty: bool = False
 
     def options(self):

@@ -15,13 +15,20 @@ import torch
 from PIL import Image
 
 from lib import cache, pipeline, profiles
-from lib.data import DataError, Sample, labelled_folder_samples, load_image, load_task, preprocess
+from lib.data import (
+    DataError,
+    Sample,
+    labelled_folder_samples,
+    load_image,
+    load_task,
+    preprocess,
+)
 from lib.synthetic import make_synthetic_mvtec
 from lib.utils import OutputError, write_csv
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
-import run_notebooks  # noqa: E402
+import run_notebooks
 
 SettingsError = profiles.SettingsError
 
@@ -200,7 +207,7 @@ def test_bank_cache_is_keyed_by_data_and_settings(tmp_path, synth_root, tiny_ext
 def test_cache_file_holds_its_key(tmp_path):
     path = tmp_path / "f.pt"
     calls = []
-    build = lambda: calls.append(1) or {"x": torch.arange(3)}  # noqa: E731
+    build = lambda: calls.append(1) or {"x": torch.arange(3)}
     a = cache.cached(path, cache.content_key(a=1, b=[1, 2]), build)
     b = cache.cached(path, cache.content_key(b=(1, 2), a=1), build)  # same parts, other order: reused
     assert len(calls) == 1 and torch.equal(a["x"], b["x"])
@@ -361,7 +368,7 @@ def test_feature_cache_key_follows_files_shift_and_weights(synth_root, tiny_extr
 
     task = load_task("mvtec/synthetic", synth_root)
     model = PatchCore(tiny_extractor, device="cpu")
-    key = lambda *a: pipeline.features_key(model, task, list(task.test), *a)  # noqa: E731
+    key = lambda *a: pipeline.features_key(model, task, list(task.test), *a)
     assert key("contrast", 5, 0) == key("contrast", 5, 0)
     assert len({key("contrast", 5, 0), key("contrast", 4, 0), key("contrast", 5, 1), key(None, 5, 0)}) == 4
     assert key(None, 5, 0) == key(None, 5, 1)  # clean images do not depend on the shift seed
