@@ -360,15 +360,11 @@ def _to_8bit(image: Image.Image, path) -> Image.Image:
     if array.size and not np.isfinite(array).all():
         raise ImageReadError(f"image {path} holds NaN or infinite pixels: replace it")
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
-    if image.mode == "F" and low >= 0 and high <= 1:
-        scale = 255.0
-    elif image.mode == "F" and low >= 0 and high <= 255:
-        scale = 1.0
-    elif low >= 0 and high <= 65535:
-        scale = 255.0 / 65535.0
-    else:
+    if low < 0 or high > 65535:
         raise ImageReadError(f"image {path} ({image.mode}) has values in [{low:g}, {high:g}], outside 0..65535: "
                              "convert it to 8- or 16-bit")
+    floats = image.mode == "F"  # float images in [0, 1] or [0, 255] keep their scale
+    scale = 255.0 if floats and high <= 1 else 1.0 if floats and high <= 255 else 255.0 / 65535.0
     return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
 
 
@@ -382,15 +378,11 @@ def load_image(path, box=None) -> Image.Image:
     if box is not None:
         image = image.crop(box)
     if min(image.size) < MIN_SIDE:
-        raise DataError(
-            f"image {path} is {image.size[0]}x{image.size[1]} px; at least {MIN_SIDE} px per side is needed: "
-            "use larger images (or upsample them before use)"
-        )
+        raise DataError(f"image {path} is {image.size[0]}x{image.size[1]} px; at least {MIN_SIDE} px per side is "
+                        "needed: use larger images (or upsample them before use)")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGB", image.size, (0, 0, 0))
-        background.paste(image, mask=image.split()[3])
-        return background
+        black = Image.new("RGBA", image.size, (0, 0, 0, 255))  # transparent pixels over black
+        return Image.alpha_composite(black, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
 
 
