@@ -22,8 +22,10 @@ Modules, each named after what it holds:
 - ``figures``      plotting helpers
 - ``fidelity``     the paper-vs-ours verdicts of notebook 06
 - ``download``     the official MVTec AD download with checksum (for users with internet)
-- ``profiles``     run profiles for papermill (smoke, default, real, full)
 - ``grid``         a grid of independent runs, one atomic result file per cell, through Ray or serially
+- ``profiles``     run profiles for papermill (smoke, default, real, full): one read-only resolved configuration
+- ``settings``     what each profile setting may hold (type, range, choices), checked before a run starts
+- ``cache``        cache keys from everything that built a file (banks, features), shifted images in memory
 """
 
 __version__ = "0.1.0"

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .utils import REPO_ROOT
 
@@ -117,30 +117,48 @@ def mvtec_samples(root, category: str, split: str) -> list[Sample]:
     return samples
 
 
+def is_labelled_folder(path) -> bool:
+    """A labelled folder is recognised by its ``labels.csv``, whatever the folder is called."""
+    path = Path(path)
+    return path.is_dir() and (path / "labels.csv").is_file()
+
+
 def labelled_folder_samples(root) -> list[Sample]:
     """Samples of a folder with ``labels.csv`` (columns ``image,label,defect,mask``; paths relative).
 
     Used for HeadCT, BrainMRI and KolektorSDD (as prepared in ``../shared/data``) and any user folder
-    in the same format.
+    in the same format. Every row is checked: ``label`` must be 0 (normal) or 1 (anomalous) and ``image``
+    non-empty; errors name the line of ``labels.csv`` (the header is line 1).
     """
     root = _require_root(root, "a labelled image folder")
     table = root / "labels.csv"
     if not table.is_file():
         raise DataError(f"wrong layout: {root} has no labels.csv (columns image,label,defect,mask; see README 'Data')")
-    samples, missing = [], []
+    samples, missing, bad = [], [], []
     with open(table, newline="") as fh:
         reader = csv.DictReader(fh)
         if not {"image", "label"} <= set(reader.fieldnames or []):
             raise DataError(f"{table} must have the columns image,label,defect,mask; found {reader.fieldnames}")
         for row in reader:
-            img = root / row["image"]
-            mask = root / row["mask"] if row.get("mask") else None
+            line = reader.line_num
+            raw_label, image = (row.get("label") or "").strip(), (row.get("image") or "").strip()
+            if raw_label not in ("0", "1"):
+                bad.append(f"line {line}: label must be 0 (normal) or 1 (anomalous), got {raw_label!r}")
+                continue
+            if not image:
+                bad.append(f"line {line}: the image column is empty")
+                continue
+            img = root / image
+            mask = root / row["mask"].strip() if (row.get("mask") or "").strip() else None
             for p in (img, mask):
                 if p is not None and not p.is_file():
-                    missing.append(str(p.relative_to(root)))
-            label = int(row["label"])
+                    missing.append(f"line {line}: {p.relative_to(root) if p.is_relative_to(root) else p}")
+            label = int(raw_label)
             defect = (row.get("defect") or "").strip() or ("good" if label == 0 else "anomaly")
             samples.append(Sample(str(img), label, defect, str(mask) if mask else None))
+    if bad:
+        raise DataError(f"{len(bad)} rows of {table} are invalid: " + "; ".join(bad[:5])
+                        + ("; ..." if len(bad) > 5 else "") + ". Fix those rows (columns image,label,defect,mask)")
     if missing:
         raise DataError(
             f"{len(missing)} rows of {table} point at missing files, e.g. {missing[:3]}: "
@@ -300,8 +318,11 @@ def load_task(name: str, data_root=None, normal_split_seed: int = 42) -> Task:
         train = mvtec_samples(data_root, category, "train")
         test = mvtec_samples(data_root, category, "test")
         return Task(name, tuple(train), tuple(test), **GEOMETRY["mvtec" if name != "synthetic" else "synthetic"])
-    root = _require_root(data_root, f"the labelled folder {name!r}")
-    folder = root / name if (root / name / "labels.csv").exists() else root
+    if is_labelled_folder(Path(name).expanduser()):  # a labelled folder given by its path
+        folder = Path(name).expanduser()
+    else:
+        root = _require_root(data_root, f"the labelled folder {name!r}")
+        folder = root / name if is_labelled_folder(root / name) else root
     samples = labelled_folder_samples(folder)
     train, test = split_normals(samples, 0.75, normal_split_seed)
     geometry = GEOMETRY.get(name, GEOMETRY["mvtec"])
@@ -313,26 +334,62 @@ def load_task(name: str, data_root=None, normal_split_seed: int = 42) -> Task:
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_image(path, box=None) -> Image.Image:
-    """Open an image as RGB (gray, palette and RGBA become RGB); refuse images under 32 px."""
+class ImageReadError(DataError):
+    """An image or mask file that cannot be decoded; the message names the file."""
+
+
+def _decode(path) -> Image.Image:
+    """Open and fully decode ``path``, upright (EXIF orientation applied); any failure -> ImageReadError."""
     try:
         with Image.open(path) as im:
             im.load()
-            image = im
+            return ImageOps.exif_transpose(im)  # always a new, loaded image (a copy when upright)
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist: check the data root") from None
+    except Exception as exc:  # noqa: BLE001 - truncated, not an image, decompression bomb, bad EXIF ...
+        raise ImageReadError(f"cannot read image {path} ({type(exc).__name__}: {exc}): the file is damaged or "
+                             "not an image; replace it or remove it from the data set") from None
+
+
+def _to_8bit(image: Image.Image, path) -> Image.Image:
+    """16-bit and 32-bit grey images to 8-bit ``L`` by their bit depth (0..65535 -> 0..255), never by
+    clipping (PIL's own conversion turns a 16-bit image into a white one)."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return image
+    array = np.asarray(image, dtype=np.float64)
+    if array.size and not np.isfinite(array).all():
+        raise ImageReadError(f"image {path} holds NaN or infinite pixels: replace it")
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if low < 0 or high > 65535:
+        raise ImageReadError(f"image {path} ({image.mode}) has values in [{low:g}, {high:g}], outside 0..65535: "
+                             "convert it to 8- or 16-bit")
+    floats = image.mode == "F"  # float images in [0, 1] or [0, 255] keep their scale
+    scale = 255.0 if floats and high <= 1 else 1.0 if floats and high <= 255 else 255.0 / 65535.0
+    return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
+
+
+def load_image(path, box=None) -> Image.Image:
+    """Open an image as 8-bit RGB; refuse images under 32 px.
+
+    Handles 8- and 16-bit grey (16-bit scaled by its bit depth), RGB, palette, grey+alpha and RGBA
+    (transparent pixels over black), and EXIF orientation (the image as a viewer shows it). Every decode
+    failure is one :class:`ImageReadError` that names the file."""
+    image = _to_8bit(_decode(path), path)
     if box is not None:
         image = image.crop(box)
     if min(image.size) < MIN_SIDE:
-        raise DataError(
-            f"image {path} is {image.size[0]}x{image.size[1]} px; at least {MIN_SIDE} px per side is needed: "
-            "use larger images (or upsample them before use)"
-        )
-    if image.mode == "RGBA":
-        background = Image.new("RGB", image.size, (0, 0, 0))
-        background.paste(image, mask=image.split()[3])
-        return background
+        raise DataError(f"image {path} is {image.size[0]}x{image.size[1]} px; at least {MIN_SIDE} px per side is "
+                        "needed: use larger images (or upsample them before use)")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        black = Image.new("RGBA", image.size, (0, 0, 0, 255))  # transparent pixels over black
+        return Image.alpha_composite(black, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
+
+
+def load_mask(path, box=None) -> Image.Image:
+    """A ground-truth mask as 8-bit ``L`` (16-bit masks scaled like images), EXIF orientation applied."""
+    mask = _to_8bit(_decode(path), path).convert("L")
+    return mask.crop(box) if box is not None else mask
 
 
 def _resize_size(size_wh, resize) -> tuple[int, int]:
@@ -369,11 +426,7 @@ def preprocess(sample: Sample, resize=256, crop=224, corruption: Callable | None
         if image.shape[:2] != (size[1], size[0]):
             raise DataError(f"corruption changed the image size to {image.shape[:2]}")
     if sample.mask:
-        with Image.open(sample.mask) as m:
-            mask = m.convert("L")
-            if sample.box is not None:
-                mask = mask.crop(sample.box)
-            mask = np.asarray(mask.resize(size, Image.NEAREST)) > 127
+        mask = np.asarray(load_mask(sample.mask, sample.box).resize(size, Image.NEAREST)) > 127
     else:
         mask = np.zeros((size[1], size[0]), dtype=bool)
     return _center_crop(image, crop), _center_crop(mask, crop).astype(np.float32)
@@ -384,14 +437,18 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
     With ``corruption`` (a name from :mod:`lib.corruptions`) and ``severity`` > 0 every image is shifted,
     seeded per image by ``(path, corruption, severity, seed)`` so the same seed always gives the same pixels.
+    With ``cache`` (a :class:`lib.cache.ImageCache`) each preprocessed image is kept under a key of its file
+    (path, size, mtime), geometry, corruption, severity and seed, and served from there the next time.
     """
 
-    def __init__(self, samples, resize=256, crop=224, corruption: str | None = None, severity: int = 5, seed: int = 0):
+    def __init__(self, samples, resize=256, crop=224, corruption: str | None = None, severity: int = 5, seed: int = 0,
+                 cache=None):
         self.samples = list(samples)
         if not self.samples:
             raise DataError("empty dataset: no images were selected (check the category, split or caps)")
         self.resize, self.crop = resize, crop
         self.corruption, self.severity, self.seed = corruption, severity, seed
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -406,9 +463,24 @@ class AnomalyDataset(torch.utils.data.Dataset):
         seed = image_seed(key, self.seed)
         return lambda img: corrupt(img, self.corruption, self.severity, seed)
 
+    def _cache_key(self, sample: Sample) -> str:
+        from .cache import content_key, file_fingerprint
+
+        shifted = bool(self.corruption) and self.corruption != "clean" and self.severity != 0
+        return content_key(kind="image", file=file_fingerprint(sample.path), mask=file_fingerprint(sample.mask),
+                           box=sample.box, resize=self.resize, crop=self.crop,
+                           shift=[self.corruption, self.severity, self.seed] if shifted else None)
+
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        image, mask = preprocess(sample, self.resize, self.crop, self._corruptor(sample))
+        key = self._cache_key(sample) if self.cache is not None else None
+        hit = self.cache.get(key) if key is not None else None
+        if hit is not None:
+            image, mask = hit
+        else:
+            image, mask = preprocess(sample, self.resize, self.crop, self._corruptor(sample))
+            if key is not None:
+                self.cache.put(key, image, mask)
         return dict(
             image=torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div_(255.0),
             mask=torch.from_numpy(np.array(mask, copy=True))[None],

@@ -48,6 +48,10 @@ class BankError(ValueError):
     """A memory-bank file that is missing, corrupted, empty or built for another backbone."""
 
 
+class StaleBankError(BankError):
+    """A memory-bank file built from other data or settings than the ones asked for."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Patch features
 # ----------------------------------------------------------------------------------------------------
@@ -398,14 +402,16 @@ class PatchCore:
             preprocessing=self.preprocessing,
         )
 
-    def save(self, path) -> Path:
-        """One file: the bank and everything needed to use it (backbone identity, preprocessing, dims)."""
+    def save(self, path, cache_key: str | None = None) -> Path:
+        """One file: the bank and everything needed to use it (backbone identity, preprocessing, dims), and
+        the ``cache_key`` of what built it (:mod:`lib.cache`; checked by :meth:`load`)."""
         self._check_bank()
-        return torch_save(dict(bank=self.bank.cpu(), meta=self.metadata()), path)
+        return torch_save(dict(bank=self.bank.cpu(), meta=dict(self.metadata(), cache_key=cache_key)), path)
 
     @classmethod
-    def load(cls, path, extractor, device="auto") -> "PatchCore":
-        """Load a bank; refuse it when it was built with another backbone than ``extractor``."""
+    def load(cls, path, extractor, device="auto", cache_key: str | None = None) -> "PatchCore":
+        """Load a bank; refuse it when it was built with another backbone than ``extractor``, or (given
+        ``cache_key``) from other data or settings than the caller's (:class:`StaleBankError`)."""
         path = Path(path)
         if not path.is_file():
             raise BankError(f"bank file {path} does not exist: build it with PatchCore.fit(...).save(path)")
@@ -425,6 +431,9 @@ class PatchCore:
                             f"backbone {meta['backbone'].get('name')!r} with the same weights/layers, or rebuild the bank")
         if bank.ndim != 2 or bank.shape[0] == 0:
             raise BankError(f"bank file {path} holds an empty bank: rebuild it from normal images")
+        if cache_key is not None and meta.get("cache_key") != cache_key:
+            raise StaleBankError(f"bank file {path} was built from other data or settings (cache key "
+                                 f"{str(meta.get('cache_key'))[:12]} != {cache_key[:12]}): rebuild it")
         model = cls(extractor, coreset_ratio=meta["coreset_ratio"], max_bank=meta["max_bank"],
                     pretrain_dim=meta["pretrain_dim"], target_dim=meta["target_dim"], patch_size=meta["patch_size"],
                     smoothing_sigma=meta["smoothing_sigma"], seed=meta["seed"], device=device)

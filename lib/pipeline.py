@@ -1,5 +1,9 @@
 """The few steps every RoDA notebook repeats: resolve a task for a profile, build (or load) its bank,
-split the shifted target set, score a split under a corruption. Notebooks call these; they hold no loops."""
+split the shifted target set, score a split under a corruption. Notebooks call these; they hold no loops.
+
+Banks are cached under the profile's cache folder with a key of everything that built them
+(:func:`bank_key`); shifted images are shared in memory by every method of a run (:data:`lib.cache.IMAGES`).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import cache
 from .data import AnomalyDataset, Task, load_task, make_loader, stratified_split, subsample
 from .metrics import image_auroc, pixel_auroc
-from .patchcore import BankError, PatchCore
+from .patchcore import BANK_FORMAT, BankError, PatchCore
 from .profiles import task_root
 
 
@@ -35,33 +40,62 @@ def target_split(task: Task, fraction: float, seed: int):
     return [test[i] for i in adapt_idx], [test[i] for i in eval_idx]
 
 
-def dataset(task: Task, samples, corruption=None, severity=5, seed=0) -> AnomalyDataset:
-    return AnomalyDataset(samples, corruption=corruption, severity=severity, seed=seed, **task.geometry())
+def dataset(task: Task, samples, corruption=None, severity=5, seed=0, use_cache: bool = True) -> AnomalyDataset:
+    """``samples`` of ``task`` at its geometry, shifted by ``corruption``; preprocessed images are shared
+    through :data:`lib.cache.IMAGES` (keyed by file, geometry, corruption, severity and seed: the same
+    pixels as recomputing them)."""
+    return AnomalyDataset(samples, corruption=corruption, severity=severity, seed=seed,
+                          cache=cache.IMAGES if use_cache else None, **task.geometry())
 
 
 def bank_path(cfg, task: Task, backbone: str, seed: int) -> Path:
-    safe = task.name.replace("/", "-")
+    safe = task.name.strip("/").replace("/", "-")
     return Path(cfg["cache_dir"]) / f"bank_{safe}_{backbone}_s{seed}.pt"
 
 
-def fit_or_load_bank(cfg, task: Task, extractor, seed: int = 0, use_cache: bool = True):
-    """PatchCore bank for ``task``; cached under the profile's cache folder (rebuilt if unusable).
+def bank_key(model: PatchCore, task: Task) -> str:
+    """Cache key of a bank: the training files (paths, sizes, mtimes: so the data root too), the geometry,
+    the backbone (name, taps, normalisation, weights digest), every PatchCore setting and the device type."""
+    return cache.content_key(
+        kind=BANK_FORMAT, task=task.name, train=cache.samples_fingerprint(task.train), geometry=task.geometry(),
+        backbone=cache.extractor_fingerprint(model.extractor),
+        patchcore=dict(coreset_ratio=model.coreset_ratio, max_bank=model.max_bank, pretrain_dim=model.pretrain_dim,
+                       target_dim=model.target_dim, patch_size=model.patch_size, proj_dim=model.proj_dim,
+                       n_starts=model.n_starts, smoothing_sigma=model.smoothing_sigma, seed=model.seed),
+        device=model.device.type)
 
-    Returns (model, info) with the bank size and the seconds taken."""
+
+def features_key(model: PatchCore, task: Task, samples, corruption=None, severity=5, seed=0) -> str:
+    """Cache key of the patch features of ``samples`` under a shift (for :func:`lib.cache.cached`): the files,
+    the geometry, the shift, the backbone with its current weights (so adapted BatchNorm parameters give
+    another key) and the aggregation settings."""
+    shifted = bool(corruption) and corruption != "clean" and severity != 0
+    return cache.content_key(
+        kind="patch-features/1", files=cache.samples_fingerprint(samples), geometry=task.geometry(),
+        shift=[corruption, severity, seed] if shifted else None, backbone=cache.extractor_fingerprint(model.extractor),
+        dims=[model.pretrain_dim, model.target_dim, model.patch_size], device=model.device.type)
+
+
+def fit_or_load_bank(cfg, task: Task, extractor, seed: int = 0, use_cache: bool = True):
+    """PatchCore bank for ``task``; cached under the profile's cache folder and reused only when its
+    :func:`bank_key` matches (else rebuilt, and the reason printed).
+
+    Returns (model, info) with the bank size, the seconds taken and whether the cache was used."""
     path = bank_path(cfg, task, extractor.name, seed)
     pc = cfg["patchcore"]
     t0 = time.perf_counter()
-    if use_cache and path.exists():
-        try:
-            model = PatchCore.load(path, extractor, device=cfg["device"])
-            return model, dict(bank_size=model.bank.shape[0], seconds=time.perf_counter() - t0, cached=True)
-        except BankError:
-            path.unlink()
     model = PatchCore(extractor, coreset_ratio=pc["coreset_ratio"], max_bank=pc.get("max_bank"), seed=seed,
                       device=cfg["device"])
+    key = bank_key(model, task)
+    if use_cache and path.exists():
+        try:
+            model = PatchCore.load(path, extractor, device=cfg["device"], cache_key=key)
+            return model, dict(bank_size=model.bank.shape[0], seconds=time.perf_counter() - t0, cached=True)
+        except BankError as err:
+            print(f"rebuilding the bank: {err}")
     loader = make_loader(dataset(task, task.train), batch_size=pc["batch_size"])
     model.fit(loader, preprocessing=task.geometry())
-    model.save(path)
+    model.save(path, cache_key=key)
     return model, dict(bank_size=model.bank.shape[0], seconds=time.perf_counter() - t0, cached=False)
 
 

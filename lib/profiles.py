@@ -10,18 +10,39 @@ real       ``../shared/data`` (MVTec screw, KolektorSDD, HeadCT,         about 4
 full       all 15 MVTec AD categories, the papers' backbones            GPU-sized (hours)
 =========  ===========================================================  ==========================
 
-Every value can be overridden from the notebook (``get_profile(name, roda={"epochs": 3})``).
+Every value can be overridden from the notebook (``get_profile(name, roda={"epochs": 3})``) or from the
+command line (``scripts/run_notebooks.py --set roda.epochs=3``). The profiles below are the only source of
+defaults; :func:`get_profile` merges ``_BASE``, the profile, the ``--set`` overrides and the keyword
+overrides, checks every key against the known settings (:data:`SPEC`: type, range, choices; unknown keys
+are refused with the closest known ones), fills the values that default to another setting
+(:data:`DERIVED`), and returns a read-only :class:`Profile`. Variants are derived, never edited in place::
+
+    cfg = get_profile("default")
+    fast = cfg.replace(roda={"epochs": 1})          # or cfg.replace({"roda.epochs": 1})
+
+The resolved configuration is written to ``results/<profile>/config.json`` next to the tables it produced.
+A dict-valued setting (``geometry``, ``roda.variants``, ``dpdl.sensitivity``) is replaced as a whole by an
+override; ``null`` (``None``) is a value like any other (``--set patchcore.max_train=null``).
 """
 
 from __future__ import annotations
 
-import copy
+import difflib
 import json
 import os
+import warnings
 from pathlib import Path
 
-from .data import SHARED_DATA
-from .utils import REPO_ROOT, resolve_device
+from .data import SHARED_DATA, is_labelled_folder
+from .settings import (
+    DERIVED_KEYS,
+    SPEC,
+    SettingsError,
+    check_value,
+    inferred_rule,
+    unknown_key_message,
+)
+from .utils import REPO_ROOT, ensure_writable, resolve_device, write_json
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -50,7 +71,14 @@ _BASE = dict(
                   epochs_grid=(1, 3, 10), lr_grid=(0.001, 0.01), choice_corruptions=CORRUPTIONS,
                   extra_corruptions=True, epochs=None, table5_schedule="epochs"),
     dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), n_anomalies=(10, 1), hard=False, image_size=224,
-              epochs=10, iterations=20, batch_size=16, n_prototypes=32, eps=1e-3),
+              epochs=10, iterations=20, batch_size=16, n_prototypes=32, eps=1e-3,
+              # the defaults notebook 05 carried (None: see DERIVED)
+              methods=("dpdl", "devnet", "dra", "flos"), max_train=None, max_test=None, hard_seeds=None,
+              ablation_seeds=None, sensitivity_seeds=None,
+              sensitivity=dict(n_prototypes=(8, 16, 32, 64), eps=(1e-3, 1e-2, 1e-1, 1.0), kappa=(1.0, 5.0, 10.0, 20.0),
+                               lam=(0.001, 0.01, 0.1, 1.0))),
+    # notebook 06: rows of the qualitative map figure (one RoDA adaptation per row)
+    figures=dict(qualitative_rows=4),
 )
 
 PROFILES = {
@@ -61,6 +89,7 @@ PROFILES = {
         patchcore=dict(coreset_ratio=0.05, max_bank=200, max_train=8, max_test=12, batch_size=8),
         corruption=dict(names=("gaussian_noise", "contrast")),
         roda=dict(epochs=1, batch_size=4),
+        figures=dict(qualitative_rows=2),
         ablation=dict(seeds=(0, 1), corruptions=("gaussian_noise",), severities=(1, 5), eps_grid=(0.5,), epochs_grid=(2,), lr_grid=(),
                       choice_corruptions=("gaussian_noise",), extra_corruptions=False, table5_schedule="steps"),
         dpdl=dict(tasks=("synthetic_labelled",), seeds=(0, 1), n_anomalies=(2, 1), image_size=64, epochs=1,
@@ -71,6 +100,7 @@ PROFILES = {
         tasks=("elpv",),
         patchcore=dict(coreset_ratio=0.01, max_bank=2000, max_train=120, max_test=150, batch_size=16),
         roda=dict(epochs=3),
+        figures=dict(qualitative_rows=2),
         ablation=dict(seeds=(0, 1, 2), corruptions=("gaussian_noise", "brightness"), severities=(1, 3, 5),
                       eps_grid=(0.02, 0.2), epochs_grid=(1, 5), lr_grid=(0.001,),
                       choice_corruptions=("gaussian_noise",), extra_corruptions=True, table5_schedule="steps"),
@@ -109,22 +139,38 @@ PROFILES = {
 
 OVERRIDES_ENV = "REPRO_PROFILE_OVERRIDES"
 
+#: a dict-valued setting that an override replaces as a whole (its keys are free, not settings)
+FREE_DICTS = ("geometry", "roda.variants", "dpdl.sensitivity")
+
+#: settings whose ``None`` means "the value of another setting" (filled in by :func:`get_profile`)
+DERIVED = {
+    "ablation.tasks": lambda c: tuple(c["tasks"][:1]),
+    "ablation.corruptions": lambda c: tuple(c["corruption"]["names"]),
+    "ablation.epochs": lambda c: c["roda"]["epochs"],
+    "dpdl.hard_seeds": lambda c: tuple(c["dpdl"]["seeds"]),
+    "dpdl.ablation_seeds": lambda c: tuple(c["dpdl"]["seeds"]),
+    "dpdl.sensitivity_seeds": lambda c: tuple(c["dpdl"]["seeds"][:3]),
+}
+
 
 def parse_assignments(items) -> dict:
-    """``["roda.epochs=5", "roda.variants={}"]`` -> nested dict; values are read as JSON when they parse."""
+    """``["roda.epochs=5", "roda.variants={}"]`` -> nested dict; values are read as JSON when they parse
+    (``5``, ``0.1``, ``true``, ``null``, ``[0, 1]``, ``{}``), else kept as text (``roda.rule=and``)."""
     out: dict = {}
     for item in items or ():
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set takes KEY=VALUE (e.g. roda.epochs=5), got {item!r}")
+        if not sep or not key.strip():
+            raise SettingsError(f"--set takes KEY=VALUE (e.g. roda.epochs=5), got {item!r}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
         node = out
-        *parents, leaf = key.split(".")
+        *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SettingsError(f"--set {item!r}: {part} was already given a value, not a section")
         node[leaf] = value
     return out
 
@@ -135,63 +181,273 @@ def env_overrides() -> dict:
     return json.loads(raw) if raw else {}
 
 
-class Profile(dict):
-    """A dict with attribute access (``cfg.roda["epochs"]`` or ``cfg.roda.epochs``)."""
+def _freeze(value):
+    if isinstance(value, dict):
+        return Section({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value):
+    """Plain dicts and lists (for JSON and for callers that want a mutable copy)."""
+    if isinstance(value, dict):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_thaw(v) for v in value]
+    return value
+
+
+class Section(dict):
+    """A read-only dict with attribute access (``cfg.roda["epochs"]`` or ``cfg.roda.epochs``).
+
+    Every mutation raises :class:`TypeError`: a changed copy comes from :meth:`Profile.replace`."""
 
     def __getattr__(self, key):
         try:
-            value = self[key]
+            return self[key]
         except KeyError:
             raise AttributeError(key) from None
-        return Profile(value) if isinstance(value, dict) and not isinstance(value, Profile) else value
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("the profile is read-only: derive a variant with cfg.replace(roda={'epochs': 5}) "
+                        "(or cfg.replace({'roda.epochs': 5})) and use the returned profile")
+
+    __setitem__ = __delitem__ = __setattr__ = __delattr__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (type(self), (dict(self),))
+
+    def to_dict(self) -> dict:
+        return _thaw(self)
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
-        if isinstance(v, dict) and v and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        elif v is not None:
-            out[k] = copy.deepcopy(v)
+class Profile(Section):
+    """The resolved configuration of a run (read-only; :meth:`replace` derives a variant)."""
+
+    def __reduce__(self):
+        return (_rebuild, (dict(self), getattr(self, "_raw", None)))
+
+    def replace(self, changes: dict | None = None, **overrides) -> Profile:
+        """A new profile with ``overrides`` merged in and checked like ``get_profile``'s
+        (``cfg.replace(roda={"epochs": 1})``; dotted keys in ``changes``: ``cfg.replace({"roda.epochs": 1})``).
+        Settings that default to another one (:data:`DERIVED`) follow the new values."""
+        over = _merge(_undot(changes or {}), overrides)
+        raw = getattr(self, "_raw", None) or self.to_dict()
+        check_override_keys(over, f"profile {self.get('name')!r}")
+        cfg = _merge(raw, over)
+        return _finish(cfg, {k: self[k] for k in DERIVED_KEYS if k in self})
+
+    with_overrides = replace
+
+
+def _rebuild(data, raw):
+    cfg = Profile(data)
+    object.__setattr__(cfg, "_raw", raw)
+    return cfg
+
+
+def _undot(changes: dict) -> dict:
+    out: dict = {}
+    for key, value in changes.items():
+        node = out
+        *parents, leaf = str(key).split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     return out
 
 
-def get_profile(name: str = "default", data_root=None, categories=None, device="auto", seed=None,
-                out_dir=None, **overrides) -> Profile:
-    """The profile ``name`` with the notebook parameters applied.
+def _merge(base: dict, over: dict, prefix: str = "") -> dict:
+    """``base`` with ``over`` applied: sections merge key by key, every other value (``None`` and the
+    free dicts of :data:`FREE_DICTS` included) replaces the old one. Returns plain dicts."""
+    out = _thaw(base)
+    for k, v in (over or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and key not in FREE_DICTS:
+            out[k] = _merge(out[k], v, prefix=f"{key}.")
+        else:
+            out[k] = _thaw(v)
+    return out
 
-    ``categories`` replaces the RoDA/PatchCore tasks (``"screw"`` means ``"mvtec/screw"``); ``seed``
-    replaces the seed list by one seed; ``out_dir`` (default: the repository) receives
-    ``results/<profile>/`` and ``figures/<profile>/``.
-    """
+
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in FREE_DICTS:
+            yield from _leaves(v, f"{key}.")
+        else:
+            yield key, v
+
+
+def known_settings() -> dict:
+    """Every settable key -> its rule: the keys of ``_BASE`` and of every profile (:data:`SPEC`, else the
+    type of the first non-``None`` default)."""
+    known: dict = {}
+    for source in (_BASE, *PROFILES.values()):
+        for key, value in _leaves(source):
+            if key not in known or (known[key].kind == "any" and value is not None):
+                known[key] = SPEC.get(key) or inferred_rule(value)
+    return known
+
+
+def _sections() -> set:
+    return {k.rsplit(".", 1)[0] for k in known_settings() if "." in k}
+
+
+def check_override_keys(overrides: dict, where: str = "the overrides") -> None:
+    """Refuse unknown keys (with the closest known ones) and values that replace a section."""
+    known, sections, problems = known_settings(), _sections(), []
+    for key, value in _leaves(overrides):
+        if key in known:
+            continue
+        if key in DERIVED_KEYS:
+            problems.append(f"{key}: set by get_profile itself (use its parameters: data_root, device, seed, "
+                            "out_dir; or --data-root, --device, --seed, --out-dir)")
+        elif key in sections:
+            problems.append(f"{key}={value!r}: {key} is a section, not a value: set its keys, e.g. "
+                            f"{next(k for k in known if k.startswith(key + '.'))}=...")
+        elif any(key.startswith(s + ".") for s in FREE_DICTS):
+            continue  # inside a free dict: checked as a whole
+        else:
+            problems.append(unknown_key_message(key, known))
+    if problems:
+        raise SettingsError(f"invalid settings in {where}:\n  " + "\n  ".join(problems))
+
+
+def check_config(cfg: dict, where: str) -> dict:
+    """Every value of a merged configuration checked (and normalised) against its rule."""
+    known, problems, out = known_settings(), [], _thaw(cfg)
+    for key, value in list(_leaves(cfg)):
+        if key in DERIVED_KEYS or key not in known:
+            continue
+        try:
+            value = check_value(key, value, known[key])
+        except SettingsError as err:
+            problems.append(str(err))
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    missing = [k for k in SPEC if k not in dict(_leaves(cfg))]
+    problems += [f"{k}: missing (every setting needs a default in lib.profiles._BASE)" for k in missing]
+    if problems:
+        raise SettingsError(f"invalid settings for {where}:\n  " + "\n  ".join(problems))
+    return out
+
+
+def _fill_derived(cfg: dict) -> dict:
+    for key, rule in DERIVED.items():
+        section, leaf = key.split(".")
+        if cfg[section].get(leaf) is None:
+            cfg[section][leaf] = rule(cfg)
+    return cfg
+
+
+def _finish(raw: dict, derived: dict) -> Profile:
+    """Check ``raw`` (the merged settings), fill :data:`DERIVED`, add the get_profile keys, freeze."""
+    checked = check_config(raw, f"profile {derived.get('name')!r}")
+    cfg = _freeze({**_fill_derived(_thaw(checked)), **derived})
+    cfg = Profile(cfg)
+    object.__setattr__(cfg, "_raw", checked)
+    return cfg
+
+
+def _task_name(category: str, data_root) -> str:
+    """``"screw"`` -> ``"mvtec/screw"``; a labelled folder (one with ``labels.csv``, by path or under
+    ``data_root``) and the built-in names stay as they are."""
+    known = {"elpv", "synthetic", "synthetic_labelled", "ksdd", "headct", "brainmri"}
+    if category in known or category.startswith("mvtec/"):
+        return category
+    if is_labelled_folder(Path(category).expanduser()):
+        return str(Path(category).expanduser().resolve())
+    if data_root is not None and is_labelled_folder(Path(data_root).expanduser() / category):
+        return category
+    return f"mvtec/{category}"
+
+
+def resolve(name: str = "default", data_root=None, categories=None, device="auto", seed=None, out_dir=None,
+            **overrides) -> Profile:
+    """The resolved configuration, without touching the disk (see :func:`get_profile`)."""
     if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)}")
-    cfg = _merge(_merge(_merge(_BASE, PROFILES[name]), env_overrides()), overrides)
-    cfg["name"] = name
+        close = difflib.get_close_matches(str(name), list(PROFILES), n=1)
+        raise SettingsError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)}"
+                            + (f" (did you mean {close[0]!r}?)" if close else ""))
+    env = env_overrides()
+    check_override_keys(env, f"--set (the {OVERRIDES_ENV} environment variable)")
+    check_override_keys(overrides, "get_profile's keyword overrides")
+    cfg = _merge(_merge(_merge(_BASE, PROFILES[name]), env), overrides)
     if data_root is not None:
         cfg["data_root"] = str(Path(data_root).expanduser())
     if categories:
         if isinstance(categories, str):
             categories = [c.strip() for c in categories.split(",") if c.strip()]
-        known = {"elpv", "synthetic", "synthetic_labelled", "ksdd", "headct", "brainmri"}
-        cfg["tasks"] = tuple(c if ("/" in c or c in known) else f"mvtec/{c}" for c in categories)
+        cfg["tasks"] = tuple(_task_name(c, cfg["data_root"]) for c in categories)
     if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) and not str(seed).strip().isdigit():
+            raise SettingsError(f"seed={seed!r}: must be an integer >= 0")
         cfg["seeds"] = (int(seed),)
-    cfg["device"] = str(resolve_device(device))
-    out = Path(out_dir) if out_dir else REPO_ROOT
-    cfg["results_dir"] = str(out / "results" / name)
-    cfg["figures_dir"] = str(out / "figures" / name)
-    cfg["cache_dir"] = str(out / "cache" / name)
-    if name == "smoke" and cfg["data_root"] is None:
-        cfg["data_root"] = str(out / "cache" / "data")
-    for key in ("results_dir", "figures_dir", "cache_dir"):
-        Path(cfg[key]).mkdir(parents=True, exist_ok=True)
-    return Profile(cfg)
+    out = Path(out_dir).expanduser() if out_dir else REPO_ROOT
+    derived = dict(name=name, device=str(resolve_device(device)), results_dir=str(out / "results" / name),
+                   figures_dir=str(out / "figures" / name), cache_dir=str(out / "cache" / name),
+                   # generated sets (synthetic tasks) live here, never in a user's data_root
+                   generated_root=str(out / "cache" / "data"))
+    return _finish(cfg, derived)
+
+
+def get_profile(name: str = "default", data_root=None, categories=None, device="auto", seed=None,
+                out_dir=None, **overrides) -> Profile:
+    """The profile ``name`` with the notebook parameters applied, checked, and saved.
+
+    ``categories`` replaces the RoDA/PatchCore tasks (``"screw"`` means ``"mvtec/screw"``; a folder with
+    ``labels.csv``, by path or under ``data_root``, is a labelled task); ``seed`` replaces the seed list by
+    one seed; ``out_dir`` (default: the repository) receives ``results/<profile>/`` and
+    ``figures/<profile>/``; keyword ``overrides`` are sections to merge (``roda={"epochs": 3}``).
+
+    Raises :class:`SettingsError` for unknown keys or bad values, and :class:`lib.utils.OutputError` when an
+    output folder cannot be written. Writes the resolved configuration to ``results/<profile>/config.json``
+    (warning when it replaces a different one: the folder then mixes tables of two configurations).
+    """
+    cfg = resolve(name, data_root, categories, device, seed, out_dir, **overrides)
+    for key, what in (("results_dir", "results folder"), ("figures_dir", "figures folder"),
+                      ("cache_dir", "cache folder")):
+        ensure_writable(cfg[key], what)
+    save_config(cfg)
+    return cfg
+
+
+def save_config(cfg: Profile) -> Path:
+    """Write ``cfg`` to ``<results_dir>/config.json`` atomically (sorted keys: the same settings give the same
+    bytes). The device is left out: it is where a run ran, not what it computed."""
+    path = Path(cfg["results_dir"]) / "config.json"
+    data = {k: v for k, v in cfg.to_dict().items() if k != "device"}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old is not None and old != json.loads(json.dumps(data, default=str)):
+            changed = sorted(k for k, _ in _leaves(data) if dict(_leaves(old)).get(k) != dict(_leaves(data)).get(k))
+            warnings.warn(f"{path} described other settings ({', '.join(changed[:6])}): tables already in "
+                          f"{path.parent} may come from the old ones; rerun them or use another out_dir", stacklevel=3)
+    return write_json(data, path)
 
 
 def task_root(cfg: dict, task: str):
-    """The data root a task reads from: MVTec tasks accept either the MVTec root itself or a folder
-    that holds ``mvtec/`` (as ``../shared/data`` does)."""
+    """The data root a task reads from: generated tasks read the profile's ``generated_root`` (never a
+    user's data folder); MVTec tasks accept either the MVTec root itself or a folder that holds ``mvtec/``
+    (as ``../shared/data`` does)."""
+    if task in ("synthetic", "synthetic_labelled"):
+        return Path(cfg["generated_root"])
     root = cfg.get("data_root")
     if root is None:
         return None

@@ -17,10 +17,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) so that a run is repeatable."""
+    """Seed python, numpy and torch (CPU and CUDA) and select torch's deterministic kernels, so that a run
+    is repeatable bit for bit.
+
+    Seeds alone are not enough: on CPU the backward of advanced indexing (``target[rows]`` with repeated
+    rows, as in the RoDA loss) accumulates with parallel atomic adds, whose order, and so the last bits of
+    the gradient, changes from run to run with two or more threads (one pixel AUROC differed in the 7th
+    digit). ``torch.use_deterministic_algorithms`` switches such ops to their sorted, ordered variants
+    (``warn_only``: an op without one warns instead of failing)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at CUDA start)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
 
@@ -64,26 +73,74 @@ def progress(iterable=None, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
+class OutputError(OSError):
+    """An output folder or file that cannot be written; the message names the folder and the fix."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ensure_writable(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove it writable (a probe file is written and removed), so that a run
+    fails at its start, not at its first table after hours of compute."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write to the {what} {folder} ({exc.strerror or type(exc).__name__}): pass "
+                          "out_dir= (scripts/run_notebooks.py --out-dir) a folder you can write to, or fix the "
+                          "folder's permissions") from None
+    return folder
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     """Yield a temporary path next to ``path``; move it into place only if the block succeeds.
 
-    Nothing half-written is ever left at ``path``: a crash leaves the old file (or none).
+    Nothing half-written is ever left at ``path``: a crash leaves the old file (or none). The file gets the
+    permissions of an ordinary new file (``0666`` less the user's umask), not ``mkstemp``'s private ``0600``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path} ({exc.strerror or type(exc).__name__}): make "
+                          f"{path.parent} writable or choose another output folder (out_dir= / --out-dir)") from None
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def is_timing_column(name) -> bool:
+    """Wall-clock columns (``seconds``, ``*_seconds``): they differ between identical runs."""
+    return str(name) == "seconds" or str(name).endswith("_seconds")
+
+
 def write_csv(df, path) -> Path:
-    """Write a pandas DataFrame atomically."""
+    """Write a pandas DataFrame atomically, without its timing columns.
+
+    Result tables must be identical for identical settings and seeds, and wall-clock time never is: the
+    columns named ``seconds`` or ``*_seconds`` go to ``<stem>_timings.csv`` beside the table, with the
+    table's non-float columns (the row keys) to join them back."""
+    timing = [c for c in df.columns if is_timing_column(c)]
+    if timing:
+        keys = [c for c in df.columns if c not in timing and df[c].dtype.kind not in "fc"]
+        path = Path(path)
+        with atomic_path(path.with_name(f"{path.stem}_timings{path.suffix}")) as tmp:
+            df[keys + timing].to_csv(tmp, index=False)
+        df = df.drop(columns=timing)
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
     return Path(path)

@@ -7,7 +7,9 @@
     python scripts/run_notebooks.py --profile real --categories ksdd --set roda.epochs=5
 
 Executed copies go to ``<out-dir>/runs/<profile>/``; figures and tables to ``figures/<profile>/`` and
-``results/<profile>/``. A failing notebook stops the run and names the failing cell.
+``results/<profile>/``, with the resolved settings in ``results/<profile>/config.json``. Before any notebook
+starts, every ``--set`` is checked (known key, type, range; close matches for typos), ``--data-root`` must
+exist, and every output folder must be writable. A failing notebook stops the run and names the failing cell.
 """
 
 from __future__ import annotations
@@ -46,6 +48,28 @@ def run_one(path: Path, out: Path, parameters: dict, timeout: int | None = None)
     return time.perf_counter() - t0
 
 
+def check_arguments(ap: argparse.ArgumentParser, args) -> None:
+    """Everything that can be checked before a kernel starts: the ``--set`` overrides (handed to every kernel
+    through the environment), the resolved profile (keys, types, ranges), ``--data-root``, and that every
+    output folder is writable. Problems end the run here with an argparse error (exit code 2)."""
+    sys.path.insert(0, str(REPO))
+    from lib.profiles import OVERRIDES_ENV, get_profile, parse_assignments
+    from lib.settings import SettingsError
+    from lib.utils import OutputError, ensure_writable
+
+    try:
+        os.environ[OVERRIDES_ENV] = json.dumps(parse_assignments(args.set))
+        if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
+            raise SettingsError(f"--data-root {args.data_root}: no such folder (pass the folder that holds the data)")
+        get_profile(args.profile, data_root=args.data_root, categories=args.categories, device=args.device,
+                    seed=args.seed, out_dir=args.out_dir)
+        ensure_writable((Path(args.out_dir) if args.out_dir else REPO) / "runs" / args.profile, "runs folder")
+    except (SettingsError, OutputError) as err:
+        ap.error(str(err))
+    except (RuntimeError, ValueError) as err:  # e.g. --device cuda without CUDA
+        ap.error(f"{type(err).__name__}: {err}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="default", choices=["smoke", "default", "real", "full"])
@@ -59,15 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a profile value, e.g. --set roda.epochs=5 --set 'roda.variants={}'")
     args = ap.parse_args(argv)
-
-    if args.set:  # handed to every notebook kernel through the environment
-        sys.path.insert(0, str(REPO))
-        from lib.profiles import OVERRIDES_ENV, parse_assignments
-
-        os.environ[OVERRIDES_ENV] = json.dumps(parse_assignments(args.set))
+    check_arguments(ap, args)
     out_root = Path(args.out_dir) if args.out_dir else REPO
     run_dir = out_root / "runs" / args.profile
-    run_dir.mkdir(parents=True, exist_ok=True)
     params = dict(profile=args.profile, data_root=args.data_root, categories=args.categories, device=args.device,
                   seed=args.seed, out_dir=str(out_root) if args.out_dir else None)
     todo = notebooks(args.only)
