@@ -20,8 +20,9 @@ and, for each batch ``B_t``:
 
    * ``hold``   if ``D_t > hold_ratio * D_ref``: the batch is far from what the state was adapted to
      (a burst of defects, or a jump of the shift): no update on it;
-   * ``reset``  after ``patience`` consecutive holds, or if ``U_t < collapse_ratio * U_ref``, or if the
-     loss is not finite: the source BatchNorm state is restored and the references restart;
+   * ``reset``  after ``patience`` consecutive holds, or if ``U_t < collapse_ratio * U_ref`` while ``D_t``
+     is not held (features near the bank but on few of its entries: a collapse), or if the loss is not
+     finite: the source BatchNorm state is restored and the references restart;
    * ``adapt``  otherwise: ``steps_per_batch`` SGD steps on the BN affine parameters, minimising
      ``loss_fn(Z(B~_t), M)`` from :data:`lib.alignment.ALIGNMENT_LOSSES`, and the references move::
 
@@ -168,7 +169,7 @@ class GuardConfig:
     """
 
     warmup: int = 1
-    hold_ratio: float = 1.25
+    hold_ratio: float = 1.5
     patience: int = 3
     collapse_ratio: float = 0.5
     momentum: float = 0.8
@@ -264,10 +265,11 @@ class StreamAdapter:
             return "adapt"
         if self.n_reference < g.warmup:
             return "warmup"
-        if sig["spread"] < g.collapse_ratio * self.spread_ref:
-            return "reset"
         if sig["distance"] > g.hold_ratio * self.distance_ref:
             return "reset" if self.n_held + 1 >= g.patience else "hold"
+        # near the bank but onto few of its entries: the adaptation collapsed the features
+        if sig["spread"] < g.collapse_ratio * self.spread_ref:
+            return "reset"
         return "adapt"
 
     def process(self, images: torch.Tensor) -> dict:
