@@ -141,7 +141,7 @@ def _crop(array: np.ndarray, crop) -> np.ndarray:
     h, w = array.shape[:2]
     if ch > h or cw > w:
         raise DataError(f"crop {ch}x{cw} is larger than the resized image {h}x{w}: lower --crop or raise --resize")
-    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    top, left = round((h - ch) / 2.0), round((w - cw) / 2.0)
     return array[top : top + ch, left : left + cw]
 
 

@@ -43,7 +43,7 @@ def test_make_lab_target_exists():
 
 
 @pytest.mark.skipif(shutil.which("jupyter", path=str(Path(sys.executable).parent)) is None
-                    and subprocess.run([sys.executable, "-c", "import jupyterlab"]).returncode != 0,
+                    and subprocess.run([sys.executable, "-c", "import jupyterlab"], check=False).returncode != 0,
                     reason="jupyterlab is not installed (pip install -r requirements.txt)")
 def test_lab_lists_notebooks_and_shuts_down(tmp_path):
     port = _free_port()
@@ -74,7 +74,7 @@ def test_lab_lists_notebooks_and_shuts_down(tmp_path):
         names = {item["name"] for item in listing["content"]}
         expected = {p.name for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")}
         assert expected and expected <= names
-        status, nb = _get(f"{base}/api/contents/notebooks/{sorted(expected)[0]}")
+        status, nb = _get(f"{base}/api/contents/notebooks/{min(expected)}")
         assert status == 200 and nb["type"] == "notebook" and nb["content"]["cells"]
         with pytest.raises(urllib.error.HTTPError) as denied:  # the token is required
             urllib.request.urlopen(f"{base}/api/contents/notebooks", timeout=10)
