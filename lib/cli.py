@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 import time
 from pathlib import Path
 
@@ -372,6 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@contextmanager
+def _quiet_library(enabled: bool):
+    """With ``--quiet`` the progress bars inside PatchCore (bank features, coreset, scoring) are off too."""
+    from . import patchcore
+
+    original = patchcore.progress
+    if enabled:
+        patchcore.progress = lambda *a, **k: original(*a, **dict(k, disable=True))
+    try:
+        yield
+    finally:
+        patchcore.progress = original
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors exit with 2 here
@@ -386,7 +401,8 @@ def main(argv=None) -> int:
         parser.error("--batch-size must be at least 1")
     seed_everything(args.seed)
     try:
-        return args.run(args)
+        with _quiet_library(args.quiet):
+            return args.run(args)
     except CliError as err:
         print(f"roda {args.command}: error: {err}", file=sys.stderr)
         return err.code
@@ -396,6 +412,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"roda {args.command}: interrupted (no partial output was written)", file=sys.stderr)
         return EXIT_INTERRUPTED
+
 
 
 if __name__ == "__main__":
