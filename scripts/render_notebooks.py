@@ -34,7 +34,7 @@ import run_notebooks  # noqa: E402
 
 RENDERED = REPO / "notebooks" / "rendered"
 DROP_MIME = ("application/vnd.jupyter.widget-view+json", "image/svg+xml", "application/pdf")
-PROGRESS = re.compile(r"\r|\d+%\|")
+PROGRESS = re.compile(r"\r|\d+%\||TqdmWarning: IProgress not found|from \.autonotebook import tqdm")
 ERRORS_TEXT = re.compile(r"Traceback \(most recent call last\)")
 
 
