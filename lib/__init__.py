@@ -21,6 +21,10 @@ Modules, each named after what it holds:
 - ``fidelity``     the paper-vs-ours verdicts of notebook 06
 - ``download``     the official MVTec AD download with checksum (for users with internet)
 - ``profiles``     run profiles for papermill (smoke, default, real, full)
+- ``stream``       online BatchNorm adaptation on a stream of batches, with a label-free guard
+- ``line``         a simulated drifting inspection line (notebook 07)
+- ``folders``      any folder of images as a dataset (grey/RGB/RGBA/16-bit), labels where they exist
+- ``cli``          the ``roda`` command: fit / adapt / score / evaluate on folders of images
 """
 
 __version__ = "0.1.0"
