@@ -236,7 +236,8 @@ def _write_maps(model, items, patch, prep, out_dir: Path, folder: Path, map_rang
         image, _ = prepare(item.path if hasattr(item, "path") else item, prep.get("resize", 256), prep.get("crop", 224))
         amap = model.anomaly_maps(ps[None], image.shape[:2])[0]
         rel = Path(item.path if hasattr(item, "path") else item).resolve().relative_to(folder.resolve())
-        target = out_dir / "maps" / rel.with_suffix(".png")
+        # a.png stays maps/a.png; a.jpg becomes maps/a.jpg.png (so a.jpg and a.png never share a map)
+        target = out_dir / "maps" / (rel if rel.suffix.lower() == ".png" else rel.with_name(rel.name + ".png"))
         with atomic_path(target, suffix=".png") as tmp:
             Image.fromarray(_overlay(image, amap, lo, hi)).save(tmp, format="PNG")
         names.append(str(target.relative_to(out_dir)))
@@ -408,6 +409,12 @@ def main(argv=None) -> int:
         return err.code
     except (DataError, BankError, AdaptationError, StreamError, BackboneError, ValueError) as err:
         print(f"roda {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except RuntimeError as err:
+        if "stack expects each tensor to be equal size" not in str(err):
+            raise
+        print(f"roda {args.command}: error: the images differ in size after resizing and cropping: pass "
+              "--crop (a square crop) or --resize HxW to `roda fit`", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"roda {args.command}: interrupted (no partial output was written)", file=sys.stderr)

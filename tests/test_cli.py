@@ -108,6 +108,22 @@ def test_any_image_format_is_read(tmp_path):
     assert np.asarray(read_rgb(tmp_path / "deep_rgb.tif")).min() == 255
 
 
+def test_mixed_formats_and_sizes(data, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "a.jpg")
+    Image.fromarray(rng.integers(0, 65535, (64, 64), dtype=np.uint16)).save(folder / "b.png")
+    out = tmp_path / "out"
+    assert main(["score", str(data["bank"]), str(folder), "-o", str(out), "-q"]) == EXIT_OK
+    assert sorted(pd.read_csv(out / "scores.csv")["map"]) == ["maps/a.jpg.png", "maps/a.png", "maps/b.png"]
+    # the bank keeps the whole image (--crop none): 64x64 and 64x80 cannot share a batch
+    Image.fromarray(rng.integers(0, 255, (80, 64, 3), dtype=np.uint8)).save(folder / "c.png")
+    assert main(["score", str(data["bank"]), str(folder), "-o", str(out), "-q", "--no-maps"]) == EXIT_FAILURE
+    assert "differ in size" in capsys.readouterr().err
+
+
 def test_empty_folder_fails_with_message(data, tmp_path, capsys):
     (tmp_path / "empty" / "nested").mkdir(parents=True)
     assert main(["fit", str(tmp_path / "empty"), "-o", str(tmp_path / "b.pt"), "-q"]) == EXIT_FAILURE
