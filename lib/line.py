@@ -10,7 +10,9 @@ with replacement from the test set (seeded by ``(seed, w, b)``) and shifted by o
 - ``one_shot``: RoDA-style offline adaptation on the line's first ``one_shot_batches`` batches
   (``one_shot_epochs`` passes), then frozen;
 - ``stream``: :class:`lib.stream.StreamAdapter` with the label-free guard (prequential scoring);
-- ``stream_unguarded``: the same loop adapting on every batch.
+- ``stream_unguarded``: the same loop adapting on every batch;
+- ``stream_source_check`` (not in the default list; ``--set 'stream.strategies=[...]'``): the guarded
+  stream that also compares the source state every ``source_check`` batches.
 
 Labels and masks are read only to compute the per-window AUROC.
 """
@@ -39,7 +41,7 @@ LINE_SETTINGS = {
                  one_shot_batches=2, one_shot_epochs=5, seeds=(0, 1, 2)),
 }
 LINE_SETTINGS["full"] = LINE_SETTINGS["real"]
-_COMMON = dict(corruption="gaussian_noise", method="roda", steps_per_batch=1,
+_COMMON = dict(corruption="gaussian_noise", method="roda", steps_per_batch=1, source_check=4,
                guard=dict(warmup=1, hold_ratio=1.5, patience=3, collapse_ratio=0.5, momentum=0.8),
                strategies=("none", "one_shot", "stream", "stream_unguarded"))
 
@@ -97,7 +99,10 @@ def run_strategy(model, batches, strategy: str, cfg, settings: dict, seed: int):
             one_shot_adapt(model, first, stream_config(cfg, settings, seed), epochs=settings["one_shot_epochs"])
         stream = None
         if strategy.startswith("stream"):
-            stream = StreamAdapter(model, stream_config(cfg, settings, seed, guarded=strategy == "stream"))
+            config = stream_config(cfg, settings, seed, guarded=strategy != "stream_unguarded")
+            if strategy == "stream_source_check":
+                config.guard.source_check = settings["source_check"]
+            stream = StreamAdapter(model, config)
         for b in batches:
             if stream is not None:
                 out = stream.process(b["image"])

@@ -23,6 +23,8 @@ and, for each batch ``B_t``:
    * ``reset``  after ``patience`` consecutive holds, or if ``U_t < collapse_ratio * U_ref`` while ``D_t``
      is not held (features near the bank but on few of its entries: a collapse), or if the loss is not
      finite: the source BatchNorm state is restored and the references restart;
+   * ``source`` (optional, every ``source_check`` batches): if the source state is at least as close to
+     the bank on this batch, go back to it (a line that returns to its clean condition);
    * ``adapt``  otherwise: ``steps_per_batch`` SGD steps on the BN affine parameters, minimising
      ``loss_fn(Z(B~_t), M)`` from :data:`lib.alignment.ALIGNMENT_LOSSES`, and the references move::
 
@@ -48,7 +50,7 @@ from .alignment import ALIGNMENT_LOSSES
 from .patchcore import nearest_distances
 
 AUGMENTATIONS = ("none", "flip_rot90")
-ACTIONS = ("warmup", "adapt", "hold", "reset")
+ACTIONS = ("warmup", "adapt", "hold", "reset", "source")
 
 
 class StreamError(ValueError):
@@ -165,7 +167,10 @@ class GuardConfig:
     ``hold_ratio``: hold when the distance signal exceeds ``hold_ratio`` times its reference;
     ``patience``: consecutive holds that trigger a reset to the source state;
     ``collapse_ratio``: reset when the spread signal falls below this share of its reference;
-    ``momentum``: the references' EMA factor ``rho``; ``enabled=False`` adapts on every batch.
+    ``momentum``: the references' EMA factor ``rho``; ``enabled=False`` adapts on every batch;
+    ``source_check``: every that many batches (0: never) an adapted state also scores the batch with
+    the source state; if the source is at least as close to the bank (``D_source <= D_t``), the
+    source state is restored, the batch is scored with it and not adapted on (action ``source``).
     """
 
     warmup: int = 1
@@ -174,8 +179,11 @@ class GuardConfig:
     collapse_ratio: float = 0.5
     momentum: float = 0.8
     enabled: bool = True
+    source_check: int = 0
 
     def __post_init__(self):
+        if self.source_check < 0:
+            raise StreamError(f"source_check is a number of batches (0: off), got {self.source_check}")
         if self.warmup < 1 or self.patience < 1:
             raise StreamError("warmup and patience must be at least 1 batch")
         if self.hold_ratio <= 1.0:
@@ -280,6 +288,13 @@ class StreamAdapter:
         sig = batch_signals(self.model, images)
         row = dict(batch=len(self.log), distance=sig["distance"], spread=sig["spread"],
                    distance_ref=self.distance_ref, spread_ref=self.spread_ref, loss=float("nan"))
+        source_sig = self._source_check(images, sig)
+        if source_sig is not None:  # the source state fits this batch at least as well: go back to it
+            self.reset()
+            self._update_references(source_sig)
+            row["action"] = "source"
+            self.log.append(row)
+            return dict(scores=source_sig["scores"], patch_scores=source_sig["patch_scores"], row=row)
         action = self.decide(sig)
         if action == "hold":
             self.n_held += 1
@@ -299,6 +314,23 @@ class StreamAdapter:
         row["action"] = action
         self.log.append(row)
         return dict(scores=sig["scores"], patch_scores=sig["patch_scores"], row=row)
+
+    def _source_check(self, images: torch.Tensor, sig: dict) -> dict | None:
+        """The source state's signals on this batch when they beat the current state's (else None)."""
+        g = self.config.guard
+        if not (g.enabled and g.source_check) or len(self.log) % g.source_check or self._at_source():
+            return None
+        current = bn_state(self.model.extractor)
+        restore_bn_state(self.model.extractor, self.source)
+        source_sig = batch_signals(self.model, images)
+        if source_sig["distance"] <= sig["distance"]:
+            return source_sig
+        restore_bn_state(self.model.extractor, current)
+        return None
+
+    def _at_source(self) -> bool:
+        state = bn_state(self.model.extractor)
+        return all(torch.equal(state[k], self.source[k]) for k in state)
 
     def settings(self) -> dict:
         return asdict(self.config)

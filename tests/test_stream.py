@@ -115,3 +115,17 @@ def test_any_alignment_method_runs_and_bad_settings_fail(model):
         OnlineAdapter(model, "roda", loss=dict(epsilon=1))
     with pytest.raises(StreamError, match="hold_ratio"):
         GuardConfig(hold_ratio=0.9)
+
+
+def test_source_check_goes_back_to_source_when_it_fits_better(model):
+    source = bn_state(model.extractor)
+    # a large step on normal images pushes the features away from the bank: the source fits better
+    config = StreamConfig(method="roda", lr=0.05, loss=dict(eps=0.1), guard=GuardConfig(hold_ratio=100.0, source_check=2))
+    stream = StreamAdapter(model, config)
+    try:
+        rows = [stream.process(_textures(4, 40 + t))["row"] for t in range(3)]
+        assert [r["action"] for r in rows] == ["warmup", "adapt", "source"]
+        assert _same(bn_state(model.extractor), source)
+        assert stream.distance_ref < rows[2]["distance"]  # re-referenced on the source state's signals
+    finally:
+        stream.reset()
