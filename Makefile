@@ -1,12 +1,14 @@
 # Two commands set up everything on a fresh machine (see README):
 #   make run    - create the venv if missing, run every notebook on the embedded default data
 #   make test   - create the venv if missing, run the test suite
+#   make render - executed copies of the notebooks (default profile) in notebooks/rendered/default/
+#   make lab    - JupyterLab on notebooks/ (headless: make lab LAB_ARGS=--no-browser)
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test real smoke bench lab clean-runs
+.PHONY: setup run test real smoke bench lab render clean-runs
 
 setup: $(STAMP)
 
@@ -33,5 +35,13 @@ bench: setup
 	$(PY) benchmarks/bench_patchcore.py
 	$(PY) benchmarks/bench_sinkhorn.py --features real --method absorb --pot-backend torch
 
+# JupyterLab refuses to run as root unless told; containers often are root
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks/
+
+# executed notebooks with outputs, cleaned of volatile metadata, committed for reading on the repository page
+RENDER_ARGS ?=
+render: setup
+	$(PY) scripts/render_notebooks.py --profile default $(RENDER_ARGS)

@@ -26,6 +26,10 @@ Modules, each named after what it holds:
 - ``profiles``     run profiles for papermill (smoke, default, real, full): one read-only resolved configuration
 - ``settings``     what each profile setting may hold (type, range, choices), checked before a run starts
 - ``cache``        cache keys from everything that built a file (banks, features), shifted images in memory
+- ``stream``       online BatchNorm adaptation on a stream of batches, with a label-free guard
+- ``line``         a simulated drifting inspection line (notebook 07)
+- ``folders``      any folder of images as a dataset (grey/RGB/RGBA/16-bit), labels where they exist
+- ``cli``          the ``roda`` command: fit / adapt / score / evaluate on folders of images
 """
 
 __version__ = "0.1.0"

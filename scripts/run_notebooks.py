@@ -32,14 +32,17 @@ def notebooks(only=None) -> list[Path]:
     return found
 
 
-def run_one(path: Path, out: Path, parameters: dict, timeout: int | None = None) -> float:
+def run_one(path: Path, out: Path, parameters: dict, timeout: int | None = None, progress: bool = False) -> float:
+    """Execute one notebook; with ``progress`` papermill shows a bar of its cells (count, elapsed, ETA)."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
     t0 = time.perf_counter()
+    bar = dict(desc=f"{path.stem[:24]:<24}", unit="cell", dynamic_ncols=True,
+               bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} cells [{elapsed}<{remaining}]")
     try:
         pm.execute_notebook(str(path), str(out), parameters=parameters, cwd=str(NOTEBOOKS), kernel_name="python3",
-                            progress_bar=False, log_output=False, execution_timeout=timeout)
+                            progress_bar=bar if progress else False, log_output=False, execution_timeout=timeout)
     except PapermillExecutionError as err:
         raise SystemExit(
             f"\nFAILED: {path.name}, cell {err.cell_index} (execution count {err.exec_count}): "
@@ -91,12 +94,38 @@ def main(argv=None) -> int:
     todo = notebooks(args.only)
     if not todo:
         raise SystemExit(f"no notebooks match {args.only} in {NOTEBOOKS}")
-    for nb in todo:
-        print(f"[{args.profile}] {nb.name} ...", flush=True)
-        seconds = run_one(nb, run_dir / nb.name, params, args.timeout)
-        print(f"[{args.profile}] {nb.name} done in {seconds / 60:.1f} min", flush=True)
+    rows, started = [], time.perf_counter()
+    for i, nb in enumerate(todo, 1):
+        print(f"[{args.profile}] {i}/{len(todo)} {nb.name} (elapsed {_clock(time.perf_counter() - started)})", flush=True)
+        t0 = time.perf_counter()
+        try:
+            seconds = run_one(nb, run_dir / nb.name, params, args.timeout, progress=True)
+        except (SystemExit, KeyboardInterrupt):
+            rows.append((nb.name, "FAILED", time.perf_counter() - t0, run_dir / nb.name))
+            print_summary(rows, todo, args.profile, time.perf_counter() - started)
+            raise
+        rows.append((nb.name, "ok", seconds, run_dir / nb.name))
+        print(f"[{args.profile}] {nb.name} done in {_clock(seconds)}", flush=True)
+    print_summary(rows, todo, args.profile, time.perf_counter() - started)
     print(f"figures: {out_root / 'figures' / args.profile}\ntables:  {out_root / 'results' / args.profile}")
     return 0
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+def print_summary(rows, todo, profile: str, total: float) -> None:
+    """One line per notebook: status, wall time, executed copy; notebooks not reached are listed too."""
+    done = {name for name, *_ in rows}
+    rows = list(rows) + [(nb.name, "not run", None, None) for nb in todo if nb.name not in done]
+    width = max(len(name) for name, *_ in rows)
+    print(f"\nsummary ({profile} profile, total {_clock(total)})")
+    print(f"  {'notebook':<{width}}  {'status':<7}  {'time':>8}  executed copy")
+    for name, status, seconds, out in rows:
+        print(f"  {name:<{width}}  {status:<7}  {_clock(seconds) if seconds is not None else '-':>8}  {out or '-'}")
+    print(flush=True)
 
 
 if __name__ == "__main__":

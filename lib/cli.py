@@ -1,0 +1,427 @@
+"""``roda``: PatchCore + test-time BatchNorm adaptation on any folder of images, from the command line.
+
+    roda fit GOOD_DIR -o bank.pt                       # normal images -> memory bank
+    roda adapt bank.pt SHIFTED_DIR -o adapted.pt       # unlabeled shifted images -> adapted BatchNorm state
+    roda score bank.pt SHIFTED_DIR --state adapted.pt -o scores/   # scores.csv + anomaly-map overlays
+    roda evaluate bank.pt LABELLED_DIR [--state adapted.pt]        # AUROC where labels / masks exist
+
+Folders are read recursively (png, jpg, bmp, tif; grey, RGB, RGBA, 16-bit). A file that cannot be read
+stops the run with its path (``--on-error stop``, default) or is reported and left out (``--on-error
+skip``). Exit codes: 0 success, 1 failure (bad data, unusable bank or state), 2 usage (bad arguments,
+missing paths), 130 interrupted. Every output file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import DataError
+from .folders import FolderDataset, labelled_items, list_images, prepare, scan
+from .utils import atomic_path, progress, seed_everything, write_csv, write_json
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CliError(Exception):
+    """An error to report in one line and exit with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.code = code
+
+
+def _roda_defaults() -> dict:
+    """The adaptation hyper-parameters of the profiles (lr, momentum, batch size, epochs, loss options)."""
+    from .profiles import _BASE
+
+    return dict(_BASE["roda"])
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _existing(path: str, kind: str) -> Path:
+    p = Path(path).expanduser()
+    ok = p.is_dir() if kind == "folder" else p.is_file()
+    if not ok:
+        raise CliError(f"{kind} {p} does not exist" + (" (or is not a folder)" if kind == "folder" else ""),
+                       EXIT_USAGE)
+    return p
+
+
+def _readable(items, args, what: str) -> list:
+    """Check every image once; stop on the first unreadable ones or skip them (``--on-error``)."""
+    if not items:
+        raise CliError(f"no images (png, jpg, bmp, tif) found in {what} (searched recursively)")
+    good, bad = scan(items, show_progress=not args.quiet)
+    for path, reason in bad:
+        print(f"{'skipped' if args.on_error == 'skip' else 'unreadable'}: {path}: {reason}", file=sys.stderr)
+    if bad and args.on_error == "stop":
+        raise CliError(f"{len(bad)} of {len(items)} images in {what} cannot be read (listed above): fix or remove "
+                       "them, or pass --on-error skip to leave them out")
+    if not good:
+        raise CliError(f"none of the {len(items)} images in {what} can be read")
+    return good
+
+
+def _loader(items, geometry: dict, batch_size: int, shuffle: bool = False, seed: int = 0):
+    from .data import make_loader
+
+    return make_loader(FolderDataset(items, geometry.get("resize", 256), geometry.get("crop", 224)), batch_size,
+                       shuffle=shuffle, seed=seed)
+
+
+def _size(text: str):
+    """``256`` -> 256 (shorter side / square crop); ``320x240`` -> (320, 240) as (h, w); ``none`` -> None."""
+    if text.lower() == "none":
+        return None
+    try:
+        if "x" in text.lower():
+            h, w = (int(v) for v in text.lower().split("x"))
+            return [h, w]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 256, 320x240 or none, got {text!r}") from None
+
+
+def _load_bank(path: str, device: str):
+    """The PatchCore bank at ``path`` with the backbone it was built with."""
+    from .backbones import load_backbone
+    from .patchcore import BankError, PatchCore
+
+    path = _existing(path, "bank file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        meta = blob["meta"]
+        prep = dict(meta.get("preprocessing") or {})
+        name = prep.get("backbone") or meta["backbone"].get("backbone") or meta["backbone"]["name"]
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the file is not a bank
+        raise BankError(f"{path} is not a PatchCore bank ({type(exc).__name__}): build one with `roda fit`") from None
+    extractor = load_backbone(name, prep.get("weights"), layers=prep.get("layers"), device=device)
+    model = PatchCore.load(path, extractor, device=device)
+    return model, prep
+
+
+def _bank_fingerprint(model) -> str:
+    from .utils import stable_hash
+
+    bank = model.bank.detach().cpu().float()
+    return f"{tuple(bank.shape)}:{stable_hash(float(bank.sum()), float(bank.abs().sum()), float(bank[0].sum()))}"
+
+
+def _apply_state(model, path: str | None, quiet: bool) -> dict:
+    if path is None:
+        return {}
+    from .adaptation import load_bn_state
+
+    path = _existing(path, "state file")
+    try:
+        info = load_bn_state(model.extractor, path)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CliError(f"{path} is not a usable adapted state for this bank's backbone ({exc}): "
+                       "create it with `roda adapt` on the same bank") from None
+    if info.get("bank") and info["bank"] != _bank_fingerprint(model) and not quiet:
+        print(f"warning: {path} was adapted against another bank", file=sys.stderr)
+    return info
+
+
+# -------------------------------------------------------------------------------------------- commands
+
+
+def cmd_fit(args) -> int:
+    from .backbones import load_backbone
+    from .patchcore import PatchCore
+
+    folder = _existing(args.folder, "folder")
+    items = _readable(list_images(folder), args, str(folder))
+    geometry = dict(resize=args.resize, crop=args.crop)
+    extractor = load_backbone(args.backbone, args.weights, device=args.device)
+    model = PatchCore(extractor, coreset_ratio=args.coreset_ratio, max_bank=args.max_bank, seed=args.seed,
+                      device=args.device)
+    t0 = time.perf_counter()
+    model.fit(_loader(items, geometry, args.batch_size),
+              preprocessing=dict(geometry, backbone=args.backbone, weights=args.weights))
+    model.save(args.output)
+    print(f"bank {args.output}: {model.bank.shape[0]} x {model.bank.shape[1]} from {len(items)} images "
+          f"({model.n_train_patches} patches, {args.backbone}) in {time.perf_counter() - t0:.1f} s")
+    return EXIT_OK
+
+
+def _options(pairs) -> dict:
+    from .profiles import parse_assignments
+
+    try:
+        return parse_assignments(pairs)
+    except ValueError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
+
+
+def cmd_adapt(args) -> int:
+    from .adaptation import save_bn_state
+    from .stream import OnlineAdapter, default_loss_options
+
+    model, prep = _load_bank(args.bank, args.device)
+    folder = _existing(args.folder, "folder")
+    items = _readable(list_images(folder), args, str(folder))
+    defaults = _roda_defaults()
+    options = default_loss_options(args.method, defaults)
+    options.update(_options(args.option))
+    adapter = OnlineAdapter(model, args.method, options, lr=args.lr, momentum=args.momentum, augment=args.augment,
+                            normalize_loss=args.normalize_loss, seed=args.seed)
+    loader = _loader(items, prep, args.batch_size, shuffle=True, seed=args.seed)
+    total = args.steps or args.epochs * len(loader)
+    bar = progress(total=total, desc=f"adapt {args.method}", disable=args.quiet, mininterval=0.5)
+    losses, t0 = [], time.perf_counter()
+    try:
+        while len(losses) < total:
+            for batch in loader:
+                if len(losses) == total:
+                    break
+                out = adapter.step(batch["image"])
+                if not out["finite"]:
+                    raise CliError(f"{args.method} diverged at step {len(losses)} (loss {out['loss']}): lower --lr "
+                                   "(nothing was written)")
+                losses.append(out["loss"])
+                bar.set_postfix(loss=f"{out['loss']:.4g}")
+                bar.update(1)
+    finally:
+        bar.close()
+    info = dict(method=args.method, options={k: v for k, v in options.items() if k != "stats"}, lr=args.lr,
+                momentum=args.momentum, augment=args.augment, steps=len(losses), n_images=len(items),
+                batch_size=args.batch_size, seed=args.seed, first_loss=losses[0], last_loss=losses[-1],
+                bank=_bank_fingerprint(model), bank_file=str(Path(args.bank).resolve()), target=str(folder.resolve()))
+    save_bn_state(model.extractor, args.output, info=info)
+    print(f"adapted state {args.output}: {args.method}, {len(losses)} steps on {len(items)} images, loss "
+          f"{losses[0]:.4g} -> {losses[-1]:.4g} in {time.perf_counter() - t0:.1f} s")
+    return EXIT_OK
+
+
+def _overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float, alpha: float = 0.5) -> np.ndarray:
+    """The image beside the image blended with the jet-coloured map (scaled to [lo, hi])."""
+    from matplotlib import colormaps
+
+    unit = np.clip((amap - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    heat = (colormaps["jet"](unit)[..., :3] * 255.0).astype(np.float32)
+    blend = ((1 - alpha) * image.astype(np.float32) + alpha * heat).round().astype(np.uint8)
+    gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([image, gap, blend], axis=1)
+
+
+def _score(model, items, prep, args, desc: str):
+    """Patch scores of every item (B, h, w) and image scores."""
+    patch, scores = [], []
+    for batch in progress(_loader(items, prep, args.batch_size), desc=desc, disable=args.quiet, mininterval=0.5):
+        ps = model.patch_scores(batch["image"]).cpu()
+        patch.append(ps)
+        scores.append(ps.flatten(1).max(1).values)
+    return torch.cat(patch), torch.cat(scores).numpy()
+
+
+def _write_maps(model, items, patch, prep, out_dir: Path, folder: Path, map_range, quiet: bool) -> list[str]:
+    from PIL import Image
+
+    lo, hi = map_range if map_range else (float(patch.min()), float(patch.max()))
+    names = []
+    for item, ps in progress(list(zip(items, patch)), desc="maps", disable=quiet, mininterval=0.5):
+        image, _ = prepare(item.path if hasattr(item, "path") else item, prep.get("resize", 256), prep.get("crop", 224))
+        amap = model.anomaly_maps(ps[None], image.shape[:2])[0]
+        rel = Path(item.path if hasattr(item, "path") else item).resolve().relative_to(folder.resolve())
+        # a.png stays maps/a.png; a.jpg becomes maps/a.jpg.png (so a.jpg and a.png never share a map)
+        target = out_dir / "maps" / (rel if rel.suffix.lower() == ".png" else rel.with_name(rel.name + ".png"))
+        with atomic_path(target, suffix=".png") as tmp:
+            Image.fromarray(_overlay(image, amap, lo, hi)).save(tmp, format="PNG")
+        names.append(str(target.relative_to(out_dir)))
+    return names
+
+
+def cmd_score(args) -> int:
+    model, prep = _load_bank(args.bank, args.device)
+    state = _apply_state(model, args.state, args.quiet)
+    folder = _existing(args.folder, "folder")
+    items = _readable(list_images(folder), args, str(folder))
+    out_dir = Path(args.output)
+    patch, scores = _score(model, items, prep, args, "scoring")
+    table = pd.DataFrame(dict(path=[str(Path(p).resolve().relative_to(folder.resolve())) for p in items], score=scores))
+    if args.threshold is not None:
+        table["anomalous"] = table["score"] > args.threshold
+    if not args.no_maps:
+        table["map"] = _write_maps(model, items, patch, prep, out_dir, folder, args.map_range, args.quiet)
+    write_csv(table, out_dir / "scores.csv")
+    write_json(dict(bank=str(args.bank), state=args.state, adapted_with=state.get("method"), n_images=len(items),
+                    map_range=list(args.map_range) if args.map_range else [float(patch.min()), float(patch.max())]),
+               out_dir / "run.json")
+    print(f"{len(items)} images scored ({'adapted: ' + state['method'] if state else 'source state'}): "
+          f"{out_dir / 'scores.csv'}" + ("" if args.no_maps else f", maps in {out_dir / 'maps'}"))
+    return EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    from .metrics import image_auroc, pixel_auroc
+
+    model, prep = _load_bank(args.bank, args.device)
+    state = _apply_state(model, args.state, args.quiet)
+    folder = _existing(args.folder, "folder")
+    items, layout = labelled_items(folder)
+    items = _readable(items, args, str(folder))
+    labels = np.array([i.label for i in items])
+    if labels.min() == labels.max():
+        raise CliError(f"{folder} ({layout}) holds only {'anomalous' if labels[0] else 'normal'} images: AUROC needs both")
+    out = model.predict(_loader(items, prep, args.batch_size), desc="evaluating",
+                        keep_maps=any(i.mask for i in items))
+    summary = dict(folder=str(folder), layout=layout, n_images=len(items), n_anomalous=int(labels.sum()),
+                   state=args.state, adapted_with=state.get("method"),
+                   image_auroc=image_auroc(out["labels"], out["scores"]))
+    if "masks" in out and out["masks"].any():
+        summary["pixel_auroc"] = pixel_auroc(out["masks"], out["maps"])
+    print(f"{folder} ({layout}, {len(items)} images, {summary['n_anomalous']} anomalous, "
+          f"{'adapted: ' + state['method'] if state else 'source state'})")
+    print(f"image AUROC {100 * summary['image_auroc']:.1f}"
+          + (f"   pixel AUROC {100 * summary['pixel_auroc']:.1f}" if "pixel_auroc" in summary else ""))
+    if args.output:
+        write_csv(pd.DataFrame(dict(path=[i.path for i in items], label=labels, defect=[i.defect for i in items],
+                                    score=out["scores"])), args.output)
+    if args.json:
+        write_json(summary, args.json)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    r = _roda_defaults()
+    from .alignment import ALIGNMENT_LOSSES
+
+    ap = argparse.ArgumentParser(prog="roda", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(p, batch_size=16):
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (CUDA when present)")
+        p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
+        p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                       help="an unreadable image stops the run (default) or is reported and skipped")
+        p.add_argument("--seed", type=int, default=0, help="seed of the coreset / shuffling / augmentation")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("fit", help="build a memory bank from a folder of normal images", formatter_class=fmt,
+                       description="Build a PatchCore memory bank (coreset of patch features) from normal images.")
+    p.add_argument("folder", help="folder of normal (good) images, read recursively")
+    p.add_argument("-o", "--output", required=True, help="bank file to write (e.g. bank.pt)")
+    p.add_argument("--backbone", default="mobilenet_v2", help="feature extractor (lib.backbones)")
+    p.add_argument("--weights", default=None, help="weights file or tag (default: the bundled ImageNet weights)")
+    p.add_argument("--resize", type=_size, default=256, help="shorter side after resizing (or HxW, or none)")
+    p.add_argument("--crop", type=_size, default=224, help="center crop (or HxW, or none: keep the whole image)")
+    p.add_argument("--coreset-ratio", type=float, default=0.01, help="share of patches kept in the bank")
+    p.add_argument("--max-bank", type=int, default=2500, help="cap on the bank size (0: none)")
+    common(p)
+    p.set_defaults(run=cmd_fit)
+
+    p = sub.add_parser("adapt", help="adapt the encoder's BatchNorm to unlabeled shifted images", formatter_class=fmt,
+                       description="Test-time adaptation (RoDA and baselines): move the encoder's BatchNorm affine "
+                                   "parameters so that the shifted images' patch features align with the bank. No "
+                                   "labels are read. Writes a small state file for `score --state`.")
+    p.add_argument("bank", help="bank file from `roda fit`")
+    p.add_argument("folder", help="folder of unlabeled images from the new condition (camera, lens, light)")
+    p.add_argument("-o", "--output", required=True, help="adapted state file to write (e.g. adapted.pt)")
+    p.add_argument("--method", default="roda", choices=sorted(ALIGNMENT_LOSSES), help="alignment loss")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="loss option, e.g. --option eps=0.1 --option rule=and (roda: eps, rule, cost, cost_norm)")
+    p.add_argument("--epochs", type=int, default=r["epochs"], help="passes over the folder")
+    p.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead of --epochs")
+    p.add_argument("--lr", type=float, default=r["lr"], help="SGD learning rate")
+    p.add_argument("--momentum", type=float, default=r["momentum"], help="SGD momentum")
+    p.add_argument("--augment", choices=("flip_rot90", "none"), default="flip_rot90",
+                   help="add one flipped / rotated view of each image to its batch")
+    p.add_argument("--normalize-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="divide the loss by its first value (default: on for ttac only)")
+    common(p, batch_size=r["batch_size"])
+    p.set_defaults(run=cmd_adapt)
+
+    p = sub.add_parser("score", help="score a folder: CSV of image scores and anomaly-map overlays", formatter_class=fmt,
+                       description="Image scores (max patch distance to the bank) and anomaly maps of every image.")
+    p.add_argument("bank", help="bank file from `roda fit`")
+    p.add_argument("folder", help="folder of images to score, read recursively")
+    p.add_argument("-o", "--output", required=True, help="output folder (scores.csv, run.json, maps/)")
+    p.add_argument("--state", default=None, help="adapted state from `roda adapt` (default: the source encoder)")
+    p.add_argument("--threshold", type=float, default=None, help="add an `anomalous` column: score > threshold")
+    p.add_argument("--no-maps", action="store_true", help="write scores.csv only")
+    p.add_argument("--map-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="colour scale of the maps (default: min / max patch score over the folder)")
+    common(p)
+    p.set_defaults(run=cmd_score)
+
+    p = sub.add_parser("evaluate", help="AUROC on a labelled folder", formatter_class=fmt,
+                       description="Image AUROC (and pixel AUROC where masks exist) on a folder with labels: an "
+                                   "MVTec AD category, a labels.csv, or good/ beside folders of anomalous images.")
+    p.add_argument("bank", help="bank file from `roda fit`")
+    p.add_argument("folder", help="labelled folder")
+    p.add_argument("--state", default=None, help="adapted state from `roda adapt` (default: the source encoder)")
+    p.add_argument("-o", "--output", default=None, help="CSV of per-image scores and labels")
+    p.add_argument("--json", default=None, help="JSON file for the summary")
+    common(p)
+    p.set_defaults(run=cmd_evaluate)
+    return ap
+
+
+@contextmanager
+def _quiet_library(enabled: bool):
+    """With ``--quiet`` the progress bars inside PatchCore (bank features, coreset, scoring) are off too."""
+    from . import patchcore
+
+    original = patchcore.progress
+    if enabled:
+        patchcore.progress = lambda *a, **k: original(*a, **dict(k, disable=True))
+    try:
+        yield
+    finally:
+        patchcore.progress = original
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors exit with 2 here
+    from .adaptation import AdaptationError
+    from .backbones import BackboneError
+    from .patchcore import BankError
+    from .stream import StreamError
+
+    if getattr(args, "max_bank", None) == 0:
+        args.max_bank = None
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    seed_everything(args.seed)
+    try:
+        with _quiet_library(args.quiet):
+            return args.run(args)
+    except CliError as err:
+        print(f"roda {args.command}: error: {err}", file=sys.stderr)
+        return err.code
+    except (DataError, BankError, AdaptationError, StreamError, BackboneError, ValueError) as err:
+        print(f"roda {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except RuntimeError as err:
+        if "stack expects each tensor to be equal size" not in str(err):
+            raise
+        print(f"roda {args.command}: error: the images differ in size after resizing and cropping: pass "
+              "--crop (a square crop) or --resize HxW to `roda fit`", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"roda {args.command}: interrupted (no partial output was written)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

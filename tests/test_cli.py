@@ -1,0 +1,189 @@
+"""The `roda` command line on a tiny generated MVTec-layout set (64 px, one batch per command)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from lib.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from lib.folders import list_images, read_rgb
+from lib.synthetic import make_synthetic_mvtec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_synthetic_mvtec(root / "mvtec", "synthetic", n_train=8, n_test_good=4, n_test_defect=4, size=64)
+    category = root / "mvtec" / "synthetic"
+    bank = root / "bank.pt"
+    rc = main(["fit", str(category / "train" / "good"), "-o", str(bank), "--resize", "64", "--crop", "none",
+               "--coreset-ratio", "0.2", "--device", "cpu", "-q"])
+    assert rc == EXIT_OK
+    return dict(root=root, category=category, bank=bank)
+
+
+def test_fit_writes_a_loadable_bank(data):
+    import torch
+
+    blob = torch.load(data["bank"], weights_only=False)
+    assert blob["bank"].shape == (102, 256)  # 20% of 8 images x 8 x 8 patches
+    assert blob["meta"]["preprocessing"]["backbone"] == "mobilenet_v2"
+    assert blob["meta"]["preprocessing"]["resize"] == 64
+
+
+def test_adapt_score_evaluate(data, tmp_path, capsys):
+    state = tmp_path / "adapted.pt"
+    target = data["category"] / "test"
+    assert main(["adapt", str(data["bank"]), str(target), "-o", str(state), "--epochs", "1", "--batch-size", "4",
+                 "--option", "eps=0.1", "--device", "cpu", "-q"]) == EXIT_OK
+    assert state.is_file()
+    out = tmp_path / "scores"
+    assert main(["score", str(data["bank"]), str(target), "--state", str(state), "-o", str(out),
+                 "--threshold", "5", "--device", "cpu", "-q"]) == EXIT_OK
+    table = pd.read_csv(out / "scores.csv")
+    assert len(table) == 8 and set(table.columns) == {"path", "score", "anomalous", "map"}
+    assert (out / "maps" / "good" / "000.png").is_file() and (out / table["map"][0]).is_file()
+    with Image.open(out / table["map"][0]) as im:
+        assert im.size == (64 * 2 + 4, 64)  # image | overlay
+    assert main(["evaluate", str(data["bank"]), str(data["category"]), "--device", "cpu", "-q",
+                 "--json", str(tmp_path / "summary.json")]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "image AUROC" in printed and "pixel AUROC" in printed
+    summary = pd.read_json(tmp_path / "summary.json", typ="series")
+    assert summary["layout"] == "mvtec" and 0.0 <= summary["image_auroc"] <= 1.0
+
+
+def test_adapted_state_changes_scores_and_source_does_not(data, tmp_path):
+    target = data["category"] / "test"
+    state = tmp_path / "a.pt"
+    main(["adapt", str(data["bank"]), str(target), "-o", str(state), "--steps", "2", "--lr", "0.05",
+          "--batch-size", "8", "--device", "cpu", "-q"])
+    runs = {}
+    for name, extra in (("src", []), ("src2", []), ("ada", ["--state", str(state)])):
+        main(["score", str(data["bank"]), str(target), "-o", str(tmp_path / name), "--no-maps", "-q", *extra])
+        runs[name] = pd.read_csv(tmp_path / name / "scores.csv")["score"].to_numpy()
+    np.testing.assert_allclose(runs["src"], runs["src2"])  # deterministic
+    assert np.abs(runs["src"] - runs["ada"]).max() > 1e-4
+
+
+def test_evaluate_good_vs_other_folders(data, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    shutil.copytree(data["category"] / "test" / "good", folder / "good")
+    shutil.copytree(data["category"] / "test" / "scratch", folder / "bad" / "nested")
+    assert main(["evaluate", str(data["bank"]), str(folder), "-q", "-o", str(tmp_path / "e.csv")]) == EXIT_OK
+    assert "good/ vs. other folders" in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "e.csv")["label"].tolist().count(1) == 2
+
+
+def test_any_image_format_is_read(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 255, (40, 50), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.bmp")
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "rgb.jpg")
+    rgba = rng.integers(0, 255, (40, 50, 4), dtype=np.uint8)
+    rgba[..., 3] = 0
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "sub" / "rgba.png")
+    sixteen = (np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 30).astype(np.uint16)
+    Image.fromarray(sixteen).save(tmp_path / "deep.png")
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "deep_rgb.tif", np.full((40, 50, 3), 65535, np.uint16))
+    (tmp_path / ".hidden.png").write_bytes(b"")
+    found = [p.name for p in list_images(tmp_path)]
+    assert found == ["deep.png", "deep_rgb.tif", "grey.bmp", "rgb.jpg", "rgba.png"]
+    for p in list_images(tmp_path):
+        im = read_rgb(p)
+        assert im.mode == "RGB" and im.size == (50, 40)
+    assert np.asarray(read_rgb(tmp_path / "sub" / "rgba.png")).max() == 0  # transparent onto black
+    deep = np.asarray(read_rgb(tmp_path / "deep.png"))[..., 0].astype(int)
+    assert deep.max() == round(int(sixteen.max()) * 255 / 65535) and deep.min() == 0  # scaled, not clipped
+    assert np.asarray(read_rgb(tmp_path / "deep_rgb.tif")).min() == 255
+
+
+def test_mixed_formats_and_sizes(data, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "a.jpg")
+    Image.fromarray(rng.integers(0, 65535, (64, 64), dtype=np.uint16)).save(folder / "b.png")
+    out = tmp_path / "out"
+    assert main(["score", str(data["bank"]), str(folder), "-o", str(out), "-q"]) == EXIT_OK
+    assert sorted(pd.read_csv(out / "scores.csv")["map"]) == ["maps/a.jpg.png", "maps/a.png", "maps/b.png"]
+    # the bank keeps the whole image (--crop none): 64x64 and 64x80 cannot share a batch
+    Image.fromarray(rng.integers(0, 255, (80, 64, 3), dtype=np.uint8)).save(folder / "c.png")
+    assert main(["score", str(data["bank"]), str(folder), "-o", str(out), "-q", "--no-maps"]) == EXIT_FAILURE
+    assert "differ in size" in capsys.readouterr().err
+
+
+def test_empty_folder_fails_with_message(data, tmp_path, capsys):
+    (tmp_path / "empty" / "nested").mkdir(parents=True)
+    assert main(["fit", str(tmp_path / "empty"), "-o", str(tmp_path / "b.pt"), "-q"]) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "no images" in err and "empty" in err
+    assert not (tmp_path / "b.pt").exists()
+
+
+def test_unreadable_file_stops_or_is_skipped(data, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    shutil.copytree(data["category"] / "test" / "good", folder)
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "tiny.png")
+    out = tmp_path / "out"
+    assert main(["score", str(data["bank"]), str(folder), "-o", str(out), "-q"]) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "tiny.png" in err and "--on-error skip" in err
+    assert not (out / "scores.csv").exists()
+    assert main(["score", str(data["bank"]), str(folder), "-o", str(out), "--on-error", "skip", "--no-maps"]) == EXIT_OK
+    assert "skipped" in capsys.readouterr().err
+    assert len(pd.read_csv(out / "scores.csv")) == 4
+
+
+def test_wrong_bank_and_state_fail_with_message(data, tmp_path, capsys):
+    folder = data["category"] / "test"
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    assert main(["score", str(junk), str(folder), "-o", str(tmp_path / "o")]) == EXIT_FAILURE
+    assert "not a PatchCore bank" in capsys.readouterr().err
+    assert main(["score", str(data["bank"]), str(folder), "-o", str(tmp_path / "o"), "--state", str(junk)]) == EXIT_FAILURE
+    assert "roda adapt" in capsys.readouterr().err
+    # a bank whose backbone identity does not match its recorded backbone
+    import torch
+
+    blob = torch.load(data["bank"], weights_only=False)
+    blob["meta"]["backbone"]["weights"] = "something-else"
+    torch.save(blob, tmp_path / "other.pt")
+    assert main(["evaluate", str(tmp_path / "other.pt"), str(data["category"])]) == EXIT_FAILURE
+    assert "another backbone" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(data, tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "missing"), "-o", str(tmp_path / "b.pt")]) == EXIT_USAGE
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["adapt", str(data["bank"]), str(tmp_path), "-o", "x.pt", "--method", "nope"])
+    assert exc.value.code == EXIT_USAGE
+    assert main(["adapt", str(data["bank"]), str(data["category"] / "test"), "-o", str(tmp_path / "s.pt"),
+                 "--option", "epsilon=1", "-q"]) == EXIT_FAILURE
+    assert "takes no option" in capsys.readouterr().err
+
+
+def test_help_on_every_command(capsys):
+    for cmd in (["fit"], ["adapt"], ["score"], ["evaluate"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*cmd, "--help"])
+        assert exc.value.code == EXIT_OK and f"usage: roda {cmd[0]}" in capsys.readouterr().out
+    res = subprocess.run([sys.executable, "-m", "lib.cli", "--help"], capture_output=True, text=True, cwd=REPO,
+                         timeout=120, check=False)
+    assert res.returncode == 0 and "usage: roda" in res.stdout and "adapt" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "lib.cli"], capture_output=True, text=True, cwd=REPO, timeout=120,
+                         check=False)
+    assert res.returncode == EXIT_USAGE and "required" in res.stderr

@@ -1,0 +1,53 @@
+"""The committed rendered notebooks (``make render``): outputs present, no error output, no volatile metadata."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RENDERED = sorted((REPO / "notebooks" / "rendered").glob("*/[0-9][0-9]_*.ipynb"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+@pytest.mark.skipif(not RENDERED, reason="no rendered notebooks committed yet (make render)")
+@pytest.mark.parametrize("path", RENDERED, ids=[f"{p.parent.name}/{p.stem}" for p in RENDERED])
+def test_rendered_copy_has_outputs_and_no_error(path):
+    import nbformat
+    import render_notebooks
+
+    nb = nbformat.read(path, as_version=4)
+    assert render_notebooks.errors(nb) == [], f"{path.name} holds error output: rerun make render"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert any(c.outputs for c in code), f"{path.name} has no outputs"
+    assert "papermill" not in nb.metadata
+    for cell in code:
+        assert "execution" not in cell.metadata and "papermill" not in cell.metadata
+    assert path.stat().st_size < 5 * 2**20, f"{path.name} is over 5 MB"
+    source = REPO / "notebooks" / path.name
+    assert source.exists(), f"{path.name} has no source notebook in notebooks/"
+
+
+def test_clean_strips_volatile_metadata_and_progress():
+    import nbformat
+    import render_notebooks
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+    cell = new_code_cell("x", metadata={"execution": {"iopub.status.busy": "2026"}, "papermill": {"duration": 1}})
+    cell.outputs = [new_output("stream", name="stderr", text="bank:  10%|#   | 1/10\rbank: 100%|###| 10/10\n"),
+                    new_output("stream", name="stdout", text="kept\n"),
+                    new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"a": 1}}),
+                    new_output("display_data", data={"image/png": "iVBORw0KGgo=", "image/svg+xml": "<svg/>",
+                                                     "text/plain": "<Figure>"})]
+    nb = new_notebook(cells=[cell], metadata={"papermill": {"start_time": "x"}, "widgets": {},
+                                              "language_info": {"name": "python", "version": "3.11.9"}})
+    out = render_notebooks.clean(nb)
+    assert "papermill" not in out.metadata and out.metadata.language_info == {"name": "python"}
+    c = out.cells[0]
+    assert c.metadata == {}
+    assert [o.output_type for o in c.outputs] == ["stream", "display_data"]
+    assert c.outputs[0].text.strip() == "kept" and set(c.outputs[1].data) == {"image/png", "text/plain"}
+    bad = new_notebook(cells=[new_code_cell("1/0")])
+    bad.cells[0].outputs = [new_output("error", ename="ZeroDivisionError", evalue="x", traceback=[])]
+    assert render_notebooks.errors(bad) == ["cell 0: ZeroDivisionError: x"]
+    assert nbformat.validate(out) is None
