@@ -67,6 +67,11 @@ import numpy as np
 
 from lib.utils import numpy_seed, stable_hash
 
+# one definition of each list, in lib/registry.py: the four corruptions of RoDA Sec. 4.1, all 19 of
+# imagecorruptions, and the 32 px per side the package needs
+from .registry import ALL_CORRUPTIONS, MIN_SIDE
+from .registry import PAPER_CORRUPTIONS as CORRUPTIONS
+
 __all__ = [
     "CORRUPTIONS",
     "ALL_CORRUPTIONS",
@@ -78,19 +83,6 @@ __all__ = [
     "to_rgb_uint8",
 ]
 
-#: The four corruptions of RoDA (Sec. 4.1), used at severity 5.
-CORRUPTIONS = ("gaussian_noise", "defocus_blur", "brightness", "contrast")
-
-#: All names of ``imagecorruptions.get_corruption_names('all')``, in the package's order:
-#: the 15 common (ImageNet-C) corruptions, then the 4 validation ones.
-ALL_CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-    "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate",
-)
-
-#: imagecorruptions refuses images with a side below 32 px.
-MIN_SIDE = 32
 
 _CLEAN_NAMES = (None, "clean", "none")
 _LOCK = threading.RLock()

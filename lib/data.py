@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from . import registry
+from .registry import MIN_SIDE
 from .utils import REPO_ROOT
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-MIN_SIDE = 32
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # validation data beside the checkout (not shipped)
 
 
@@ -266,19 +267,6 @@ def split_normals(samples: Sequence[Sample], train_fraction: float = 0.75, seed:
 # Tasks: (name, data root) -> train / test samples and their geometry
 # ----------------------------------------------------------------------------------------------------
 
-#: per-dataset geometry: resize (int = shorter side, or (h, w)) and center crop (int, (h, w) or None)
-GEOMETRY = {
-    "mvtec": dict(resize=256, crop=224),
-    "elpv": dict(resize=256, crop=224),
-    "synthetic": dict(resize=256, crop=224),
-    "headct": dict(resize=256, crop=224),
-    "brainmri": dict(resize=256, crop=224),
-    # KolektorSDD strips are ~256 x 640 (w x h): keep the whole strip, no crop (a 224 crop would cut
-    # away most of the surface where the cracks are)
-    "ksdd": dict(resize=(448, 160), crop=None),
-}
-
-
 @dataclass(frozen=True)
 class Task:
     """A dataset as PatchCore/RoDA use it: normal training images and a labelled test set."""
@@ -297,6 +285,11 @@ class Task:
         return dict(resize=self.resize, crop=self.crop)
 
 
+def _geometry(name: str) -> dict:
+    """resize / crop of a task: the registry's (``lib.registry.TASKS``), PatchCore's 256 / 224 for a user's folder."""
+    return dict(registry.TASKS[name].geometry) if name in registry.TASKS else dict(registry.SQUARE)
+
+
 def load_task(name: str, data_root=None, normal_split_seed: int = 42) -> Task:
     """Resolve a task name into train/test samples.
 
@@ -307,7 +300,7 @@ def load_task(name: str, data_root=None, normal_split_seed: int = 42) -> Task:
     """
     if name == "elpv":
         train, test = split_normals(elpv_samples(), 0.75, normal_split_seed)
-        return Task(name, tuple(train), tuple(test), **GEOMETRY["elpv"])
+        return Task(name, tuple(train), tuple(test), **_geometry("elpv"))
     if name.startswith("mvtec/") or name == "synthetic":
         category = name.split("/", 1)[1] if "/" in name else "synthetic"
         if name == "synthetic":
@@ -317,7 +310,7 @@ def load_task(name: str, data_root=None, normal_split_seed: int = 42) -> Task:
             make_synthetic_mvtec(data_root, category)
         train = mvtec_samples(data_root, category, "train")
         test = mvtec_samples(data_root, category, "test")
-        return Task(name, tuple(train), tuple(test), **GEOMETRY["mvtec" if name != "synthetic" else "synthetic"])
+        return Task(name, tuple(train), tuple(test), **_geometry(name))
     if is_labelled_folder(Path(name).expanduser()):  # a labelled folder given by its path
         folder = Path(name).expanduser()
     else:
@@ -325,8 +318,7 @@ def load_task(name: str, data_root=None, normal_split_seed: int = 42) -> Task:
         folder = root / name if is_labelled_folder(root / name) else root
     samples = labelled_folder_samples(folder)
     train, test = split_normals(samples, 0.75, normal_split_seed)
-    geometry = GEOMETRY.get(name, GEOMETRY["mvtec"])
-    return Task(name, tuple(train), tuple(test), **geometry)
+    return Task(name, tuple(train), tuple(test), **_geometry(name))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ import urllib.request
 import warnings
 from pathlib import Path, PurePosixPath
 
+from .registry import MVTEC_CATEGORIES
+
 __all__ = [
     "ChecksumError",
     "MVTEC_AD_SHA256",
@@ -56,10 +58,6 @@ MVTEC_AD_URL = (
 )
 MVTEC_AD_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
 MVTEC_AD_SIZE = 5_264_982_680
-MVTEC_CATEGORIES = (
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
-    "tile", "toothbrush", "transistor", "wood", "zipper",
-)
 _TOP_LEVEL_FILES = ("license.txt", "readme.txt")
 _CHUNK = 1 << 20
 

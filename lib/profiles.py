@@ -33,7 +33,10 @@ import os
 import warnings
 from pathlib import Path
 
+from . import registry
 from .data import SHARED_DATA, is_labelled_folder
+from .registry import MVTEC_CATEGORIES
+from .registry import PAPER_CORRUPTIONS as CORRUPTIONS
 from .settings import (
     DERIVED_KEYS,
     SPEC,
@@ -44,11 +47,6 @@ from .settings import (
 )
 from .utils import REPO_ROOT, ensure_writable, resolve_device, write_json
 
-MVTEC_CATEGORIES = (
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
-)
-CORRUPTIONS = ("gaussian_noise", "defocus_blur", "brightness", "contrast")
 
 _BASE = dict(
     backbone="mobilenet_v2",
@@ -56,7 +54,7 @@ _BASE = dict(
     compare_backbones=("mobilenet_v2", "efficientnet_lite0"),
     data_root=None,
     tasks=("elpv",),
-    geometry=None,  # None: the dataset's own (lib.data.GEOMETRY); else dict(resize=..., crop=...)
+    geometry=None,  # None: the dataset's own (lib.registry.TASKS[name].geometry); else dict(resize=..., crop=...)
     seeds=(0,),
     patchcore=dict(coreset_ratio=0.01, max_bank=None, max_train=None, max_test=None, batch_size=16),
     corruption=dict(names=CORRUPTIONS, severity=5, adapt_fraction=0.2),
@@ -365,8 +363,7 @@ def _finish(raw: dict, derived: dict) -> Profile:
 def _task_name(category: str, data_root) -> str:
     """``"screw"`` -> ``"mvtec/screw"``; a labelled folder (one with ``labels.csv``, by path or under
     ``data_root``) and the built-in names stay as they are."""
-    known = {"elpv", "synthetic", "synthetic_labelled", "ksdd", "headct", "brainmri"}
-    if category in known or category.startswith("mvtec/"):
+    if category in registry.TASKS or category.startswith("mvtec/"):
         return category
     if is_labelled_folder(Path(category).expanduser()):
         return str(Path(category).expanduser().resolve())
