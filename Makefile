@@ -1,6 +1,6 @@
 # Two commands set up everything on a fresh machine (see README):
 #   make run    - create the venv if missing, run every notebook on the embedded default data
-#   make test   - create the venv if missing, run the test suite
+#   make test   - create the venv if missing, lint (ruff) and run the test suite
 #   make render - executed copies of the notebooks (default profile) in notebooks/rendered/default/
 #   make lab    - JupyterLab on notebooks/ (headless: make lab LAB_ARGS=--no-browser)
 PYTHON ?= python3.11
@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test real smoke bench lab render clean-runs
+.PHONY: setup run test lint real smoke bench lab render
 
 setup: $(STAMP)
 
@@ -22,7 +22,10 @@ $(STAMP): requirements.txt requirements-weights.txt pyproject.toml
 run: setup
 	$(PY) scripts/run_notebooks.py --profile default
 
-test: setup
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest
 
 real: setup
@@ -32,6 +35,7 @@ smoke: setup
 	$(PY) scripts/run_notebooks.py --profile smoke --out-dir runs/smoke-out
 
 bench: setup
+	$(PY) benchmarks/bench_profile.py
 	$(PY) benchmarks/bench_patchcore.py
 	$(PY) benchmarks/bench_sinkhorn.py --features real --method absorb --pot-backend torch
 
