@@ -384,7 +384,7 @@ def load_mask(path, box=None) -> Image.Image:
     return mask.crop(box) if box is not None else mask
 
 
-def _resize_size(size_wh, resize) -> tuple[int, int]:
+def resize_size(size_wh, resize) -> tuple[int, int]:
     """(w, h) after a shorter-side (int) or explicit (h, w) resize."""
     w, h = size_wh
     if isinstance(resize, int):
@@ -394,13 +394,14 @@ def _resize_size(size_wh, resize) -> tuple[int, int]:
     return int(resize[1]), int(resize[0])
 
 
-def _center_crop(array: np.ndarray, crop) -> np.ndarray:
+def center_crop(array: np.ndarray, crop) -> np.ndarray:
     if crop is None:
         return array
     ch, cw = (crop, crop) if isinstance(crop, int) else crop
     h, w = array.shape[:2]
     if ch > h or cw > w:
-        raise DataError(f"crop {ch}x{cw} is larger than the resized image {h}x{w}: lower crop or raise resize")
+        raise DataError(f"crop {ch}x{cw} is larger than the resized image {h}x{w}: lower the crop or raise the resize "
+                        "(--crop / --resize on the command line, geometry in a profile)")
     top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
     return array[top : top + ch, left : left + cw]
 
@@ -411,7 +412,7 @@ def preprocess(sample: Sample, resize=256, crop=224, corruption: Callable | None
     ``corruption`` is a callable ``uint8 HxWx3 -> uint8 HxWx3`` applied between resize and crop.
     """
     image = load_image(sample.path, sample.box)
-    size = _resize_size(image.size, resize)
+    size = resize_size(image.size, resize)
     image = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.uint8)
     if corruption is not None:
         image = np.asarray(corruption(image), dtype=np.uint8)
@@ -421,7 +422,7 @@ def preprocess(sample: Sample, resize=256, crop=224, corruption: Callable | None
         mask = np.asarray(load_mask(sample.mask, sample.box).resize(size, Image.NEAREST)) > 127
     else:
         mask = np.zeros((size[1], size[0]), dtype=bool)
-    return _center_crop(image, crop), _center_crop(mask, crop).astype(np.float32)
+    return center_crop(image, crop), center_crop(mask, crop).astype(np.float32)
 
 
 class AnomalyDataset(torch.utils.data.Dataset):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import MIN_SIDE, DataError, labelled_folder_samples, mvtec_samples
+from .data import MIN_SIDE, DataError, center_crop, labelled_folder_samples, mvtec_samples, resize_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -126,36 +126,17 @@ def scan(items, show_progress: bool = True) -> tuple[list, list[tuple[str, str]]
     return good, bad
 
 
-def _resize_size(w: int, h: int, resize) -> tuple[int, int]:
-    if resize is None:
-        return w, h
-    if isinstance(resize, int):
-        return (resize, max(1, round(h * resize / w))) if w <= h else (max(1, round(w * resize / h)), resize)
-    return int(resize[1]), int(resize[0])
-
-
-def _crop(array: np.ndarray, crop) -> np.ndarray:
-    if crop is None:
-        return array
-    ch, cw = (crop, crop) if isinstance(crop, int) else crop
-    h, w = array.shape[:2]
-    if ch > h or cw > w:
-        raise DataError(f"crop {ch}x{cw} is larger than the resized image {h}x{w}: lower --crop or raise --resize")
-    top, left = round((h - ch) / 2.0), round((w - cw) / 2.0)
-    return array[top : top + ch, left : left + cw]
-
-
 def prepare(path, resize=256, crop=224, mask=None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (H, W, 3) image and float32 (H, W) mask after resize (shorter side) and center crop."""
     image = read_rgb(path)
-    size = _resize_size(*image.size, resize)
+    size = resize_size(image.size, resize)
     image = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.uint8)
     if mask:
         with Image.open(mask) as m:
             target = np.asarray(m.convert("L").resize(size, Image.NEAREST)) > 127
     else:
         target = np.zeros(image.shape[:2], dtype=bool)
-    return _crop(image, crop), _crop(target, crop).astype(np.float32)
+    return center_crop(image, crop), center_crop(target, crop).astype(np.float32)
 
 
 class FolderDataset(torch.utils.data.Dataset):
