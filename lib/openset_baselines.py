@@ -1,7 +1,7 @@
 """Open-set baselines under DPDL's protocol and backbone (DevNet, DRA, FLOS) and the benchmark runner.
 
 Every method sees the same inputs as DPDL: the frozen backbone's deep-tap maps (cached by
-:class:`lib.dpdl.MapCache`) and the same trainable :class:`lib.dpdl.Trunk` (per-channel standardisation and two
+:class:`lib.openset_maps.MapCache`) and the same trainable :class:`lib.openset_training.Trunk` (per-channel standardisation and two
 1x1 convs). The originals fine-tune a ResNet-18 end to end at two scales (448 and 224 px); here one scale and a
 frozen backbone, for all methods alike.
 
@@ -31,9 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dpdl import DPDLNet, FeatureBank, MapCache, OpenSetModel, TrainConfig, Trunk, fit_model, score_maps, topk_mean
+from .dpdl import DPDLNet
 from .metrics import image_auroc
 from .openset import OpenSetSplit
+from .openset_maps import MapCache
+from .openset_training import FeatureBank, OpenSetModel, TrainConfig, Trunk, fit_model, score_maps, topk_mean
 from .utils import progress, seed_everything
 
 __all__ = [
@@ -215,10 +217,13 @@ def _method_specs(methods) -> dict:
 
 
 def run_split(split: OpenSetSplit, cache: MapCache, method: str = "dpdl", model_kwargs: dict | None = None,
-              train: TrainConfig | None = None, pseudo_variants: int = 1, label: str | None = None):
+              train: TrainConfig | None = None, pseudo_variants: int = 1, label: str | None = None,
+              rotation_variants: int = 0):
     """Train one method on one split and score its test set.
 
-    Returns (row, model, history): ``row`` holds the split's summary, ``auroc`` and timings; ``history`` the
+    The augmentation pool (:mod:`lib.openset_maps`): ``pseudo_variants`` CutMix pseudo anomalies per training
+    normal (for the methods that use them) and ``rotation_variants`` rotated copies per training normal (every
+    method); the sampler draws from the pool afresh at every step. Returns (row, model, history): ``row`` holds the split's summary, ``auroc`` and timings; ``history`` the
     per-iteration losses. The run seed is ``split.seed`` (weights, prototype init and batches).
     """
     train = TrainConfig(**{**(train.to_dict() if train else {}), "seed": split.seed})
@@ -227,8 +232,9 @@ def run_split(split: OpenSetSplit, cache: MapCache, method: str = "dpdl", model_
     seed_everything(split.seed)
     model = build_model(method, normal.shape[1], **(model_kwargs or {}))
     pseudo = cache.pseudo_maps(split.train_normal, pseudo_variants) if model.uses_pseudo and pseudo_variants else None
+    rotated = cache.rotated_maps(split.train_normal, rotation_variants) if rotation_variants else None
     start = time.perf_counter()
-    history = fit_model(model, FeatureBank(normal, anomaly, pseudo), train)
+    history = fit_model(model, FeatureBank(normal, anomaly, pseudo, rotated), train)
     train_s = time.perf_counter() - start
     test_maps = cache.maps(split.test)
     start = time.perf_counter()
@@ -242,7 +248,8 @@ def run_split(split: OpenSetSplit, cache: MapCache, method: str = "dpdl", model_
 
 
 def run_openset(splits: Sequence[OpenSetSplit], cache: MapCache, methods=("dpdl", "devnet", "dra"),
-                train: TrainConfig | None = None, pseudo_variants: int = 1, show_progress: bool = True):
+                train: TrainConfig | None = None, pseudo_variants: int = 1, show_progress: bool = True,
+                rotation_variants: int = 0):
     """Every (split, method) run: returns (results DataFrame, training histories DataFrame).
 
     ``methods``: names from :data:`METHODS`, or a dict ``{label: (name, model_kwargs)}`` for variants
@@ -253,7 +260,8 @@ def run_openset(splits: Sequence[OpenSetSplit], cache: MapCache, methods=("dpdl"
     rows, histories = [], []
     it = progress(jobs, desc="open-set runs") if show_progress else jobs
     for split, label, (name, kwargs) in it:
-        row, _, hist = run_split(split, cache, name, kwargs, train, pseudo_variants, label=label)
+        row, _, hist = run_split(split, cache, name, kwargs, train, pseudo_variants, label=label,
+                                 rotation_variants=rotation_variants)
         rows.append(row)
         histories.append(hist)
     return pd.DataFrame(rows), (pd.concat(histories, ignore_index=True) if histories else pd.DataFrame())
