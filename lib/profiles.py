@@ -49,8 +49,11 @@ _BASE = dict(
     ablation=dict(tasks=None, corruptions=None, seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.01, 0.05, 0.1, 0.5),
                   epochs_grid=(1, 3, 10), lr_grid=(0.001, 0.01), choice_corruptions=CORRUPTIONS,
                   extra_corruptions=True, epochs=None, table5_schedule="epochs"),
+    # pseudo_variants / rotation_variants: the seeded augmentation pool per training normal (lib.openset_maps);
+    # dpdl_kwargs: further DPDLNet arguments (lib.dpdl documents each)
     dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), n_anomalies=(10, 1), hard=False, image_size=224,
-              epochs=10, iterations=20, batch_size=16, n_prototypes=32, eps=1e-3),
+              epochs=10, iterations=20, batch_size=16, n_prototypes=32, eps=1e-3, pseudo_variants=4,
+              rotation_variants=2, dpdl_kwargs={}),
 )
 
 PROFILES = {
@@ -65,6 +68,7 @@ PROFILES = {
                       choice_corruptions=("gaussian_noise",), extra_corruptions=False, table5_schedule="steps"),
         dpdl=dict(tasks=("synthetic_labelled",), seeds=(0, 1), n_anomalies=(2, 1), image_size=64, epochs=1,
                   iterations=2, batch_size=8, n_prototypes=4, ablation_seeds=(0,), sensitivity_seeds=(0,),
+                  pseudo_variants=1, rotation_variants=1,
                   sensitivity=dict(n_prototypes=(2, 4), eps=(1e-3, 1e-2), kappa=(1.0, 10.0), lam=(0.01, 0.1))),
     ),
     "default": dict(
@@ -75,9 +79,13 @@ PROFILES = {
                       eps_grid=(0.02, 0.2), epochs_grid=(1, 5), lr_grid=(0.001,),
                       choice_corruptions=("gaussian_noise",), extra_corruptions=True, table5_schedule="steps"),
         # the paper's 50 x 20 schedule (batch 48) is cut to 10 x 20 (batch 48) on a frozen backbone;
-        # ELPV capped at 300 training normals and 400 test images so the cached maps take minutes
+        # ELPV capped at 300 training normals and 400 test images so the cached maps take minutes; the hard
+        # setting (mono / poly) runs with 5 seeds at M = 10 only
         dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), image_size=224, epochs=10, iterations=20, batch_size=48,
-                  max_train=300, max_test=400, hard=False, ablation_seeds=(0, 1, 2), sensitivity_seeds=(0, 1, 2)),
+                  max_train=300, max_test=400, hard=True, hard_n_anomalies=(10,), hard_seeds=(0, 1, 2, 3, 4),
+                  ablation_seeds=(0, 1, 2, 3, 4), sensitivity_seeds=(0, 1),
+                  sensitivity=dict(n_prototypes=(8, 32), eps=(1e-3, 1e-1), dpl_margin=(0.3, 1.0, 3.0),
+                                   lam=(0.01, 0.1))),
     ),
     "real": dict(
         data_root=str(SHARED_DATA),
@@ -90,8 +98,8 @@ PROFILES = {
         ablation=dict(seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.02, 0.2), epochs_grid=(1, 10),
                       lr_grid=(0.001,), choice_corruptions=("gaussian_noise",), extra_corruptions=False, epochs=2,
                       table5_schedule="steps"),
-        dpdl=dict(tasks=("mvtec/screw", "headct", "brainmri", "ksdd"), hard=True, seeds=(0, 1, 2, 3, 4),
-                  hard_seeds=(0, 1, 2), image_size=224, epochs=10, iterations=20, batch_size=16),
+        dpdl=dict(tasks=("mvtec/screw", "headct", "brainmri", "ksdd", "elpv"), hard=True, seeds=(0, 1, 2, 3, 4),
+                  hard_seeds=(0, 1, 2, 3, 4), image_size=224, epochs=10, iterations=20, batch_size=16),
     ),
     "full": dict(
         backbone="wide_resnet50_2",
