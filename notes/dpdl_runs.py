@@ -20,7 +20,8 @@ from lib.utils import write_csv
 
 VARIANTS = {"w/o DPL": dict(use_dpl=False), "w/o DFL": dict(use_dfl=False), "M_r": dict(heads=("r",)),
             "M_n + M_r": dict(heads=("n", "r")), "M_a + M_r": dict(heads=("a", "r")),
-            "literal M_r": dict(residual="bridge"), "bridge DPL": dict(dpl_form="bridge")}
+            "literal M_r": dict(residual="bridge"), "bridge DPL": dict(dpl_form="bridge"),
+            "M_a": dict(heads=("a",)), "M_a + M_n": dict(heads=("a", "n"))}
 
 
 def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="general"):
