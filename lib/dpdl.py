@@ -133,6 +133,8 @@ class DPDLNet(OpenSetModel):
         residual: "prototype" (x - mu_c*) or "bridge" (Eq. 22 literally). assign: how c* is chosen, "bridge" or
         "mixture". residual_quadratic: M_r's 1x1 conv sees [r, r*r] instead of r.
         hidden: width of M_n's hidden layer. kmeans_iters: Lloyd iterations of the prototype initialisation.
+        tail: partial fine-tuning, the backbone's last block(s) trained on cached earlier activations
+        (:class:`lib.openset_training.Trunk`); None = frozen backbone (default).
     """
 
     def __init__(self, in_channels: int, feature_dim: int = 64, n_prototypes: int = 32, eps: float = 1e-3,
@@ -140,7 +142,8 @@ class DPDLNet(OpenSetModel):
                  topk_ratio: float = 0.1, heads: Sequence[str] = ("a", "n", "r"), use_dpl: bool = True,
                  use_dfl: bool = True, dpl_weight: float = 1.0, dpl_form: str = "mixture", dpl_margin: float = 1.0,
                  dpl_pseudo: bool = True, residual: str = "prototype", assign: str = "bridge",
-                 residual_quadratic: bool = True, hidden: int = 256, kmeans_iters: int = 25):
+                 residual_quadratic: bool = True, hidden: int = 256, kmeans_iters: int = 25,
+                 tail: nn.Module | None = None):
         super().__init__()
         heads = tuple(heads)
         if not heads or set(heads) - {"a", "n", "r"}:
@@ -159,7 +162,7 @@ class DPDLNet(OpenSetModel):
                            use_dpl=use_dpl, use_dfl=use_dfl, dpl_weight=dpl_weight, dpl_form=dpl_form,
                            dpl_margin=dpl_margin, dpl_pseudo=dpl_pseudo, residual=residual, assign=assign,
                            residual_quadratic=residual_quadratic, hidden=hidden, kmeans_iters=kmeans_iters)
-        self.trunk = Trunk(in_channels, feature_dim)
+        self.trunk = Trunk(in_channels, feature_dim, tail)
         self.feature_dim, self.n_prototypes, self.eps = feature_dim, int(n_prototypes), float(eps)
         self.s_init, self.s_min = s_init, float(s_min)
         self.kappa, self.lam, self.topk_ratio, self.heads = kappa, lam, topk_ratio, heads

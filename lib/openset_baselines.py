@@ -22,10 +22,10 @@ test batch, so their test scores are random).
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -85,9 +85,9 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, a
 
 
 class _TrunkModel(OpenSetModel):
-    def __init__(self, in_channels: int, feature_dim: int = 64):
+    def __init__(self, in_channels: int, feature_dim: int = 64, tail: nn.Module | None = None):
         super().__init__()
-        self.trunk = Trunk(in_channels, feature_dim)
+        self.trunk = Trunk(in_channels, feature_dim, tail)
         self.feature_dim = feature_dim
 
     def prepare(self, normal_maps: torch.Tensor, seed: int = 0) -> None:
@@ -100,8 +100,8 @@ class DevNet(_TrunkModel):
     uses_pseudo = False
 
     def __init__(self, in_channels: int, feature_dim: int = 64, topk_ratio: float = 0.1, margin: float = 5.0,
-                 ref_seed: int = 0):
-        super().__init__(in_channels, feature_dim)
+                 ref_seed: int = 0, tail: nn.Module | None = None):
+        super().__init__(in_channels, feature_dim, tail)
         self.head = nn.Conv2d(feature_dim, 1, 1)
         self.topk_ratio = topk_ratio
         self.criterion = DeviationLoss(margin, seed=ref_seed)
@@ -124,8 +124,8 @@ class DRA(_TrunkModel):
     uses_pseudo = True
 
     def __init__(self, in_channels: int, feature_dim: int = 64, topk_ratio: float = 0.1, margin: float = 5.0,
-                 n_ref: int = 5, hidden: int = 256, ref_seed: int = 0):
-        super().__init__(in_channels, feature_dim)
+                 n_ref: int = 5, hidden: int = 256, ref_seed: int = 0, tail: nn.Module | None = None):
+        super().__init__(in_channels, feature_dim, tail)
         d = feature_dim
         self.topk_ratio, self.n_ref = topk_ratio, n_ref
         self.holistic = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
@@ -176,8 +176,8 @@ class FLOS(_TrunkModel):
     uses_pseudo = False
 
     def __init__(self, in_channels: int, feature_dim: int = 64, hidden: int = 256, gamma: float = 2.0,
-                 alpha: float | None = 0.25):
-        super().__init__(in_channels, feature_dim)
+                 alpha: float | None = 0.25, tail: nn.Module | None = None):
+        super().__init__(in_channels, feature_dim, tail)
         self.head = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
         self.gamma, self.alpha = gamma, alpha
 
@@ -197,7 +197,11 @@ METHODS = {"dpdl": DPDLNet, "devnet": DevNet, "dra": DRA, "flos": FLOS}
 
 
 def build_model(method: str, in_channels: int, **kwargs) -> OpenSetModel:
-    """A fresh model of ``method`` (one of :data:`METHODS`) for maps with ``in_channels`` channels."""
+    """A fresh model of ``method`` (one of :data:`METHODS`) for maps with ``in_channels`` channels.
+
+    ``tail=`` (any method): the backbone's last block(s) to fine-tune on cached earlier activations
+    (:class:`lib.openset_training.Trunk`); ``in_channels`` is then the tail's output width.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {sorted(METHODS)}")
     return METHODS[method](in_channels, **kwargs)
@@ -230,7 +234,11 @@ def run_split(split: OpenSetSplit, cache: MapCache, method: str = "dpdl", model_
     normal = cache.maps(split.train_normal)
     anomaly = cache.maps(split.train_anomaly)
     seed_everything(split.seed)
-    model = build_model(method, normal.shape[1], **(model_kwargs or {}))
+    in_channels = normal.shape[1]
+    if (model_kwargs or {}).get("tail") is not None:  # partial fine-tuning: the trunk sees the tail's output
+        with torch.no_grad():
+            in_channels = copy.deepcopy(model_kwargs["tail"]).eval()(normal[:1].float()).shape[1]
+    model = build_model(method, in_channels, **(model_kwargs or {}))
     pseudo = cache.pseudo_maps(split.train_normal, pseudo_variants) if model.uses_pseudo and pseudo_variants else None
     rotated = cache.rotated_maps(split.train_normal, rotation_variants) if rotation_variants else None
     start = time.perf_counter()

@@ -14,6 +14,7 @@ comes from one generator seeded by the run seed, so a run is a deterministic fun
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -39,24 +40,34 @@ def topk_mean(score_map: torch.Tensor, ratio: float = 0.1) -> torch.Tensor:
 
 class Trunk(nn.Module):
     """Trainable trunk on the frozen backbone's map: per-channel standardisation (statistics of the training
-    normals, fitted in ``prepare``) -> 1x1 conv (C_in -> d) -> ReLU -> 1x1 conv (d -> d)."""
+    normals, fitted in ``prepare``) -> 1x1 conv (C_in -> d) -> ReLU -> 1x1 conv (d -> d).
 
-    def __init__(self, in_channels: int, feature_dim: int = 64):
+    Partial fine-tuning: ``tail`` is the backbone's last block(s) (e.g. MobileNetV2 ``features.18``), applied
+    first and trained with the rest; the cached maps are then the activations *before* the tail, and
+    ``in_channels`` is the tail's output width. A private copy is taken (every run starts from the pretrained
+    weights). None (default): the frozen backbone's deep tap is the input.
+    """
+
+    def __init__(self, in_channels: int, feature_dim: int = 64, tail: nn.Module | None = None):
         super().__init__()
+        self.tail = None if tail is None else copy.deepcopy(tail).requires_grad_(True)
         self.register_buffer("mean", torch.zeros(1, in_channels, 1, 1))
         self.register_buffer("std", torch.ones(1, in_channels, 1, 1))
         self.net = nn.Sequential(nn.Conv2d(in_channels, feature_dim, 1), nn.ReLU(inplace=True),
                                  nn.Conv2d(feature_dim, feature_dim, 1))
         self.out_channels = feature_dim
 
+    def _tail(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps.float() if self.tail is None else self.tail(maps.float())
+
     @torch.no_grad()
     def fit_stats(self, maps: torch.Tensor) -> None:
-        maps = maps.float()
+        maps = torch.cat([self._tail(chunk) for chunk in maps.split(256)])
         self.mean.copy_(maps.mean(dim=(0, 2, 3), keepdim=True))
         self.std.copy_(maps.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-4))
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        return self.net((maps.float() - self.mean) / self.std)
+        return self.net((self._tail(maps) - self.mean) / self.std)
 
 
 class OpenSetModel(nn.Module):

@@ -3,16 +3,18 @@ measurements quoted in notes/README_dpdl.md. Usage:
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python notes/dpdl_runs.py TASK OUT_PREFIX SEEDS M_VALUES METHODS [EPOCHS] [SETTING]
 
-e.g. ``notes/dpdl_runs.py elpv results/default/05_pilot 0 10 dpdl,dra,dpdl_wo_dpl``. Method names: any of
+e.g. ``notes/dpdl_runs.py elpv results/default/05_pilot 0 10 dpdl,dra,"w/o DPL"``. With ``TAIL=1
+TAIL_LAYER=features.18`` every method fine-tunes that backbone block on cached ``TAIL_INPUT`` (default
+``features.17``) activations. Method names: any of
 lib.openset_baselines.METHODS, or the DPDL variants below. Settings are the profile's (``default`` for elpv,
 ``real`` otherwise) unless given.
 """
 
+import os
 import sys
 import time
 from dataclasses import replace
 
-import pandas as pd
 import torch
 
 from lib import backbones, data, dpdl, openset, openset_baselines, profiles
@@ -35,8 +37,13 @@ def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="gene
                    test=tuple(data.subsample(task.test, dp.get("max_test"), 0)))
     splits = openset.split_plan(task, (setting,), m_values, seeds)
     deep_tap = backbones.BACKBONES[cfg.backbone].deep_tap
-    extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, layers=[deep_tap], device="cpu")
-    path = f"{cfg.cache_dir}/05_maps_{task_name.replace('/', '_')}_{cfg.backbone}_{dp['image_size']}.pt"
+    # TAIL=1: partial fine-tuning, cache the activations before the last block and train that block
+    tail_name = os.environ.get("TAIL_LAYER") if os.environ.get("TAIL") else None
+    tap = os.environ.get("TAIL_INPUT", "features.17") if tail_name else deep_tap
+    extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, layers=[tap], device="cpu")
+    tail = extractor.model.get_submodule(tail_name) if tail_name else None
+    path = f"{cfg.cache_dir}/05_maps_{task_name.replace('/', '_')}_{cfg.backbone}_{dp['image_size']}" + \
+        (f"_{tap}.pt" if tail_name else ".pt")
     cache = dpdl.MapCache(extractor, **task.geometry(), batch_size=32, path=path)
     n0 = len(cache)
     cache.maps(list(task.train) + list(task.test))
@@ -45,6 +52,8 @@ def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="gene
     if len(cache) > n0:
         cache.save()
     kw = dict(n_prototypes=dp["n_prototypes"], eps=dp["eps"], **dp.get("dpdl_kwargs", {}))
+    base_kw = {} if tail is None else dict(tail=tail)
+    kw.update(base_kw)
     specs = {}
     for m in methods.split(","):
         if m == "dpdl":
@@ -52,11 +61,11 @@ def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="gene
         elif m in VARIANTS:
             specs[m] = ("dpdl", {**kw, **VARIANTS[m]})
         else:
-            specs[m] = (m, {})
+            specs[m] = (m, dict(base_kw))
     train = dpdl.TrainConfig(epochs=int(epochs or dp["epochs"]), iterations=dp["iterations"],
                              batch_size=dp["batch_size"])
     start = time.time()
-    runs, hist = openset_baselines.run_openset(splits, cache, specs, train, dp.get("pseudo_variants", 1),
+    runs, _ = openset_baselines.run_openset(splits, cache, specs, train, dp.get("pseudo_variants", 1),
                                                show_progress=False, rotation_variants=dp.get("rotation_variants", 0))
     runs["schedule"] = f"{train.epochs}x{train.iterations}x{train.batch_size}"
     write_csv(runs, f"{prefix}_runs.csv")

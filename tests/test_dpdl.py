@@ -1,4 +1,5 @@
-"""DPDL: LightSB closed forms, the DPL/DFL losses, top-K MIL, and tiny end-to-end training of every method."""
+"""DPDL: LightSB closed forms, the bounded DPL/DFL losses, prototype-dependent residual, top-K MIL, bad input,
+the augmentation pool, and tiny end-to-end training of every method (several tests fail on the pre-#13 code)."""
 
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.data import Sample
+from lib.data import DataError, Sample
 from lib.dpdl import (
     DPDLNet,
     FeatureBank,
@@ -23,7 +24,6 @@ from lib.dpdl import (
 )
 from lib.metrics import image_auroc
 from lib.openset import make_split
-from lib.data import DataError
 from lib.openset_baselines import DeviationLoss, build_model, focal_loss, run_openset, run_split
 
 
@@ -368,3 +368,17 @@ def test_augmentation_pool_is_seeded_and_drawn_afresh(toy_task):
     b = run_split(split, cache, "dpdl", kw, cfg, pseudo_variants=2, rotation_variants=2)[0]["auroc"]
     c = run_split(split, cache, "dpdl", kw, cfg, pseudo_variants=1, rotation_variants=0)[0]["auroc"]
     assert a == b and np.isfinite(c)
+
+
+def test_partial_fine_tuning_trains_a_private_copy_of_the_tail(toy_task):
+    samples, cache = toy_task
+    tail = torch.nn.Sequential(torch.nn.Conv2d(16, 12, 1), torch.nn.ReLU())
+    before = [p.detach().clone() for p in tail.parameters()]
+    split = make_split(samples[:12], samples[12:], n_anomalies=3, seed=0, name="toy")
+    cfg = TrainConfig(epochs=1, iterations=5, batch_size=9, lr=5e-3)
+    kw = dict(feature_dim=8, n_prototypes=4, hidden=16, tail=tail)
+    row, model, _ = run_split(split, cache, "dpdl", kw, cfg)
+    assert np.isfinite(row["auroc"]) and model.trunk.net[0].in_channels == 12
+    assert all(torch.equal(a, b) for a, b in zip(before, tail.parameters()))  # the caller's module is untouched
+    assert not torch.equal(model.trunk.tail[0].weight, before[0])  # the copy was trained
+    assert run_split(split, cache, "dpdl", kw, cfg)[0]["auroc"] == row["auroc"]
