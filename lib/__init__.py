@@ -15,8 +15,11 @@ Modules, each named after what it holds:
 - ``transport``    log-domain Sinkhorn and the discretization of RoDA Eq. 6
 - ``alignment``    alignment losses: RoDA, continuous OT, Hungarian, TTT++, TTAC
 - ``adaptation``   BatchNorm-affine test-time adaptation loop (RoDA Alg. 1)
-- ``dpdl``         DPDL prototypes, Schrodinger bridge, dispersion loss, MIL heads
+- ``dpdl``         the DPDL model: bounded prototype losses, dispersion loss, MIL heads
+- ``prototypes``   DPDL's Gaussian prototypes and the light Schrodinger bridge's closed forms
 - ``openset``      the open-set supervised protocol (general / hard settings)
+- ``openset_training``  the trunk, batch sampler and training loop every open-set method shares
+- ``openset_maps`` cached backbone maps and the seeded augmentation pool of the open-set methods
 - ``openset_baselines``  DevNet, DRA composite heads and a focal-loss classifier under that protocol
 - ``pipeline``     the steps the RoDA notebooks share (task, bank, split, evaluation)
 - ``figures``      plotting helpers

@@ -1,7 +1,7 @@
 """Open-set baselines under DPDL's protocol and backbone (DevNet, DRA, FLOS) and the benchmark runner.
 
 Every method sees the same inputs as DPDL: the frozen backbone's deep-tap maps (cached by
-:class:`lib.dpdl.MapCache`) and the same trainable :class:`lib.dpdl.Trunk` (per-channel standardisation and two
+:class:`lib.openset_maps.MapCache`) and the same trainable :class:`lib.openset_training.Trunk` (per-channel standardisation and two
 1x1 convs). The originals fine-tune a ResNet-18 end to end at two scales (448 and 224 px); here one scale and a
 frozen backbone, for all methods alike.
 
@@ -22,18 +22,20 @@ test batch, so their test scores are random).
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dpdl import DPDLNet, FeatureBank, MapCache, OpenSetModel, TrainConfig, Trunk, fit_model, score_maps, topk_mean
+from .dpdl import DPDLNet
 from .metrics import image_auroc
 from .openset import OpenSetSplit
+from .openset_maps import MapCache
+from .openset_training import FeatureBank, OpenSetModel, TrainConfig, Trunk, fit_model, score_maps, topk_mean
 from .utils import progress, seed_everything
 
 __all__ = [
@@ -83,9 +85,9 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, a
 
 
 class _TrunkModel(OpenSetModel):
-    def __init__(self, in_channels: int, feature_dim: int = 64):
+    def __init__(self, in_channels: int, feature_dim: int = 64, tail: nn.Module | None = None):
         super().__init__()
-        self.trunk = Trunk(in_channels, feature_dim)
+        self.trunk = Trunk(in_channels, feature_dim, tail)
         self.feature_dim = feature_dim
 
     def prepare(self, normal_maps: torch.Tensor, seed: int = 0) -> None:
@@ -98,8 +100,8 @@ class DevNet(_TrunkModel):
     uses_pseudo = False
 
     def __init__(self, in_channels: int, feature_dim: int = 64, topk_ratio: float = 0.1, margin: float = 5.0,
-                 ref_seed: int = 0):
-        super().__init__(in_channels, feature_dim)
+                 ref_seed: int = 0, tail: nn.Module | None = None):
+        super().__init__(in_channels, feature_dim, tail)
         self.head = nn.Conv2d(feature_dim, 1, 1)
         self.topk_ratio = topk_ratio
         self.criterion = DeviationLoss(margin, seed=ref_seed)
@@ -122,8 +124,8 @@ class DRA(_TrunkModel):
     uses_pseudo = True
 
     def __init__(self, in_channels: int, feature_dim: int = 64, topk_ratio: float = 0.1, margin: float = 5.0,
-                 n_ref: int = 5, hidden: int = 256, ref_seed: int = 0):
-        super().__init__(in_channels, feature_dim)
+                 n_ref: int = 5, hidden: int = 256, ref_seed: int = 0, tail: nn.Module | None = None):
+        super().__init__(in_channels, feature_dim, tail)
         d = feature_dim
         self.topk_ratio, self.n_ref = topk_ratio, n_ref
         self.holistic = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
@@ -174,8 +176,8 @@ class FLOS(_TrunkModel):
     uses_pseudo = False
 
     def __init__(self, in_channels: int, feature_dim: int = 64, hidden: int = 256, gamma: float = 2.0,
-                 alpha: float | None = 0.25):
-        super().__init__(in_channels, feature_dim)
+                 alpha: float | None = 0.25, tail: nn.Module | None = None):
+        super().__init__(in_channels, feature_dim, tail)
         self.head = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
         self.gamma, self.alpha = gamma, alpha
 
@@ -195,7 +197,11 @@ METHODS = {"dpdl": DPDLNet, "devnet": DevNet, "dra": DRA, "flos": FLOS}
 
 
 def build_model(method: str, in_channels: int, **kwargs) -> OpenSetModel:
-    """A fresh model of ``method`` (one of :data:`METHODS`) for maps with ``in_channels`` channels."""
+    """A fresh model of ``method`` (one of :data:`METHODS`) for maps with ``in_channels`` channels.
+
+    ``tail=`` (any method): the backbone's last block(s) to fine-tune on cached earlier activations
+    (:class:`lib.openset_training.Trunk`); ``in_channels`` is then the tail's output width.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {sorted(METHODS)}")
     return METHODS[method](in_channels, **kwargs)
@@ -215,20 +221,28 @@ def _method_specs(methods) -> dict:
 
 
 def run_split(split: OpenSetSplit, cache: MapCache, method: str = "dpdl", model_kwargs: dict | None = None,
-              train: TrainConfig | None = None, pseudo_variants: int = 1, label: str | None = None):
+              train: TrainConfig | None = None, pseudo_variants: int = 1, label: str | None = None,
+              rotation_variants: int = 0):
     """Train one method on one split and score its test set.
 
-    Returns (row, model, history): ``row`` holds the split's summary, ``auroc`` and timings; ``history`` the
+    The augmentation pool (:mod:`lib.openset_maps`): ``pseudo_variants`` CutMix pseudo anomalies per training
+    normal (for the methods that use them) and ``rotation_variants`` rotated copies per training normal (every
+    method); the sampler draws from the pool afresh at every step. Returns (row, model, history): ``row`` holds the split's summary, ``auroc`` and timings; ``history`` the
     per-iteration losses. The run seed is ``split.seed`` (weights, prototype init and batches).
     """
     train = TrainConfig(**{**(train.to_dict() if train else {}), "seed": split.seed})
     normal = cache.maps(split.train_normal)
     anomaly = cache.maps(split.train_anomaly)
     seed_everything(split.seed)
-    model = build_model(method, normal.shape[1], **(model_kwargs or {}))
+    in_channels = normal.shape[1]
+    if (model_kwargs or {}).get("tail") is not None:  # partial fine-tuning: the trunk sees the tail's output
+        with torch.no_grad():
+            in_channels = copy.deepcopy(model_kwargs["tail"]).eval()(normal[:1].float()).shape[1]
+    model = build_model(method, in_channels, **(model_kwargs or {}))
     pseudo = cache.pseudo_maps(split.train_normal, pseudo_variants) if model.uses_pseudo and pseudo_variants else None
+    rotated = cache.rotated_maps(split.train_normal, rotation_variants) if rotation_variants else None
     start = time.perf_counter()
-    history = fit_model(model, FeatureBank(normal, anomaly, pseudo), train)
+    history = fit_model(model, FeatureBank(normal, anomaly, pseudo, rotated), train)
     train_s = time.perf_counter() - start
     test_maps = cache.maps(split.test)
     start = time.perf_counter()
@@ -242,7 +256,8 @@ def run_split(split: OpenSetSplit, cache: MapCache, method: str = "dpdl", model_
 
 
 def run_openset(splits: Sequence[OpenSetSplit], cache: MapCache, methods=("dpdl", "devnet", "dra"),
-                train: TrainConfig | None = None, pseudo_variants: int = 1, show_progress: bool = True):
+                train: TrainConfig | None = None, pseudo_variants: int = 1, show_progress: bool = True,
+                rotation_variants: int = 0):
     """Every (split, method) run: returns (results DataFrame, training histories DataFrame).
 
     ``methods``: names from :data:`METHODS`, or a dict ``{label: (name, model_kwargs)}`` for variants
@@ -253,7 +268,8 @@ def run_openset(splits: Sequence[OpenSetSplit], cache: MapCache, methods=("dpdl"
     rows, histories = [], []
     it = progress(jobs, desc="open-set runs") if show_progress else jobs
     for split, label, (name, kwargs) in it:
-        row, _, hist = run_split(split, cache, name, kwargs, train, pseudo_variants, label=label)
+        row, _, hist = run_split(split, cache, name, kwargs, train, pseudo_variants, label=label,
+                                 rotation_variants=rotation_variants)
         rows.append(row)
         histories.append(hist)
     return pd.DataFrame(rows), (pd.concat(histories, ignore_index=True) if histories else pd.DataFrame())

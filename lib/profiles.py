@@ -68,8 +68,11 @@ _BASE = dict(
     ablation=dict(tasks=None, corruptions=None, seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.01, 0.05, 0.1, 0.5),
                   epochs_grid=(1, 3, 10), lr_grid=(0.001, 0.01), choice_corruptions=CORRUPTIONS,
                   extra_corruptions=True, epochs=None, table5_schedule="epochs"),
+    # pseudo_variants / rotation_variants: the seeded augmentation pool per training normal (lib.openset_maps);
+    # dpdl_kwargs: further DPDLNet arguments (lib.dpdl documents each)
     dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), n_anomalies=(10, 1), hard=False, image_size=224,
-              epochs=10, iterations=20, batch_size=16, n_prototypes=32, eps=1e-3,
+              epochs=10, iterations=20, batch_size=16, n_prototypes=32, eps=1e-3, pseudo_variants=4,
+              rotation_variants=2, dpdl_kwargs={},
               # the defaults notebook 05 carried (None: see DERIVED)
               methods=("dpdl", "devnet", "dra", "flos"), max_train=None, max_test=None, hard_seeds=None,
               ablation_seeds=None, sensitivity_seeds=None,
@@ -92,6 +95,7 @@ PROFILES = {
                       choice_corruptions=("gaussian_noise",), extra_corruptions=False, table5_schedule="steps"),
         dpdl=dict(tasks=("synthetic_labelled",), seeds=(0, 1), n_anomalies=(2, 1), image_size=64, epochs=1,
                   iterations=2, batch_size=8, n_prototypes=4, ablation_seeds=(0,), sensitivity_seeds=(0,),
+                  pseudo_variants=1, rotation_variants=1,
                   sensitivity=dict(n_prototypes=(2, 4), eps=(1e-3, 1e-2), kappa=(1.0, 10.0), lam=(0.01, 0.1))),
     ),
     "default": dict(
@@ -103,9 +107,12 @@ PROFILES = {
                       eps_grid=(0.02, 0.2), epochs_grid=(1, 5), lr_grid=(0.001,),
                       choice_corruptions=("gaussian_noise",), extra_corruptions=True, table5_schedule="steps"),
         # the paper's 50 x 20 schedule (batch 48) is cut to 10 x 20 (batch 48) on a frozen backbone;
-        # ELPV capped at 300 training normals and 400 test images so the cached maps take minutes
+        # ELPV capped at 300 training normals and 400 test images so the cached maps take minutes; the hard
+        # setting (mono / poly) runs at M = 10 with 3 seeds (the real profile: 5), the ablations with 3 seeds
         dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), image_size=224, epochs=10, iterations=20, batch_size=48,
-                  max_train=300, max_test=400, hard=False, ablation_seeds=(0, 1, 2), sensitivity_seeds=(0, 1, 2)),
+                  max_train=300, max_test=400, hard=True, hard_n_anomalies=(10,), hard_seeds=(0, 1, 2),
+                  ablation_seeds=(0, 1, 2), sensitivity_seeds=(0, 1),
+                  sensitivity=dict(dpl_weight=(0.1, 1.0), dpl_margin=(0.3, 3.0))),
     ),
     "real": dict(
         data_root=str(SHARED_DATA),
@@ -118,8 +125,8 @@ PROFILES = {
         ablation=dict(seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.02, 0.2), epochs_grid=(1, 10),
                       lr_grid=(0.001,), choice_corruptions=("gaussian_noise",), extra_corruptions=False, epochs=2,
                       table5_schedule="steps"),
-        dpdl=dict(tasks=("mvtec/screw", "headct", "brainmri", "ksdd"), hard=True, seeds=(0, 1, 2, 3, 4),
-                  hard_seeds=(0, 1, 2), image_size=224, epochs=10, iterations=20, batch_size=16),
+        dpdl=dict(tasks=("mvtec/screw", "headct", "brainmri", "ksdd", "elpv"), hard=True, seeds=(0, 1, 2, 3, 4),
+                  hard_seeds=(0, 1, 2, 3, 4), image_size=224, epochs=10, iterations=20, batch_size=16),
     ),
     "full": dict(
         backbone="wide_resnet50_2",
@@ -138,7 +145,7 @@ PROFILES = {
 OVERRIDES_ENV = "REPRO_PROFILE_OVERRIDES"
 
 #: a dict-valued setting that an override replaces as a whole (its keys are free, not settings)
-FREE_DICTS = ("geometry", "roda.variants", "dpdl.sensitivity")
+FREE_DICTS = ("geometry", "roda.variants", "dpdl.sensitivity", "dpdl.dpdl_kwargs")
 
 #: settings whose ``None`` means "the value of another setting" (filled in by :func:`get_profile`)
 DERIVED = {

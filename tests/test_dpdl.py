@@ -1,4 +1,5 @@
-"""DPDL: LightSB closed forms, the DPL/DFL losses, top-K MIL, and tiny end-to-end training of every method."""
+"""DPDL: LightSB closed forms, the bounded DPL/DFL losses, prototype-dependent residual, top-K MIL, bad input,
+the augmentation pool, and tiny end-to-end training of every method (several tests fail on the pre-#13 code)."""
 
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.data import Sample
+from lib.data import DataError, Sample
 from lib.dpdl import (
     DPDLNet,
     FeatureBank,
@@ -23,7 +24,7 @@ from lib.dpdl import (
 )
 from lib.metrics import image_auroc
 from lib.openset import make_split
-from lib.openset_baselines import DeviationLoss, build_model, focal_loss, run_openset
+from lib.openset_baselines import DeviationLoss, build_model, focal_loss, run_openset, run_split
 
 
 def _toy_prototypes(eps=0.5):
@@ -70,36 +71,83 @@ def test_log_domain_is_stable_at_the_papers_eps():
     torch.manual_seed(0)
     p = GaussianPrototypes(8, 256, eps=1e-3)
     x = torch.nn.functional.normalize(torch.randn(16, 256), dim=1)
-    p.init_means(x, seed=0)
-    loss = p.normal_loss(x[:12]) + p.anomaly_loss(x[12:])
-    loss.backward()
-    assert torch.isfinite(loss) and all(torch.isfinite(q.grad).all() for q in p.parameters())
+    p.init_means(x, seed=0, spread=True)
+    for form in ("bridge", "mixture"):
+        ll_n = p.log_likelihood(x[:12], form)
+        loss = p.normal_loss(x[:12], form) + p.anomaly_loss(x[12:], ll_n.mean(), 1.0, form)
+        p.zero_grad()
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(q.grad).all() for q in p.parameters())
     assert torch.isfinite(p.residual(x)).all() and torch.isfinite(p.drift(x[:2], 0.5)).all()
 
 
-def _train_toy(use_anomaly_loss, steps=25):
+def test_residual_is_measured_against_the_prototypes():
+    """Eq. 22 literally is sqrt(S/eps) x (the prototypes cancel); the default residual moves with them."""
     torch.manual_seed(0)
-    normals = torch.randn(64, 2) * 0.3 + torch.tensor([1.0, 0.0])
-    anomaly = torch.tensor([[0.2, 1.2]])
-    p = GaussianPrototypes(4, 2, eps=0.1)
-    p.init_means(normals, seed=0)
-    start = p.transport_log_likelihood(anomaly).item()
+    x = torch.nn.functional.normalize(torch.randn(10, 64), dim=1)
+    p = GaussianPrototypes(3, 64, eps=1e-3)
+    p.init_means(x, seed=0, spread=True)
+    with torch.no_grad():
+        literal = p.residual(x, mode="bridge")
+        c = p.assign(x)
+        assert torch.allclose(literal, torch.sqrt(p.s()[c] / p.eps) * x, rtol=1e-4, atol=1e-5)
+        before = p.residual(x)
+        p.mu.add_(0.05)  # move every prototype by the same vector: the assignment does not change
+        assert torch.equal(p.assign(x), c)
+        after = p.residual(x)
+        assert torch.allclose(after, before - 0.05 / torch.sqrt(p.eps * p.s()[c]), atol=1e-4)
+        assert (after - before).abs().min() > 0.2
+        assert torch.allclose(p.residual(x, mode="bridge"), literal, atol=1e-4)  # the literal form does not move
+
+
+def _toy_features(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[1.0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0]])
+    normals = centres[torch.arange(n) % 2] + 0.05 * torch.randn(n, 6, generator=g)
+    anomalies = torch.tensor([[0, 0, 1.0, 0, 0, 0], [0.6, 0.6, 0, 0.5, 0, 0]]) + 0.05 * torch.randn(2, 6, generator=g)
+    return normals, anomalies
+
+
+@pytest.mark.parametrize("form", ["bridge", "mixture"])
+def test_dpl_pulls_prototypes_to_normals_and_pushes_anomalies_away(form):
+    """Training Eqs. 16-17 (bounded reading) raises the normals' likelihood under the mixture above the anomalies'.
+
+    The literal Eqs. 16 + 17 do the reverse: they descend mean log varpi(x^n) - mean log varpi(x^a).
+    """
+    normals, anomalies = _toy_features()
+    held_normals, held_anomalies = _toy_features(seed=1)
+    torch.manual_seed(0)
+    p = GaussianPrototypes(2, 6, eps=0.1, s_init=1.0)  # random means, far from the normals
+    with torch.no_grad():
+        start = p.log_potential(normals).mean().item()
     opt = torch.optim.Adam(p.parameters(), lr=0.05)
-    for _ in range(steps):
-        loss = p.normal_loss(normals) + (p.anomaly_loss(anomaly) if use_anomaly_loss else 0.0)
+    for _ in range(300):
+        ll_n = p.log_likelihood(normals, form)
+        loss = p.normal_loss(normals, form) + p.anomaly_loss(anomalies, ll_n.mean(), 1.0, form)
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return start, p.transport_log_likelihood(anomaly).item(), p.transport_log_likelihood(normals).mean().item()
+        ll_normal = p.log_potential(held_normals)
+        ll_anomaly = p.log_potential(held_anomalies)
+    assert ll_normal.mean() > start + 5
+    assert ll_normal.min() > ll_anomaly.max()
+    if form == "mixture":  # each prototype sits on one of the two normal clusters
+        assert torch.cdist(p.mu.detach(), torch.eye(6)[:2]).min(1).values.max() < 0.1
 
 
-def test_anomaly_loss_pushes_a_seen_anomalys_likelihood_down():
-    start, with_a, normal_ll = _train_toy(True)
-    _, without_a, _ = _train_toy(False)
-    assert with_a < start
-    assert with_a < without_a
-    assert with_a < normal_ll
+def test_dpl_losses_have_their_lower_bound():
+    torch.manual_seed(0)
+    p = GaussianPrototypes(2, 6, eps=0.1, s_min=1e-2)
+    x = torch.randn(8, 6)
+    opt = torch.optim.Adam(p.parameters(), lr=0.1)
+    for _ in range(300):  # collapse the components onto the data as far as the floor allows
+        loss = p.normal_loss(x[:2])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert p.normal_loss(x[:2]).item() >= p.lower_bound() - 1e-5
+    assert p.anomaly_loss(x, torch.tensor(0.0)).item() >= 0
 
 
 def test_dispersion_is_lower_for_spread_than_collapsed_features():
@@ -124,7 +172,8 @@ def test_kmeans_finds_clusters_and_is_seeded():
     c = kmeans(x, 2, seed=0)
     assert sorted(c[:, 0].round().tolist()) == [-3.0, 3.0]
     assert torch.equal(c, kmeans(x, 2, seed=0))
-    assert kmeans(x[:3], 5, seed=0).shape == (5, 2)  # fewer points than centres
+    with pytest.raises(ValueError, match="lower the number of prototypes"):
+        kmeans(x[:3], 5, seed=0)  # fewer points than centres
 
 
 def test_cutmix_is_seeded_and_local():
@@ -214,3 +263,122 @@ def test_build_model_rejects_unknown():
         build_model("ahl", 16)
     with pytest.raises(ValueError, match="subset"):
         DPDLNet(16, heads=("x",))
+
+
+# ---- the prototypes reach the score; the loss is bounded; every ablation switch matters --------------------
+
+
+_TRAINED: dict = {}
+
+
+def _trained(toy_task, seed=0, **kwargs):
+    """A DPDLNet trained 30 steps on the toy task (memoised per variant: several tests share the base model)."""
+    key = (seed, tuple(sorted(kwargs.items())))
+    if key not in _TRAINED:
+        _TRAINED[key] = _train(toy_task, seed, **kwargs)
+    return _TRAINED[key]
+
+
+def _train(toy_task, seed=0, **kwargs):
+    samples, cache = toy_task
+    normal, anomaly = cache.maps(samples[:12]), cache.maps(samples[16:20])
+    torch.manual_seed(seed)
+    model = DPDLNet(16, **{**dict(feature_dim=8, n_prototypes=4, hidden=16), **kwargs})
+    cfg = TrainConfig(epochs=3, iterations=10, batch_size=12, lr=5e-3, seed=seed)
+    fit_model(model, FeatureBank(normal, anomaly, cache.pseudo_maps(samples[:12])), cfg)
+    return model, cache.maps(samples[12:16] + samples[20:])
+
+
+def test_prototypes_reach_the_score(toy_task):
+    model, test_maps = _train(toy_task)
+    before = score_maps(model, test_maps)
+    with torch.no_grad():
+        model.prototypes.mu.add_(0.05)
+    assert np.abs(score_maps(model, test_maps) - before).max() > 1e-3
+
+
+def test_after_training_normals_are_likelier_under_the_prototypes(toy_task):
+    samples, cache = toy_task
+    model, _ = _trained(toy_task)
+    with torch.no_grad():
+        _, x_n = model.embed(cache.maps(samples[12:16]).float())
+        _, x_a = model.embed(cache.maps(samples[20:]).float())
+        assert model.prototypes.log_potential(x_n).mean() > model.prototypes.log_potential(x_a).mean()
+
+
+def test_full_loss_is_bounded_below_on_random_data():
+    """Minimising Eq. 23 hard on random maps never goes below the analytic bound (the literal Eqs. 16 + 17 diverge)."""
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(24, 16, 4, 4, generator=g)
+    labels = torch.tensor([0] * 16 + [1] * 8)
+    torch.manual_seed(0)
+    model = DPDLNet(16, feature_dim=8, n_prototypes=4, hidden=16, s_min=1e-2)
+    model.prepare(maps[:16])
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(80):
+        loss, _ = model.loss(maps, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all()
+    assert min(losses) >= model.lower_bound() - 1e-4
+    assert model.lower_bound() > -10
+
+
+@pytest.mark.parametrize("variant", [dict(use_dpl=False), dict(use_dfl=False), dict(heads=("r",)),
+                                     dict(heads=("n", "r")), dict(heads=("a", "r")), dict(residual="bridge"),
+                                     dict(dpl_form="bridge")])
+def test_each_ablation_switch_changes_the_score_function(toy_task, variant):
+    base, test_maps = _trained(toy_task)
+    other, _ = _trained(toy_task, **variant)
+    a, b = score_maps(base, test_maps), score_maps(other, test_maps)
+    assert not np.allclose(a, b, atol=1e-3), variant
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_a_clear_error_naming_the_fix(toy_task):
+    samples, cache = toy_task
+    model = DPDLNet(16, feature_dim=8, n_prototypes=20)
+    with pytest.raises(ValueError, match=r"n_prototypes=20 exceeds the 12 normal.*lower n_prototypes to at most 12"):
+        model.prepare(cache.maps(samples[:12]).float())
+    with pytest.raises(DataError, match=r"class 'green'.*has 4 anomalies, M=5.*lower n_anomalies"):
+        make_split(samples[:12], samples[12:], n_anomalies=5, seed=0, setting="hard", seen_class="green", name="toy")
+    tiny = MapCache(cache.extractor, resize=(3, 3), crop=None)
+    with pytest.raises(ValueError, match=r"backbone cannot take 3x3 px images.*raise the image size"):
+        tiny.maps(samples[:2])
+
+
+# ---- the augmentation pool -----------------------------------------------------------------------------------
+
+
+def test_augmentation_pool_is_seeded_and_drawn_afresh(toy_task):
+    samples, cache = toy_task
+    rot = cache.rotated_maps(samples[:4], 2)
+    assert rot.shape == (8, 16, 4, 4) and torch.equal(rot, cache.rotated_maps(samples[:4], 2))
+    assert not torch.equal(rot[:4], rot[4:]) and not torch.equal(rot[:4], cache.maps(samples[:4]))
+    assert not torch.equal(cache.pseudo_maps(samples[:4], 2)[:4], cache.pseudo_maps(samples[:4], 2)[4:])
+    split = make_split(samples[:12], samples[12:], n_anomalies=3, seed=0, name="toy")
+    cfg = TrainConfig(epochs=1, iterations=5, batch_size=9, lr=5e-3)
+    kw = dict(feature_dim=8, n_prototypes=4, hidden=16)
+    a = run_split(split, cache, "dpdl", kw, cfg, pseudo_variants=2, rotation_variants=2)[0]["auroc"]
+    b = run_split(split, cache, "dpdl", kw, cfg, pseudo_variants=2, rotation_variants=2)[0]["auroc"]
+    c = run_split(split, cache, "dpdl", kw, cfg, pseudo_variants=1, rotation_variants=0)[0]["auroc"]
+    assert a == b and np.isfinite(c)
+
+
+def test_partial_fine_tuning_trains_a_private_copy_of_the_tail(toy_task):
+    samples, cache = toy_task
+    tail = torch.nn.Sequential(torch.nn.Conv2d(16, 12, 1), torch.nn.ReLU())
+    before = [p.detach().clone() for p in tail.parameters()]
+    split = make_split(samples[:12], samples[12:], n_anomalies=3, seed=0, name="toy")
+    cfg = TrainConfig(epochs=1, iterations=5, batch_size=9, lr=5e-3)
+    kw = dict(feature_dim=8, n_prototypes=4, hidden=16, tail=tail)
+    row, model, _ = run_split(split, cache, "dpdl", kw, cfg)
+    assert np.isfinite(row["auroc"]) and model.trunk.net[0].in_channels == 12
+    assert all(torch.equal(a, b) for a, b in zip(before, tail.parameters()))  # the caller's module is untouched
+    assert not torch.equal(model.trunk.tail[0].weight, before[0])  # the copy was trained
+    assert run_split(split, cache, "dpdl", kw, cfg)[0]["auroc"] == row["auroc"]

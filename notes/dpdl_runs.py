@@ -1,0 +1,78 @@
+"""Direct runs of the notebook-05 runner (lib.openset_baselines.run_openset) outside papermill, for the
+measurements quoted in notes/README_dpdl.md. Usage:
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python notes/dpdl_runs.py TASK OUT_PREFIX SEEDS M_VALUES METHODS [EPOCHS] [SETTING]
+
+e.g. ``notes/dpdl_runs.py elpv results/default/05_pilot 0 10 dpdl,dra,"w/o DPL"``. With ``TAIL=1
+TAIL_LAYER=features.18`` every method fine-tunes that backbone block on cached ``TAIL_INPUT`` (default
+``features.17``) activations. Method names: any of
+lib.openset_baselines.METHODS, or the DPDL variants below. Settings are the profile's (``default`` for elpv,
+``real`` otherwise) unless given.
+"""
+
+import os
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+from lib import backbones, data, dpdl, openset, openset_baselines, profiles
+from lib.utils import write_csv
+
+VARIANTS = {"w/o DPL": dict(use_dpl=False), "w/o DFL": dict(use_dfl=False), "M_r": dict(heads=("r",)),
+            "M_n + M_r": dict(heads=("n", "r")), "M_a + M_r": dict(heads=("a", "r")),
+            "literal M_r": dict(residual="bridge"), "bridge DPL": dict(dpl_form="bridge"),
+            "M_a": dict(heads=("a",)), "M_a + M_n": dict(heads=("a", "n"))}
+
+
+def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="general"):
+    torch.set_num_threads(1)
+    cfg = profiles.get_profile("default" if task_name == "elpv" else "real")
+    dp = cfg.dpdl
+    seeds = [int(s) for s in seeds.split(",")]
+    m_values = [int(m) for m in m_values.split(",")]
+    task = openset.load_openset_task(task_name, profiles.task_root(cfg, task_name), image_size=dp["image_size"])
+    task = replace(task, train=tuple(data.subsample(task.train, dp.get("max_train"), 0)),
+                   test=tuple(data.subsample(task.test, dp.get("max_test"), 0)))
+    splits = openset.split_plan(task, (setting,), m_values, seeds)
+    deep_tap = backbones.BACKBONES[cfg.backbone].deep_tap
+    # TAIL=1: partial fine-tuning, cache the activations before the last block and train that block
+    tail_name = os.environ.get("TAIL_LAYER") if os.environ.get("TAIL") else None
+    tap = os.environ.get("TAIL_INPUT", "features.17") if tail_name else deep_tap
+    extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, layers=[tap], device="cpu")
+    tail = extractor.model.get_submodule(tail_name) if tail_name else None
+    path = f"{cfg.cache_dir}/05_maps_{task_name.replace('/', '_')}_{cfg.backbone}_{dp['image_size']}" + \
+        (f"_{tap}.pt" if tail_name else ".pt")
+    cache = dpdl.MapCache(extractor, **task.geometry(), batch_size=32, path=path)
+    n0 = len(cache)
+    cache.maps(list(task.train) + list(task.test))
+    cache.pseudo_maps(task.train, dp.get("pseudo_variants", 1))
+    cache.rotated_maps(task.train, dp.get("rotation_variants", 0)) if dp.get("rotation_variants", 0) else None
+    if len(cache) > n0:
+        cache.save()
+    kw = dict(n_prototypes=dp["n_prototypes"], eps=dp["eps"], **dp.get("dpdl_kwargs", {}))
+    base_kw = {} if tail is None else dict(tail=tail)
+    kw.update(base_kw)
+    specs = {}
+    for m in methods.split(","):
+        if m == "dpdl":
+            specs["dpdl"] = ("dpdl", kw)
+        elif m in VARIANTS:
+            specs[m] = ("dpdl", {**kw, **VARIANTS[m]})
+        else:
+            specs[m] = (m, dict(base_kw))
+    train = dpdl.TrainConfig(epochs=int(epochs or dp["epochs"]), iterations=dp["iterations"],
+                             batch_size=dp["batch_size"])
+    start = time.time()
+    runs, _ = openset_baselines.run_openset(splits, cache, specs, train, dp.get("pseudo_variants", 1),
+                                               show_progress=False, rotation_variants=dp.get("rotation_variants", 0))
+    runs["schedule"] = f"{train.epochs}x{train.iterations}x{train.batch_size}"
+    write_csv(runs, f"{prefix}_runs.csv")
+    table = openset.aggregate_runs(runs, ["task", "setting", "n_anomalies", "method"])
+    write_csv(table, f"{prefix}.csv")
+    print(table.to_string(), f"\n{time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
