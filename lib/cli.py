@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import contextmanager
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np

@@ -41,7 +41,7 @@ LINE_SETTINGS = {
                  one_shot_batches=2, one_shot_epochs=5, seeds=(0, 1, 2)),
 }
 LINE_SETTINGS["full"] = LINE_SETTINGS["real"]
-_COMMON = dict(corruption="gaussian_noise", method="roda", steps_per_batch=1, source_check=4,
+_COMMON = dict(corruption="gaussian_noise", method="roda", steps_per_batch=1, source_check=1,
                guard=dict(warmup=1, hold_ratio=1.5, patience=3, collapse_ratio=0.5, momentum=0.8),
                strategies=("none", "one_shot", "stream", "stream_unguarded"))
 
