@@ -75,6 +75,7 @@ _BASE = dict(
               rotation_variants=2, dpdl_kwargs={},
               # the defaults notebook 05 carried (None: see DERIVED)
               methods=("dpdl", "devnet", "dra", "flos"), max_train=None, max_test=None, hard_seeds=None,
+              hard_n_anomalies=None,
               ablation_seeds=None, sensitivity_seeds=None,
               sensitivity=dict(n_prototypes=(8, 16, 32, 64), eps=(1e-3, 1e-2, 1e-1, 1.0), kappa=(1.0, 5.0, 10.0, 20.0),
                                lam=(0.001, 0.01, 0.1, 1.0))),
@@ -153,6 +154,7 @@ DERIVED = {
     "ablation.corruptions": lambda c: tuple(c["corruption"]["names"]),
     "ablation.epochs": lambda c: c["roda"]["epochs"],
     "dpdl.hard_seeds": lambda c: tuple(c["dpdl"]["seeds"]),
+    "dpdl.hard_n_anomalies": lambda c: tuple(c["dpdl"]["n_anomalies"]),
     "dpdl.ablation_seeds": lambda c: tuple(c["dpdl"]["seeds"]),
     "dpdl.sensitivity_seeds": lambda c: tuple(c["dpdl"]["seeds"][:3]),
 }

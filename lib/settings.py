@@ -236,6 +236,10 @@ SPEC: dict[str, Rule] = {
     "dpdl.ablation_seeds": _seq(_SEED, nullable=True),
     "dpdl.sensitivity_seeds": _seq(_SEED, nullable=True),
     "dpdl.sensitivity": Rule("dict"),
+    "dpdl.hard_n_anomalies": _seq(_COUNT, nullable=True),
+    "dpdl.pseudo_variants": _int(0),
+    "dpdl.rotation_variants": _int(0),
+    "dpdl.dpdl_kwargs": Rule("dict"),
     "figures.qualitative_rows": _int(0),
 }
 

@@ -107,8 +107,13 @@ def test_profiles_are_the_only_source_of_defaults():
     assert set(profiles.SPEC) <= set(base)
     cfg = profiles.resolve("default", device="cpu")
     assert cfg.dpdl.methods == ("dpdl", "devnet", "dra", "flos")
-    assert cfg.dpdl.hard_seeds == cfg.dpdl.seeds and cfg.dpdl.sensitivity_seeds == cfg.dpdl.seeds[:3]
-    assert set(cfg.dpdl.sensitivity) == {"n_prototypes", "eps", "kappa", "lam"}
+    derived = profiles.resolve("default", device="cpu", dpdl={"hard_seeds": None, "hard_n_anomalies": None,
+                                                                "sensitivity_seeds": None})
+    assert derived.dpdl.sensitivity_seeds == derived.dpdl.seeds[:3]
+    assert derived.dpdl.hard_seeds == derived.dpdl.seeds  # None means: the value of another setting
+    assert derived.dpdl.hard_n_anomalies == derived.dpdl.n_anomalies
+    assert set(profiles._BASE["dpdl"]["sensitivity"]) == {"n_prototypes", "eps", "kappa", "lam"}
+    assert cfg.dpdl.sensitivity  # the default profile sweeps its own subset
     assert cfg.figures.qualitative_rows == 2 and profiles.resolve("real", device="cpu").figures.qualitative_rows == 4
 
 
