@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from . import registry
 from .data import (
     DataError,
     Sample,
@@ -295,7 +296,7 @@ def load_openset_task(name: str, data_root=None, normal_split_seed: int = 42, im
     """Training normals and the labelled test pool of a dataset, at the protocol's geometry.
 
     ``name``: ``"elpv"`` (the embedded default), ``"mvtec/<category>"`` (``data_root`` holds the category or an
-    ``mvtec/`` folder), ``"ksdd"`` (labelled folder cut into thirds), ``"synthetic_labelled"`` (generated under
+    ``mvtec/`` folder), ``"ksdd_thirds"`` (the ``ksdd/`` labelled folder cut into thirds), ``"synthetic_labelled"`` (generated under
     ``data_root``), or any labelled folder (``headct``, ``brainmri``, ...). Normals of datasets without a split
     are split ``normal_fraction``/rest with ``normal_split_seed`` (DRA: 0.75, 42), after sorting.
 
@@ -320,8 +321,12 @@ def load_openset_task(name: str, data_root=None, normal_split_seed: int = 42, im
             raise DataError("task 'synthetic_labelled' needs data_root= (where the generated set is written)")
         samples = labelled_folder_samples(make_synthetic_labelled(Path(data_root) / "synthetic_labelled"))
     else:
-        samples = labelled_folder_samples(_labelled_root(data_root, name))
-        if name == "ksdd":
+        # a registered name is checked against the protocol ("ksdd" is the RoDA side's whole strips: the
+        # open-set SDD is "ksdd_thirds", whose folder is ksdd/); other names are labelled folders by path or name
+        spec = registry.task(name, protocol="openset") if name in registry.TASKS else None
+        folder = spec.folder if spec is not None and spec.folder else name
+        samples = labelled_folder_samples(_labelled_root(data_root, folder))
+        if spec is not None and spec.thirds:
             samples = kolektor_thirds(samples)
     train, test = split_normals(sorted_samples(samples), normal_fraction, normal_split_seed)
     return Task(name, tuple(sorted_samples(train)), tuple(sorted_samples(test)), **geometry)

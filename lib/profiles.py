@@ -126,7 +126,7 @@ PROFILES = {
         ablation=dict(seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.02, 0.2), epochs_grid=(1, 10),
                       lr_grid=(0.001,), choice_corruptions=("gaussian_noise",), extra_corruptions=False, epochs=2,
                       table5_schedule="steps"),
-        dpdl=dict(tasks=("mvtec/screw", "headct", "brainmri", "ksdd", "elpv"), hard=True, seeds=(0, 1, 2, 3, 4),
+        dpdl=dict(tasks=("mvtec/screw", "headct", "brainmri", "ksdd_thirds", "elpv"), hard=True, seeds=(0, 1, 2, 3, 4),
                   hard_seeds=(0, 1, 2, 3, 4), image_size=224, epochs=10, iterations=20, batch_size=16),
     ),
     "full": dict(
