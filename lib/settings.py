@@ -149,9 +149,9 @@ def _backbones():
 
 
 def _methods():
-    from .alignment import ALIGNMENT_LOSSES
+    from .registry import ALIGNMENT_METHODS
 
-    return ("patchcore", *ALIGNMENT_LOSSES)
+    return ("patchcore", *ALIGNMENT_METHODS)
 
 
 def _from(module: str, name: str):

@@ -29,10 +29,10 @@ MAX_LINES = 500
 #: only has to add what is new.
 LAYERS = {
     "base": ("utils", "data", "synthetic", "corruptions", "backbones", "metrics", "registry", "cache", "download",
-             "folders", "openset", "weights", "extractor"),
+             "folders", "openset", "backbone_registry", "weight_ports"),
     "algorithms": ("patchcore", "transport", "sinkhorn", "alignment", "adaptation", "stream", "dpdl", "prototypes",
                    "openset_training", "openset_maps", "openset_baselines"),
-    "runners": ("pipeline", "roda_runner", "openset_runner", "grid", "cli"),
+    "runners": ("pipeline", "roda_runner", "openset_runner", "line", "grid", "cli"),
     "reporting": ("figures", "claims", "fidelity"),
     "config": ("profiles", "settings"),
 }
