@@ -141,7 +141,8 @@ def main(argv=None):
         print(f"| {name} | {a:.2f} | {b:.2f} | {a / b:.1f}x | {note} |")
     main_rows = [r for r in rows if "backward" not in r[0] and "faiss" not in r[0]]
     total_old, total_new = sum(r[1] for r in main_rows), sum(r[2] for r in main_rows)
-    print(f"| **backbone + aggregate + coreset + kNN** | **{total_old:.2f}** | **{total_new:.2f}** | **{total_old / total_new:.1f}x** | |")
+    print(f"| **backbone + aggregate + coreset + kNN** | **{total_old:.2f}** | **{total_new:.2f}** "
+          f"| **{total_old / total_new:.1f}x** | |")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ def main(argv=None):
     f_train, bb1, ag1 = run(train_x)
     f_test, bb2, ag2 = run(test_x)
     n_img = len(train_x) + len(test_x)
-    timer.add("backbone", bb1 + bb2, n_img, "images", f"{args.backbone} to {extractor.layers[-1]}, batch {args.batch_size}")
+    timer.add("backbone", bb1 + bb2, n_img, "images",
+              f"{args.backbone} to {extractor.layers[-1]}, batch {args.batch_size}")
     timer.add("aggregate", ag1 + ag2, n_img, "images", f"3x3 + pools to {target_dim}")
 
     flat = f_train.reshape(-1, f_train.shape[-1]).contiguous()
@@ -151,7 +152,8 @@ def main(argv=None):
     model.anomaly_maps(ps, test_x.shape[-2:])
     timer.add("maps", time.perf_counter() - t0, len(test_x), "images", "upsample + blur sigma 4")
 
-    header = (f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
+    cpu = platform.processor() or platform.machine()
+    header = (f"torch {torch.__version__}, threads {torch.get_num_threads()}, {cpu}, "
               f"{os.cpu_count()} CPUs; task {args.task}: {len(train)} train / {len(test)} test images; "
               f"score checksum {float(d.double().sum()):.6f}, coreset first ids {idx[:5].tolist()}")
     print(header)

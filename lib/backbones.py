@@ -56,13 +56,36 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .backbone_registry import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, RANDOM_SEED,  # noqa: F401
-                                BackboneError, BackboneSpec, _load_state_dict_file, _resolve_weight_file, _seeded,
-                                _spec, _torchvision_cache_file, available_backbones, bundled_weights_path,
-                                file_sha256, imagenet_class_names)
-from .weight_ports import (apply_tf_same_padding, build_efficientnet_lite, build_efficientnet_lite_model,  # noqa: F401
-                           build_inception_v3, build_mobilenet_v2, lite_key_map, lite_stages_from_state_dict,
-                           lite_stages_from_table, mobilenet_v2_key, patch_inception_pooling)
+from .backbone_registry import (  # noqa: F401
+    BACKBONES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NORMALIZATIONS,
+    RANDOM_SEED,
+    BackboneError,
+    BackboneSpec,
+    _load_state_dict_file,
+    _resolve_weight_file,
+    _seeded,
+    _spec,
+    _torchvision_cache_file,
+    available_backbones,
+    bundled_weights_path,
+    file_sha256,
+    imagenet_class_names,
+)
+from .weight_ports import (  # noqa: F401
+    apply_tf_same_padding,
+    build_efficientnet_lite,
+    build_efficientnet_lite_model,
+    build_inception_v3,
+    build_mobilenet_v2,
+    lite_key_map,
+    lite_stages_from_state_dict,
+    lite_stages_from_table,
+    mobilenet_v2_key,
+    patch_inception_pooling,
+)
 
 __all__ = [
     "BACKBONES",

@@ -110,8 +110,9 @@ def unused_modules(extractor: torch.nn.Module, size: int = 224) -> tuple:
             extractor.train(training)
             for h in hooks:
                 h.remove()
-        _UNUSED[extractor] = tuple(sorted(n for n, m in extractor.named_modules()
-                                          if not list(m.children()) and n not in ran and next(m.parameters(), None) is not None))
+        leaves = ((n, m) for n, m in extractor.named_modules() if not list(m.children()))
+        unused = (n for n, m in leaves if n not in ran and next(m.parameters(), None) is not None)
+        _UNUSED[extractor] = tuple(sorted(unused))
     return _UNUSED[extractor]
 
 

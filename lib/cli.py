@@ -275,7 +275,8 @@ def cmd_evaluate(args) -> int:
     items = _readable(items, args, str(folder))
     labels = np.array([i.label for i in items])
     if labels.min() == labels.max():
-        raise CliError(f"{folder} ({layout}) holds only {'anomalous' if labels[0] else 'normal'} images: AUROC needs both")
+        only = "anomalous" if labels[0] else "normal"
+        raise CliError(f"{folder} ({layout}) holds only {only} images: AUROC needs both")
     out = model.predict(_loader(items, prep, args.batch_size), desc="evaluating",
                         keep_maps=any(i.mask for i in items))
     summary = dict(folder=str(folder), layout=layout, n_images=len(items), n_anomalous=int(labels.sum()),
@@ -348,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, batch_size=r["batch_size"])
     p.set_defaults(run=cmd_adapt)
 
-    p = sub.add_parser("score", help="score a folder: CSV of image scores and anomaly-map overlays", formatter_class=fmt,
+    p = sub.add_parser("score", help="score a folder: CSV of image scores and anomaly-map overlays",
+                       formatter_class=fmt,
                        description="Image scores (max patch distance to the bank) and anomaly maps of every image.")
     p.add_argument("bank", help="bank file from `roda fit`")
     p.add_argument("folder", help="folder of images to score, read recursively")

@@ -62,7 +62,7 @@ Dispersion (Eq. 19) on the unit embeddings of every sample in the batch, kappa =
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

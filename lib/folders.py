@@ -167,10 +167,12 @@ def labelled_items(folder) -> tuple[list[Item], str]:
     """
     folder = Path(folder)
     if (folder / "test").is_dir() and (folder / "test" / "good").is_dir():
-        return [Item(s.path, s.label, s.defect, s.mask) for s in mvtec_samples(folder.parent, folder.name, "test")], "mvtec"
+        found = mvtec_samples(folder.parent, folder.name, "test")
+        return [Item(s.path, s.label, s.defect, s.mask) for s in found], "mvtec"
     if (folder / "labels.csv").is_file():
         return [Item(s.path, s.label, s.defect, s.mask) for s in labelled_folder_samples(folder)], "labels.csv"
-    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "ground_truth")
+    subdirs = sorted(p for p in folder.iterdir()
+                     if p.is_dir() and not p.name.startswith(".") and p.name != "ground_truth")
     if (folder / "good").is_dir() and len(subdirs) >= 2:
         gt = folder.parent / "ground_truth"
         items = []

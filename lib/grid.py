@@ -29,9 +29,9 @@ import socket
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 # no torch/pandas at import: a worker that runs a cheap cell starts in a fraction of a second
 
@@ -105,7 +105,7 @@ def run_cell(fn: Callable[[dict], dict], cell: dict, out_dir) -> dict:
 class GridRun:
     """What :func:`run_grid` did: the merged ``table`` of all finished cells, and per-cell bookkeeping."""
 
-    table: "pd.DataFrame"  # noqa: F821 - pandas is imported where the table is built
+    table: pd.DataFrame  # noqa: F821 - pandas is imported where the table is built
     ran: list[dict] = field(default_factory=list)  # cells computed in this call
     skipped: list[dict] = field(default_factory=list)  # cells whose result file already existed
     failed: list[tuple[dict, str]] = field(default_factory=list)  # (cell, error) of cells that did not finish
@@ -190,7 +190,7 @@ def _run_ray(fn, pending, out_dir, result, address, num_cpus, num_gpus, max_retr
             result.failed.append((refs[done[0]], f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"))
 
 
-def collect(out_dir, cells: list[dict] | None = None) -> "pd.DataFrame":  # noqa: F821
+def collect(out_dir, cells: list[dict] | None = None) -> pd.DataFrame:  # noqa: F821
     """One row per finished cell (``cells``: only those, in that order; default: every file under
     ``<out_dir>/cells``): the cell's fields, then its metrics, then ``seconds`` and ``host``."""
     import pandas as pd

@@ -24,9 +24,9 @@ image without a mask. Missing files in ``labels.csv`` are reported by :func:`lib
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -142,7 +142,8 @@ def make_split(
         raise DataError(f"setting must be one of {SETTINGS}, got {setting!r}")
     n_anomalies = int(n_anomalies)
     if n_anomalies < 1:
-        raise DataError(f"n_anomalies must be at least 1 (the open-set protocol trains on seen anomalies), got {n_anomalies}")
+        raise DataError(f"n_anomalies must be at least 1 (the open-set protocol trains on seen anomalies), "
+                        f"got {n_anomalies}")
     train_normal = sorted_samples(train_normal)
     if any(s.label != 0 for s in train_normal):
         raise DataError(f"{name}: the training normals contain anomalous samples; pass normals only as train_normal")
@@ -296,9 +297,10 @@ def load_openset_task(name: str, data_root=None, normal_split_seed: int = 42, im
     """Training normals and the labelled test pool of a dataset, at the protocol's geometry.
 
     ``name``: ``"elpv"`` (the embedded default), ``"mvtec/<category>"`` (``data_root`` holds the category or an
-    ``mvtec/`` folder), ``"ksdd_thirds"`` (the ``ksdd/`` labelled folder cut into thirds), ``"synthetic_labelled"`` (generated under
-    ``data_root``), or any labelled folder (``headct``, ``brainmri``, ...). Normals of datasets without a split
-    are split ``normal_fraction``/rest with ``normal_split_seed`` (DRA: 0.75, 42), after sorting.
+    ``mvtec/`` folder), ``"ksdd_thirds"`` (the ``ksdd/`` labelled folder cut into thirds),
+    ``"synthetic_labelled"`` (generated under ``data_root``), or any labelled folder (``headct``, ``brainmri``,
+    ...). Normals of datasets without a split are split ``normal_fraction``/rest with ``normal_split_seed``
+    (DRA: 0.75, 42), after sorting.
 
     Geometry: images are resized to ``image_size`` x ``image_size`` without a crop, as DRA/DevNet do
     (``Resize((448, 448))``; the aspect ratio is not kept).

@@ -1,9 +1,9 @@
 """Open-set baselines under DPDL's protocol and backbone (DevNet, DRA, FLOS) and the benchmark runner.
 
 Every method sees the same inputs as DPDL: the frozen backbone's deep-tap maps (cached by
-:class:`lib.openset_maps.MapCache`) and the same trainable :class:`lib.openset_training.Trunk` (per-channel standardisation and two
-1x1 convs). The originals fine-tune a ResNet-18 end to end at two scales (448 and 224 px); here one scale and a
-frozen backbone, for all methods alike.
+:class:`lib.openset_maps.MapCache`) and the same trainable :class:`lib.openset_training.Trunk` (per-channel
+standardisation and two 1x1 convs). The originals fine-tune a ResNet-18 end to end at two scales (448 and
+224 px); here one scale and a frozen backbone, for all methods alike.
 
 - **DevNet** (Pang et al.; ``Choubo/deviation-network-image``): one 1x1-conv score per location, top-K mean
   (K = 10%), deviation loss with margin 5. No pseudo anomalies.
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -227,8 +227,9 @@ def run_split(split: OpenSetSplit, cache: MapCache, method: str = "dpdl", model_
 
     The augmentation pool (:mod:`lib.openset_maps`): ``pseudo_variants`` CutMix pseudo anomalies per training
     normal (for the methods that use them) and ``rotation_variants`` rotated copies per training normal (every
-    method); the sampler draws from the pool afresh at every step. Returns (row, model, history): ``row`` holds the split's summary, ``auroc`` and timings; ``history`` the
-    per-iteration losses. The run seed is ``split.seed`` (weights, prototype init and batches).
+    method); the sampler draws from the pool afresh at every step. Returns (row, model, history): ``row`` holds
+    the split's summary, ``auroc`` and timings; ``history`` the per-iteration losses. The run seed is
+    ``split.seed`` (weights, prototype init and batches).
     """
     train = TrainConfig(**{**(train.to_dict() if train else {}), "seed": split.seed})
     normal = cache.maps(split.train_normal)
@@ -247,7 +248,8 @@ def run_split(split: OpenSetSplit, cache: MapCache, method: str = "dpdl", model_
     test_maps = cache.maps(split.test)
     start = time.perf_counter()
     scores = score_maps(model, test_maps, device=train.device)
-    row = dict(split.summary(), method=label or method, base_method=method, auroc=image_auroc(split.test_labels, scores),
+    row = dict(split.summary(), method=label or method, base_method=method,
+               auroc=image_auroc(split.test_labels, scores),
                train_s=round(train_s, 2), score_s=round(time.perf_counter() - start, 3),
                final_loss=float(history["loss"].iloc[-5:].mean()) if len(history) else float("nan"))
     history = history.assign(method=label or method, seed=split.seed, n_anomalies=split.n_anomalies,

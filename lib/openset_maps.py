@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torchvision.transforms.functional as TF
@@ -87,7 +87,8 @@ class MapCache:
     def __init__(self, extractor: Callable, resize=224, crop=None, tap: int = -1, batch_size: int = 16,
                  dtype=torch.float16, device="cpu", show_progress: bool = False, path=None, max_angle: float = 180.0):
         self.extractor, self.resize, self.crop, self.tap = extractor, resize, crop, tap
-        self.batch_size, self.dtype, self.device, self.show_progress = batch_size, dtype, torch.device(device), show_progress
+        self.batch_size, self.dtype, self.device = batch_size, dtype, torch.device(device)
+        self.show_progress = show_progress
         self.max_angle = float(max_angle)
         self._maps: dict = {}
         self.seconds = 0.0

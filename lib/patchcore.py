@@ -334,7 +334,7 @@ class PatchCore:
         return torch.cat(out)
 
     # -- fitting -------------------------------------------------------------------------------------
-    def fit(self, loader, preprocessing: dict | None = None) -> "PatchCore":
+    def fit(self, loader, preprocessing: dict | None = None) -> PatchCore:
         """Build the bank from normal images: all patch features, then the coreset."""
         feats = self.embed_loader(loader, desc="bank features")
         feats = feats.reshape(-1, feats.shape[-1])
@@ -409,7 +409,7 @@ class PatchCore:
         return torch_save(dict(bank=self.bank.cpu(), meta=dict(self.metadata(), cache_key=cache_key)), path)
 
     @classmethod
-    def load(cls, path, extractor, device="auto", cache_key: str | None = None) -> "PatchCore":
+    def load(cls, path, extractor, device="auto", cache_key: str | None = None) -> PatchCore:
         """Load a bank; refuse it when it was built with another backbone than ``extractor``, or (given
         ``cache_key``) from other data or settings than the caller's (:class:`StaleBankError`)."""
         path = Path(path)
@@ -427,8 +427,9 @@ class PatchCore:
         if meta["backbone"] != expected:
             diff = {k: (meta["backbone"].get(k), expected.get(k)) for k in set(meta["backbone"]) | set(expected)
                     if meta["backbone"].get(k) != expected.get(k)}
+            name = meta["backbone"].get("name")
             raise BankError(f"bank {path} was built with another backbone (bank vs. given: {diff}): load the "
-                            f"backbone {meta['backbone'].get('name')!r} with the same weights/layers, or rebuild the bank")
+                            f"backbone {name!r} with the same weights/layers, or rebuild the bank")
         if bank.ndim != 2 or bank.shape[0] == 0:
             raise BankError(f"bank file {path} holds an empty bank: rebuild it from normal images")
         if cache_key is not None and meta.get("cache_key") != cache_key:

@@ -47,7 +47,6 @@ from .settings import (
 )
 from .utils import REPO_ROOT, ensure_writable, resolve_device, write_json
 
-
 _BASE = dict(
     backbone="mobilenet_v2",
     backbone_weights=None,
@@ -65,9 +64,9 @@ _BASE = dict(
     # epochs: the RoDA/baseline epochs of notebook 04 (None: roda.epochs); table5_schedule: "epochs"
     # (every Table 5 row runs roda.epochs passes, so 80%/100% take 4-5x the steps) or "steps" (every
     # row takes the 20% row's number of steps: more data, same optimisation)
-    ablation=dict(tasks=None, corruptions=None, seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.01, 0.05, 0.1, 0.5),
-                  epochs_grid=(1, 3, 10), lr_grid=(0.001, 0.01), choice_corruptions=CORRUPTIONS,
-                  extra_corruptions=True, epochs=None, table5_schedule="epochs"),
+    ablation=dict(tasks=None, corruptions=None, seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5),
+                  eps_grid=(0.01, 0.05, 0.1, 0.5), epochs_grid=(1, 3, 10), lr_grid=(0.001, 0.01),
+                  choice_corruptions=CORRUPTIONS, extra_corruptions=True, epochs=None, table5_schedule="epochs"),
     # pseudo_variants / rotation_variants: the seeded augmentation pool per training normal (lib.openset_maps);
     # dpdl_kwargs: further DPDLNet arguments (lib.dpdl documents each)
     dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), n_anomalies=(10, 1), hard=False, image_size=224,
@@ -92,8 +91,9 @@ PROFILES = {
         corruption=dict(names=("gaussian_noise", "contrast")),
         roda=dict(epochs=1, batch_size=4),
         figures=dict(qualitative_rows=2),
-        ablation=dict(seeds=(0, 1), corruptions=("gaussian_noise",), severities=(1, 5), eps_grid=(0.5,), epochs_grid=(2,), lr_grid=(),
-                      choice_corruptions=("gaussian_noise",), extra_corruptions=False, table5_schedule="steps"),
+        ablation=dict(seeds=(0, 1), corruptions=("gaussian_noise",), severities=(1, 5), eps_grid=(0.5,),
+                      epochs_grid=(2,), lr_grid=(), choice_corruptions=("gaussian_noise",), extra_corruptions=False,
+                      table5_schedule="steps"),
         dpdl=dict(tasks=("synthetic_labelled",), seeds=(0, 1), n_anomalies=(2, 1), image_size=64, epochs=1,
                   iterations=2, batch_size=8, n_prototypes=4, ablation_seeds=(0,), sensitivity_seeds=(0,),
                   pseudo_variants=1, rotation_variants=1,

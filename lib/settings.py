@@ -62,7 +62,8 @@ class Rule:
         else:
             text = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[self.kind]
             if self.low is not None and self.high is not None:
-                text += f" in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+                left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+                text += f" in {left}{self.low:g}, {self.high:g}{right}"
             elif self.low is not None:
                 text += f" {'>' if self.open_low else '>='} {self.low:g}"
         return ("null or " + text) if self.nullable else text

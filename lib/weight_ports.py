@@ -19,8 +19,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone_registry import (BACKBONES, RANDOM_SEED, BackboneError, _load_state_dict_file, _resolve_weight_file,
-                                _seeded, _spec)
+from .backbone_registry import (
+    BACKBONES,
+    RANDOM_SEED,
+    BackboneError,
+    _load_state_dict_file,
+    _resolve_weight_file,
+    _seeded,
+    _spec,
+)
 
 # ----------------------------------------------------------------------------------------------- MobileNetV2
 
@@ -220,7 +227,8 @@ def build_efficientnet_lite(name: str, weights=None, same_padding: bool = True) 
     spec = _spec(name)
     if weights == "random":
         with _seeded():
-            return build_efficientnet_lite_model(lite_stages_from_table(name), same_padding), f"random:seed{RANDOM_SEED}"
+            model = build_efficientnet_lite_model(lite_stages_from_table(name), same_padding)
+            return model, f"random:seed{RANDOM_SEED}"
     path, identity = _resolve_weight_file(spec, weights)
     state = _load_state_dict_file(path)
     stages = lite_stages_from_state_dict(state)

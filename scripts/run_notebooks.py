@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"no notebooks match {args.only} in {NOTEBOOKS}")
     rows, started = [], time.perf_counter()
     for i, nb in enumerate(todo, 1):
-        print(f"[{args.profile}] {i}/{len(todo)} {nb.name} (elapsed {_clock(time.perf_counter() - started)})", flush=True)
+        elapsed = _clock(time.perf_counter() - started)
+        print(f"[{args.profile}] {i}/{len(todo)} {nb.name} (elapsed {elapsed})", flush=True)
         t0 = time.perf_counter()
         try:
             seconds = run_one(nb, run_dir / nb.name, params, args.timeout, progress=True)

@@ -153,7 +153,8 @@ def test_wrong_bank_and_state_fail_with_message(data, tmp_path, capsys):
     junk.write_text("hello")
     assert main(["score", str(junk), str(folder), "-o", str(tmp_path / "o")]) == EXIT_FAILURE
     assert "not a PatchCore bank" in capsys.readouterr().err
-    assert main(["score", str(data["bank"]), str(folder), "-o", str(tmp_path / "o"), "--state", str(junk)]) == EXIT_FAILURE
+    args = ["score", str(data["bank"]), str(folder), "-o", str(tmp_path / "o"), "--state", str(junk)]
+    assert main(args) == EXIT_FAILURE
     assert "roda adapt" in capsys.readouterr().err
     # a bank whose backbone identity does not match its recorded backbone
     import torch

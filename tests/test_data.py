@@ -2,8 +2,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib.data import (AnomalyDataset, DataError, Sample, elpv_samples, labelled_folder_samples, load_image,
-                      mvtec_samples, preprocess, split_normals, stratified_split)
+from lib.data import (
+    AnomalyDataset,
+    DataError,
+    Sample,
+    elpv_samples,
+    labelled_folder_samples,
+    load_image,
+    mvtec_samples,
+    preprocess,
+    split_normals,
+    stratified_split,
+)
 
 
 def _img(path, size=(64, 48), mode="L", value=128):

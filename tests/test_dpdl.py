@@ -168,7 +168,8 @@ def test_topk_mil_on_a_hand_made_map():
 
 def test_kmeans_finds_clusters_and_is_seeded():
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(30, 2, generator=g) * 0.1 + c for c in (torch.tensor([3.0, 0]), torch.tensor([-3.0, 0]))])
+    centres = (torch.tensor([3.0, 0]), torch.tensor([-3.0, 0]))
+    x = torch.cat([torch.randn(30, 2, generator=g) * 0.1 + c for c in centres])
     c = kmeans(x, 2, seed=0)
     assert sorted(c[:, 0].round().tolist()) == [-3.0, 3.0]
     assert torch.equal(c, kmeans(x, 2, seed=0))
@@ -245,7 +246,7 @@ def test_dpdl_end_to_end_loss_decreases_and_separates(toy_task):
     assert image_auroc([s.label for s in test], scores) > 0.7
 
 
-@pytest.mark.parametrize("method,kwargs", [("devnet", {}), ("dra", {}), ("flos", {}),
+@pytest.mark.parametrize(("method", "kwargs"), [("devnet", {}), ("dra", {}), ("flos", {}),
                                            ("dpdl", dict(heads=("r",), use_dpl=False, n_prototypes=4))])
 def test_every_method_trains_and_scores_deterministically(toy_task, method, kwargs):
     samples, cache = toy_task

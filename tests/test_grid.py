@@ -60,7 +60,8 @@ def _check_second_run(second, cells, crash, tmp_path):
     on_disk = collect(tmp_path)
     assert len(on_disk) == len(cells) and (tmp_path / "grid.csv").exists()
     record = json.loads(cell_path(tmp_path, crash).read_text())
-    assert record["cell"] == crash and record["metrics"]["auroc"] == pytest.approx(crash["seed"] / 10 + crash["severity"] / 100)
+    assert record["cell"] == crash
+    assert record["metrics"]["auroc"] == pytest.approx(crash["seed"] / 10 + crash["severity"] / 100)
 
 
 def test_serial_grid_survives_a_failing_cell_and_reruns_only_it(tmp_path):
@@ -75,7 +76,8 @@ def test_serial_grid_survives_a_failing_cell_and_reruns_only_it(tmp_path):
 def test_ray_grid_loses_only_the_killed_cell(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     # the local workers import lib.grid and this test module (cheap_cell) from the driver's environment
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    paths = [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
     monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here; silences Ray's FutureWarning
     cells, crash = _grid(tmp_path, hard_crash=True)
     init = dict(num_cpus=2, object_store_memory=80 * 2**20)

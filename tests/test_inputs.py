@@ -28,7 +28,7 @@ from lib.utils import OutputError, write_csv
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
-import run_notebooks
+import run_notebooks  # noqa: E402  (scripts/ is not a package)
 
 SettingsError = profiles.SettingsError
 
@@ -45,7 +45,7 @@ def env_set(monkeypatch):
 # ------------------------------------------------------------------------------------------------ settings
 
 
-@pytest.mark.parametrize("item, message", [
+@pytest.mark.parametrize(("item", "message"), [
     ("foo.bar=1", "foo.bar: unknown setting"),
     ("roda.epoch=5", "did you mean roda.epochs"),
     ("patchcore.coreset=0.1", "did you mean patchcore.coreset_ratio"),
@@ -167,7 +167,8 @@ def test_timing_columns_go_to_a_separate_file(tmp_path):
     table = pd.read_csv(tmp_path / "03_roda.csv")
     timings = pd.read_csv(tmp_path / "03_roda_timings.csv")
     assert list(table.columns) == ["task", "image_auroc"]
-    assert list(timings.columns) == ["task", "adapt_seconds", "seconds"] and timings.adapt_seconds.tolist() == [1.23, 4.56]
+    assert list(timings.columns) == ["task", "adapt_seconds", "seconds"]
+    assert timings.adapt_seconds.tolist() == [1.23, 4.56]
 
 
 # -------------------------------------------------------------------------------------------------- caches
@@ -298,7 +299,7 @@ def _labelled(folder, rows):
     return folder
 
 
-@pytest.mark.parametrize("bad, where", [("2.png,2,x,", "line 4: label must be 0 .* got '2'"),
+@pytest.mark.parametrize(("bad", "where"), [("2.png,2,x,", "line 4: label must be 0 .* got '2'"),
                                         ("2.png,bad,x,", "line 4: label must be 0 .* got 'bad'"),
                                         (",1,x,", "line 4: the image column is empty")])
 def test_labels_are_checked_with_the_row(tmp_path, bad, where):

@@ -54,7 +54,7 @@ def test_lab_lists_notebooks_and_shuts_down(tmp_path):
            "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={REPO}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers run as root; make lab passes it too
         cmd.append("--allow-root")
-    log = open(tmp_path / "lab.log", "w")
+    log = open(tmp_path / "lab.log", "w")  # noqa: SIM115  (closed in the finally block, after the server)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

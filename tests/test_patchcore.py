@@ -1,12 +1,20 @@
 import numpy as np
 import pytest
 import torch
-
 import torch.nn.functional as F
-
-from lib.patchcore import (BankError, PatchCore, adaptive_mean_dim1, aggregate, coverage_radius, faiss_available,
-                           greedy_coreset, local_neighbourhoods, nearest_distances)
 from conftest import TinyExtractor
+
+from lib.patchcore import (
+    BankError,
+    PatchCore,
+    adaptive_mean_dim1,
+    aggregate,
+    coverage_radius,
+    faiss_available,
+    greedy_coreset,
+    local_neighbourhoods,
+    nearest_distances,
+)
 
 
 def brute_force_greedy(x, n, start):
@@ -88,7 +96,7 @@ def official_order_aggregate(features, pretrain_dim, target_dim):
     return merged.reshape(features[0].shape[0], h * w, target_dim)
 
 
-@pytest.mark.parametrize("channels, dims", [((8, 16), (32, 24)), ((32, 96), (256, 256)), ((3, 5), (100, 7))])
+@pytest.mark.parametrize(("channels", "dims"), [((8, 16), (32, 24)), ((32, 96), (256, 256)), ((3, 5), (100, 7))])
 def test_aggregation_equals_the_official_order(channels, dims):
     g = torch.Generator().manual_seed(7)
     a, b = torch.randn(2, channels[0], 8, 8, generator=g), torch.randn(2, channels[1], 4, 4, generator=g)
@@ -96,7 +104,7 @@ def test_aggregation_equals_the_official_order(channels, dims):
     torch.testing.assert_close(ours, official_order_aggregate([a, b], *dims), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("length, size", [(288, 256), (864, 256), (512, 256), (100, 256), (7, 3), (5, 5)])
+@pytest.mark.parametrize(("length", "size"), [(288, 256), (864, 256), (512, 256), (100, 256), (7, 3), (5, 5)])
 def test_adaptive_mean_is_torchs_adaptive_pool_bit_for_bit(length, size):
     x = torch.randn(3, length, 11, generator=torch.Generator().manual_seed(length))
     ref = F.adaptive_avg_pool1d(x.transpose(1, 2).reshape(-1, 1, length), size).reshape(3, 11, size).transpose(1, 2)
@@ -188,13 +196,14 @@ def test_bank_round_trip_and_errors(tmp_path, tiny_extractor):
 def test_fit_and_scores_are_bit_identical_across_runs(tiny_extractor):
     runs = []
     for _ in range(2):
-        model = PatchCore(tiny_extractor, coreset_ratio=0.3, pretrain_dim=24, target_dim=16, device="cpu").fit(_loader(4))
+        model = PatchCore(tiny_extractor, coreset_ratio=0.3, pretrain_dim=24, target_dim=16, device="cpu")
+        model.fit(_loader(4))
         runs.append((model.bank, model.predict(_loader(3, seed=5, anomalous=True))["scores"]))
     assert torch.equal(runs[0][0], runs[1][0])
     assert np.array_equal(runs[0][1], runs[1][1])
 
 
-@pytest.mark.parametrize("length, size", [(288, 256), (30, 8), (7, 3), (5, 9)])
+@pytest.mark.parametrize(("length", "size"), [(288, 256), (30, 8), (7, 3), (5, 9)])
 def test_adaptive_mean_gradient(length, size):
     x = torch.randn(1, length, 2, dtype=torch.double, requires_grad=True, generator=torch.Generator().manual_seed(1))
     assert torch.autograd.gradcheck(lambda y: adaptive_mean_dim1(y, size), (x,))

@@ -120,7 +120,8 @@ def test_any_alignment_method_runs_and_bad_settings_fail(model):
 def test_source_check_goes_back_to_source_when_it_fits_better(model):
     source = bn_state(model.extractor)
     # a large step on normal images pushes the features away from the bank: the source fits better
-    config = StreamConfig(method="roda", lr=0.05, loss=dict(eps=0.1), guard=GuardConfig(hold_ratio=100.0, source_check=2))
+    guard = GuardConfig(hold_ratio=100.0, source_check=2)
+    config = StreamConfig(method="roda", lr=0.05, loss=dict(eps=0.1), guard=guard)
     stream = StreamAdapter(model, config)
     try:
         rows = [stream.process(_textures(4, 40 + t))["row"] for t in range(3)]

@@ -1,9 +1,9 @@
 """Direct runs of the notebook-05 runner (lib.openset_baselines.run_openset) outside papermill, for the
-measurements quoted in notes/README_dpdl.md. Usage:
+real-data DPDL measurements quoted in the README (``results/real/05_new_*.csv``). Usage:
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python notes/dpdl_runs.py TASK OUT_PREFIX SEEDS M_VALUES METHODS [EPOCHS] [SETTING]
+    OMP_NUM_THREADS=1 python scripts/run_dpdl.py TASK OUT_PREFIX SEEDS M_VALUES METHODS [EPOCHS] [SETTING]
 
-e.g. ``notes/dpdl_runs.py elpv results/default/05_pilot 0 10 dpdl,dra,"w/o DPL"``. With ``TAIL=1
+e.g. ``scripts/run_dpdl.py elpv results/default/05_pilot 0 10 dpdl,dra,"w/o DPL"``. With ``TAIL=1
 TAIL_LAYER=features.18`` every method fine-tunes that backbone block on cached ``TAIL_INPUT`` (default
 ``features.17``) activations. Method names: any of
 lib.openset_baselines.METHODS, or the DPDL variants below. Settings are the profile's (``default`` for elpv,
@@ -14,8 +14,11 @@ import os
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import backbones, data, dpdl, openset, openset_baselines, profiles
 from lib.utils import write_csv
