@@ -42,7 +42,15 @@ _BASE = dict(
     roda=dict(epochs=10, lr=0.003, momentum=0.9, batch_size=10, eps=0.05, rule="or", cost="l2",
               cost_norm="mean", bn_mode="eval", augment="flip_rot90", methods=("patchcore", "ttt++", "ttac", "roda"),
               # our named options, reported beside the paper's rule, never in its place
-              variants={"roda_and": dict(method="roda", loss=dict(rule="and"))}),
+              variants={"roda_and": dict(method="roda", loss=dict(rule="and")),
+                        # label-free robust configuration (docs/choices.md, RoDA section; notebook 08): eps from
+                        # the first adaptation batch's plan spread, target marginal KL-relaxed, bank marginal by
+                        # coverage, row pairs kept by plan mass, no remainder batch, stop when the batches'
+                        # nearest-bank distance levels off
+                        "roda_robust": dict(method="roda", drop_last=True, stop=dict(rel_tol=0.01, min_epochs=2),
+                                            loss=dict(eps="auto", entries_per_row=8, ot="semi_relaxed", rho="auto",
+                                                      rho_std=1.0, weights="coverage", rule="mass",
+                                                      mass_fraction=0.5))}),
     # epochs: the RoDA/baseline epochs of notebook 04 (None: roda.epochs); table5_schedule: "epochs"
     # (every Table 5 row runs roda.epochs passes, so 80%/100% take 4-5x the steps) or "steps" (every
     # row takes the 20% row's number of steps: more data, same optimisation)
