@@ -5,8 +5,8 @@ augmented view each (``10 + 10`` images -> 15,680 target patches with the bundle
 against a ``--bank``-entry memory bank (2,500 by default). The bank is a random subset of clean patch features
 of the same images' category (no coreset: the bank's contents barely change the timing). Each stage is timed
 separately over ``--repeats`` steps (after one warm-up step) and printed as a table; ``--compare`` also times
-the pre-#9 settings (float64-free but cold-started Sinkhorn at tol 1e-6 with the full (N, M) cost kept), so the
-table shows before/after.
+the pre-#9 path (out-of-place cost with the autograd-safe square root, a normalised copy of the cost, a cold
+Sinkhorn start), so the table shows before/after on the same machine state.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_adapt_step.py                  # synthetic images (no data needed)
     python benchmarks/bench_adapt_step.py --data ../shared/data/mvtec --category screw --threads 2 --compare
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lib import backbones  # noqa: E402
 from lib.alignment import roda_loss  # noqa: E402
 from lib.patchcore import PatchCore  # noqa: E402
-from lib.transport import discretize, normalize_cost, paired_cost, pairwise_cost, sinkhorn  # noqa: E402
+from lib.transport import (_safe_sqrt, _sq_dist, cost_scale, discretize, normalize_cost, paired_cost,  # noqa: E402
+                           pairwise_cost, sinkhorn)
 
 
 def images_for(args):
@@ -58,18 +59,20 @@ def step(model, bank, images, optimizer, times, eps, legacy: bool, state: dict):
         feats = timed(lambda: model.embed(views), times, "forward")
     target = feats.reshape(-1, feats.shape[-1])
     with torch.no_grad():
-        C = timed(lambda: pairwise_cost(target.detach(), bank, "l2"), times, "cost")
-        Cn, _ = timed(lambda: normalize_cost(C, "mean"), times, "cost")
-        del C
-        kw = dict(return_log=True, warn=False)
-        if legacy:
-            kw.update(tol=1e-6, method="absorb")
-        else:
-            kw.update(state.get("sinkhorn", {}))
-        log_plan, info = timed(lambda: sinkhorn(Cn, eps, **kw), times, "sinkhorn")
-        if not legacy:
-            state["sinkhorn"] = dict(init=(None, info["g"]), tol=kw.get("tol", 1e-6))
-        del Cn
+        if legacy:  # the pre-#9 path: out-of-place cost with the autograd-safe sqrt, a normalised copy, cold start
+            C = timed(lambda: _safe_sqrt(_sq_dist(target.detach(), bank)), times, "cost")
+            Cn, _ = timed(lambda: normalize_cost(C, "mean"), times, "cost")
+            del C
+            log_plan, info = timed(lambda: sinkhorn(Cn, eps, tol=1e-6, return_log=True, warn=False), times,
+                                   "sinkhorn")
+            del Cn
+        else:  # in-place cost, eps scaled instead of the cost, Sinkhorn in the cost's storage, warm start
+            C = timed(lambda: pairwise_cost(target.detach(), bank, "l2"), times, "cost")
+            s = timed(lambda: float(cost_scale(C, "mean")), times, "cost")
+            kw = dict(return_log=True, warn=False, overwrite=True, **state.get("sinkhorn", {}))
+            log_plan, info = timed(lambda: sinkhorn(C, eps * s, **kw), times, "sinkhorn")
+            state["sinkhorn"] = dict(init=(None, info["g"]))
+            del C
         pairs = timed(lambda: discretize(log_plan, "or"), times, "discretise")
         del log_plan
     times["iters"] = times.get("iters", 0) + info["n_iter"]

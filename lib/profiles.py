@@ -56,7 +56,10 @@ _BASE = dict(
     # row takes the 20% row's number of steps: more data, same optimisation)
     ablation=dict(tasks=None, corruptions=None, seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.01, 0.05, 0.1, 0.5),
                   epochs_grid=(1, 3, 10), lr_grid=(0.001, 0.01), choice_corruptions=CORRUPTIONS,
-                  extra_corruptions=True, epochs=None, table5_schedule="epochs"),
+                  extra_corruptions=True, epochs=None, table5_schedule="epochs",
+                  # notebook 08 (RoDA diagnosis): None = the profile's tasks / corruptions / seeds / every lead
+                  diagnosis=dict(tasks=None, corruptions=None, seeds=None, leads=None, curve_corruptions=None,
+                                 curve_epochs=None, bank_seed=0)),
     dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), n_anomalies=(10, 1), hard=False, image_size=224,
               epochs=10, iterations=20, batch_size=16, n_prototypes=32, eps=1e-3),
 )
@@ -68,9 +71,11 @@ PROFILES = {
         geometry=dict(resize=128, crop=112),
         patchcore=dict(coreset_ratio=0.05, max_bank=200, max_train=8, max_test=12, batch_size=8),
         corruption=dict(names=("gaussian_noise", "contrast")),
-        roda=dict(epochs=1, batch_size=4),
+        roda=dict(epochs=1, batch_size=2),
         ablation=dict(seeds=(0, 1), corruptions=("gaussian_noise",), severities=(1, 5), eps_grid=(0.5,), epochs_grid=(2,), lr_grid=(),
-                      choice_corruptions=("gaussian_noise",), extra_corruptions=False, table5_schedule="steps"),
+                      choice_corruptions=("gaussian_noise",), extra_corruptions=False, table5_schedule="steps",
+                      diagnosis=dict(corruptions=("gaussian_noise",), seeds=(0,), curve_corruptions=("gaussian_noise",),
+                                     curve_epochs=2)),
         dpdl=dict(tasks=("synthetic_labelled",), seeds=(0, 1), n_anomalies=(2, 1), image_size=64, epochs=1,
                   iterations=2, batch_size=8, n_prototypes=4, ablation_seeds=(0,), sensitivity_seeds=(0,),
                   sensitivity=dict(n_prototypes=(2, 4), eps=(1e-3, 1e-2), kappa=(1.0, 10.0), lam=(0.01, 0.1))),

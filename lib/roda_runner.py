@@ -59,6 +59,20 @@ def config_from_profile(cfg, method: str, seed: int = 0, **overrides) -> AdaptCo
     return AdaptConfig(method=method, seed=seed, loss=loss, **fields)
 
 
+#: the diagnosis of notebook 08: each lead of issue 12 as one controlled change away from the paper-literal
+#: ``roda`` (the profile's eps 0.05 x mean cost, uniform marginals, Eq. 6 "or", every batch, all epochs)
+DIAGNOSIS_LEADS = {
+    "roda": dict(method="roda"),
+    "L1_eps_plan_spread": dict(method="roda", loss=dict(eps="auto", entries_per_row=8)),
+    "L2_rule_mutual": dict(method="roda", loss=dict(rule="and")),
+    "L2_rule_mass": dict(method="roda", loss=dict(rule="mass")),
+    "L3_coverage_marginal": dict(method="roda", loss=dict(weights="coverage")),
+    "L4_drop_last": dict(method="roda", drop_last=True),
+    "L5_stop_rule": dict(method="roda", stop=dict(rel_tol=0.01, min_epochs=2)),
+    "L6_semi_relaxed": dict(method="roda", loss=dict(eps="auto", entries_per_row=8, ot="semi_relaxed", rho="auto")),
+}
+
+
 def method_specs(cfg) -> dict:
     """Name -> spec (``method`` plus overrides) of every method of notebook 03's table: the profile's
     ``roda.methods`` and its named ``roda.variants`` (e.g. ``roda_robust``)."""
@@ -144,13 +158,18 @@ def _needs_weights(config: AdaptConfig) -> bool:
 
 
 def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, bank_seed: int | None = None,
-             history_csv=None, note: str = "") -> pd.DataFrame:
-    """Every (task, seed, corruption, method) run, appended to ``out_csv`` as it finishes; rows already in
-    ``out_csv`` (same task, method, condition, seed) are skipped, so a stopped grid resumes.
+             history_csv=None, note: str = "", resume: bool = True) -> pd.DataFrame:
+    """Every (task, seed, corruption, method) run, appended to ``out_csv`` as it finishes; with ``resume``,
+    rows already in ``out_csv`` (same task, method, condition, seed) are skipped, so a stopped grid resumes
+    (``resume=False`` starts both files afresh).
 
     ``bank_seed``: one bank per task (built with that coreset seed) reused across seeds, instead of one
     bank per seed (the seed then changes the split and the augmentation draws only); recorded per row."""
     out_csv = Path(out_csv)
+    if not resume:
+        for f in (out_csv, history_csv):
+            if f is not None and Path(f).exists():
+                Path(f).unlink()
     done = pd.read_csv(out_csv) if out_csv.exists() else pd.DataFrame()
     key = set(zip(done.task, done.method, done.condition, done.seed)) if len(done) else set()
     severity = cfg["corruption"]["severity"]
@@ -232,16 +251,19 @@ def stop_epoch(epoch_nn, rel_tol: float = 0.01, min_epochs: int = 2) -> int:
 
 
 def summarise(table: pd.DataFrame, shortcut: pd.DataFrame | None = None, threshold: float = 0.7) -> pd.DataFrame:
-    """Mean and std over seeds per (task, condition, method), image and pixel AUROC, with the shortcut flag
-    (shortcut AUROC of the task's test split above ``threshold``: image AUROC not to be trusted there)."""
+    """Mean and std over seeds per (task, condition, method), image and pixel AUROC, with the shortcut flag:
+    the task's shortcut AUROC (notebook 01: the larger of the mean-grey-level and contrast folded AUROCs of
+    its test split) above ``threshold`` means its image AUROC is not to be trusted (read pixel AUROC)."""
     g = table.groupby(["task", "condition", "method"])
     out = g.agg(image_mean=("image_auroc", "mean"), image_std=("image_auroc", "std"),
                 pixel_mean=("pixel_auroc", "mean"), pixel_std=("pixel_auroc", "std"),
                 n_seeds=("seed", "nunique")).reset_index()
-    out["image_shortcut_flag"] = False
+    out["shortcut_auroc"] = float("nan")
     if shortcut is not None and len(shortcut):
-        flagged = set(shortcut.loc[shortcut.shortcut_auroc > threshold, "task"])
-        out["image_shortcut_flag"] = out.task.isin(flagged)
+        cols = [c for c in ("shortcut_auroc", "mean_grey_auroc", "contrast_auroc") if c in shortcut]
+        best = shortcut.set_index("task")[cols].max(axis=1)  # the strongest global-intensity cue
+        out["shortcut_auroc"] = out.task.map(best)
+    out["image_shortcut_flag"] = out.shortcut_auroc > threshold
     return out
 
 
@@ -312,4 +334,49 @@ def choice_sweep(cfg, model, task, corruptions, seed: int = 0, choices: dict | N
             restore_bn_state(model.extractor, source)
         rows.append(dict(task=task.name, choice=name, condition=c, seed=seed,
                          adapt_split_auroc=on_adapt["image_auroc"], eval_split_auroc=on_eval["image_auroc"]))
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# notebook 08: what one plan looks like under each configuration
+# ----------------------------------------------------------------------------------------------------
+
+
+def first_batch_diagnostics(cfg, model, task, corruption, specs: dict, seed: int = 0, weights=None) -> pd.DataFrame:
+    """One augmented adaptation batch (source encoder), one plan per configuration: how peaked the plan is
+    (entries per row), how often a row's plan argmax is its nearest bank entry, Sinkhorn iterations, pairs
+    kept and, where masks exist, the share of anomalous vs. normal target patches kept (masks are read to
+    report, never to choose)."""
+    from .adaptation import resolve_loss_options
+    from .sinkhorn import entries_per_row
+
+    severity = cfg["corruption"]["severity"]
+    a_split, _ = target_split(task, cfg["corruption"]["adapt_fraction"], seed)
+    ds = dataset(task, a_split, corruption, severity, seed)
+    rows = []
+    for name, spec in specs.items():
+        conf = config_for(cfg, spec, seed)
+        if conf.method != "roda":
+            continue
+        batch = next(iter(make_loader(ds, batch_size=conf.batch_size, shuffle=True, seed=seed)))
+        images, masks = augment_batch(batch["image"], batch["mask"], conf.augment, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            target = model.embed(images).reshape(-1, model.bank.shape[1])
+            opts = resolve_loss_options(conf.loss, target, model.bank, weights)
+            resolved = opts.pop("resolved")
+            anomalous = anomalous_patches(masks, model.grid, conf.anomalous_patch_fraction) if masks.any() else None
+            _, info = roda_loss(target, model.bank, anomalous_rows=anomalous, return_plan=True, **opts)
+        spread = float(entries_per_row(info["plan"].clamp_min(1e-30).log()).mean())
+        row_mass = info["plan"].sum(1) * target.shape[0]
+        out = dict(config=name, condition=corruption, seed=seed, n_rows=info["n_rows"], n_pairs=info["n_pairs"],
+                   entries_per_row=spread, share_row_argmax_nn=info["share_row_argmax_nn"],
+                   sinkhorn_iters=info["sinkhorn_iters"], eps_cost=info["eps_cost"],
+                   rho_cost=resolved.get("rho_cost", float("nan")),
+                   share_rows_kept=info["pairs"].rows.unique().numel() / info["n_rows"])
+        if anomalous is not None:
+            out.update(share_anomalous_kept=info["share_anomalous_kept"], share_normal_kept=info["share_normal_kept"],
+                       row_mass_anomalous=float(row_mass[anomalous].mean()),
+                       row_mass_normal=float(row_mass[~anomalous].mean()))
+        rows.append(out)
+        del info
     return pd.DataFrame(rows)

@@ -206,8 +206,9 @@ def test_drop_last_and_stopping_rule(fitted):
                  show_progress=False)
     assert len(hist) == 4 and (hist.n_target_patches == hist.n_target_patches.iloc[0]).all()
     restore_bn_state(fitted.extractor, source)
-    # lr 0: the nearest-bank distance cannot fall, so the rule stops at min_epochs
-    hist = adapt(fitted, data, AdaptConfig(epochs=6, batch_size=5, lr=0.0, stop=dict(rel_tol=0.01, min_epochs=2),
+    # lr 0, no augmentation: the nearest-bank distance cannot fall, so the rule stops at min_epochs
+    hist = adapt(fitted, data, AdaptConfig(epochs=6, batch_size=5, lr=0.0, augment="none",
+                                           stop=dict(rel_tol=0.01, min_epochs=2),
                                            loss=dict(eps=0.1)), show_progress=False)
     assert hist.epoch.max() == 1 and hist.stopped.iloc[-1]
     restore_bn_state(fitted.extractor, source)
