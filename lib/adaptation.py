@@ -180,7 +180,8 @@ def resolve_loss_options(options: dict, target: torch.Tensor, bank: torch.Tensor
 
     - ``eps="auto"`` with ``entries_per_row=K``: ``eps`` in cost units from :func:`lib.sinkhorn.calibrate_eps`
       (rows of the plan spread over about ``K`` bank entries), with ``cost_norm="none"`` so it stays fixed;
-    - ``ot="semi_relaxed"`` with ``rho="auto"``: ``rho = rho_std * std_i(min_j C_ij)`` (the spread of the
+    - ``ot="semi_relaxed"`` or ``"unbalanced"`` (both sides relaxed) with ``rho="auto"``:
+      ``rho = rho_std * std_i(min_j C_ij)`` (the spread of the
       batch's nearest-bank distances, cost units): a patch ``rho`` further from the bank than the typical one
       carries ``e`` times less mass;
     - ``weights="coverage"``: column marginal proportional to ``bank_weights`` (training patches per entry;
@@ -219,10 +220,10 @@ def resolve_loss_options(options: dict, target: torch.Tensor, bank: torch.Tensor
                 raise AdaptationError(str(err)) from None
             opts["cost_norm"] = "none"
             resolved["eps_cost"] = opts["eps"]
-        if ot not in ("absorb", "log", "semi_relaxed"):
-            raise AdaptationError(f"loss ot must be 'absorb', 'log' or 'semi_relaxed', got {ot!r}")
+        if ot not in ("absorb", "log", "semi_relaxed", "unbalanced"):
+            raise AdaptationError(f"loss ot must be 'absorb', 'log', 'semi_relaxed' or 'unbalanced', got {ot!r}")
         skw = dict(opts.pop("sinkhorn_kwargs", None) or {}, method=ot)
-        if ot == "semi_relaxed":
+        if ot in ("semi_relaxed", "unbalanced"):
             if rho == "auto" or rho is None:
                 rho = float(rho_std) * float(C.min(1).values.std())
                 if opts.get("cost_norm", "mean") != "none":

@@ -389,7 +389,7 @@ def test_sinkhorn_method_switch_and_unknown_method():
     P1, _ = tr.sinkhorn(C, 0.05, method="log", tol=1e-10, max_iter=5000)
     P2, _ = tr.sinkhorn(C, 0.05, method="absorb", tol=1e-10, max_iter=5000)
     torch.testing.assert_close(P1, P2, atol=1e-10, rtol=0)
-    assert set(tr.SINKHORN_METHODS) == {"log", "absorb", "semi_relaxed"}
+    assert set(tr.SINKHORN_METHODS) == {"log", "absorb", "semi_relaxed", "unbalanced"}
     with pytest.raises(ValueError, match="unknown method"):
         tr.sinkhorn(C, 0.05, method="greenkhorn")
     with pytest.raises(ValueError, match="needs a finite rho"):
@@ -468,3 +468,23 @@ def test_mass_rule_and_cost_scale():
     torch.testing.assert_close(tr.cost_scale(C), C.mean().reshape(1, 1))
     x, y = _problem(9, 7, dtype=torch.float32)
     torch.testing.assert_close(pairwise_cost(x, y), tr._safe_sqrt(tr._sq_dist(x, y)), atol=1e-5, rtol=0)
+
+
+def test_unbalanced_matches_pot_and_drops_far_bank_entries():
+    x, y = _problem(25, 18, seed=12)
+    C, _ = normalize_cost(pairwise_cost(x, y))
+    eps, rho = 0.1, 0.3
+    P, info = tr.sinkhorn(C, eps, method="unbalanced", rho=rho, tol=1e-12, max_iter=50000)
+    a, b = np.full(25, 1 / 25), np.full(18, 1 / 18)
+    Pp = ot.unbalanced.sinkhorn_unbalanced(a, b, C.numpy(), eps, (rho, rho), reg_type="entropy",
+                                           method="sinkhorn", numItermax=50000, stopThr=1e-14)
+    assert info["converged"]
+    assert np.abs(P.numpy() - Pp).max() < 1e-6 * Pp.max()
+    # a bank entry far from every target patch gets little mass (balanced / semi-relaxed: exactly 1/M)
+    target, bank, _ = _planted(n_out=0)
+    bank = torch.cat([bank, bank[:3] + 15.0])
+    C = pairwise_cost(target, bank)
+    rho = float(C.min(1).values.std())
+    Pu, _ = tr.sinkhorn(C, 0.5, method="unbalanced", rho=rho, tol=1e-6, max_iter=5000)
+    col = Pu.sum(0) / Pu.sum() * C.shape[1]
+    assert col[-3:].max() < 0.05 * col[:-3].median()
