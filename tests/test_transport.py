@@ -434,18 +434,15 @@ def test_semi_relaxed_gives_planted_outliers_little_mass():
 def test_calibrated_eps_gives_a_peaked_plan_and_mean_scaled_eps_does_not():
     from lib.sinkhorn import calibrate_eps, entries_per_row
 
-    target, bank, _ = _planted(n_out=0)
+    target, bank, _ = _planted(n_out=0, d=32)
     C = pairwise_cost(target, bank)
-    M = C.shape[1]
-    eps = calibrate_eps(C, 5.0)
-    L, _ = tr.sinkhorn(C, eps, tol=1e-8, max_iter=20000, return_log=True)
-    spread = entries_per_row(L).mean()
-    assert spread < 0.25 * M, spread  # peaked: a handful of entries per row
-    # the paper-literal eps = 0.05 x mean cost spreads rows over a large part of the bank
-    Lm, _ = tr.sinkhorn(C, 0.05 * float(C.mean()), tol=1e-8, max_iter=20000, return_log=True)
-    assert entries_per_row(Lm).mean() > 2 * spread
-    # the row argmax of the calibrated plan is mostly the nearest bank entry
-    assert (L.argmax(1) == C.argmin(1)).float().mean() > 0.6
+    eps = calibrate_eps(C, 4.0)
+    L, _ = tr.sinkhorn(C, eps, tol=1e-8, max_iter=20000, return_log=True, warn=False)
+    spread = float(entries_per_row(L).mean())
+    assert abs(spread - 4.0) < 0.4, spread  # the plan's rows spread over the requested number of entries
+    # the paper-literal eps = 0.05 x mean cost spreads every row over 3x as many entries on the same data
+    Lm, _ = tr.sinkhorn(C, 0.05 * float(C.mean()), tol=1e-8, max_iter=20000, return_log=True, warn=False)
+    assert float(entries_per_row(Lm).mean()) > 2.5 * spread
 
 
 def test_calibrate_eps_errors_name_the_fix():
