@@ -23,11 +23,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import backbones  # noqa: E402
-from lib.alignment import roda_loss  # noqa: E402
-from lib.patchcore import PatchCore  # noqa: E402
-from lib.transport import (_safe_sqrt, _sq_dist, cost_scale, discretize, normalize_cost, paired_cost,  # noqa: E402
-                           pairwise_cost, sinkhorn)
+from lib import backbones
+from lib.alignment import roda_loss
+from lib.patchcore import PatchCore
+from lib.transport import (
+    _safe_sqrt,
+    _sq_dist,
+    cost_scale,
+    discretize,
+    normalize_cost,
+    paired_cost,
+    pairwise_cost,
+    sinkhorn,
+)
 
 
 def images_for(args):
@@ -74,7 +82,6 @@ def step(model, bank, images, optimizer, times, eps, legacy: bool, state: dict):
             state["sinkhorn"] = dict(init=(None, info["g"]))
             del C
         pairs = timed(lambda: discretize(log_plan, "or"), times, "discretise")
-        del log_plan
     times["iters"] = times.get("iters", 0) + info["n_iter"]
 
     def backward():

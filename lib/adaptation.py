@@ -350,7 +350,8 @@ _MOVED = ("adapt_and_evaluate", "config_from_profile", "assignment_census", "ope
 def __getattr__(name):
     """The experiment glue moved to :mod:`lib.roda_runner`; old ``adaptation.<name>`` calls still resolve."""
     if name in _MOVED:
-        from . import roda_runner  # experiment glue imports this module, not the other way round
+        # the experiment glue imports this module, not the other way round: import it only when asked
+        from . import roda_runner
 
         return getattr(roda_runner, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,14 +39,14 @@ from .transport import (
 )
 
 __all__ = [
+    "ALIGNMENT_LOSSES",
     "SourceStats",
-    "source_stats",
-    "roda_loss",
     "continuous_ot_loss",
+    "gaussian_kl_loss",
     "hungarian_loss",
     "moment_matching_loss",
-    "gaussian_kl_loss",
-    "ALIGNMENT_LOSSES",
+    "roda_loss",
+    "source_stats",
 ]
 
 

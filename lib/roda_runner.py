@@ -17,12 +17,27 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .adaptation import (AdaptConfig, AdaptationError, adapt, anomalous_patches, augment_batch, bn_state,
-                         restore_bn_state, save_bn_state)
+from .adaptation import (
+    AdaptationError,
+    AdaptConfig,
+    adapt,
+    anomalous_patches,
+    augment_batch,
+    bn_state,
+    restore_bn_state,
+    save_bn_state,
+)
 from .alignment import roda_loss
 from .data import DataError, make_loader
 from .patchcore import nearest_distances
-from .pipeline import bank_path, dataset, evaluate, fit_or_load_bank, resolve_task, target_split
+from .pipeline import (
+    bank_path,
+    dataset,
+    evaluate,
+    fit_or_load_bank,
+    resolve_task,
+    target_split,
+)
 from .utils import progress, torch_save, write_csv
 
 #: per-method defaults that the paper's baselines need (applied before the profile's overrides)

@@ -42,9 +42,8 @@ import warnings
 
 import torch
 
-__all__ = ["SinkhornWarning", "SINKHORN_METHODS", "sinkhorn", "sinkhorn_log",
-           "sinkhorn_log_domain", "sinkhorn_absorb", "sinkhorn_semi_relaxed", "sinkhorn_unbalanced",
-           "entries_per_row", "calibrate_eps"]
+__all__ = ["SINKHORN_METHODS", "SinkhornWarning", "calibrate_eps", "entries_per_row", "sinkhorn", "sinkhorn_absorb",
+           "sinkhorn_log", "sinkhorn_log_domain", "sinkhorn_semi_relaxed", "sinkhorn_unbalanced"]
 
 
 class SinkhornWarning(UserWarning):

@@ -21,19 +21,19 @@ import torch
 from .sinkhorn import SINKHORN_METHODS, SinkhornWarning, sinkhorn, sinkhorn_log
 
 __all__ = [
-    "SinkhornWarning",
+    "SINKHORN_METHODS",
     "Pairs",
-    "pairwise_cost",
-    "paired_cost",
-    "normalize_cost",
+    "SinkhornWarning",
+    "assignment_stats",
     "cost_scale",
+    "discretize",
+    "hungarian_assignment",
+    "normalize_cost",
+    "paired_cost",
+    "pairs_to_mask",
+    "pairwise_cost",
     "sinkhorn",
     "sinkhorn_log",
-    "SINKHORN_METHODS",
-    "discretize",
-    "pairs_to_mask",
-    "assignment_stats",
-    "hungarian_assignment",
 ]
 
 COST_KINDS = ("l2", "sqeuclidean", "cosine")

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import backbones, profiles, roda_runner  # noqa: E402
+from lib import backbones, profiles, roda_runner
 
 
 def main(argv=None):

@@ -21,8 +21,6 @@ from lib.transport import (
     sinkhorn_log,
 )
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
