@@ -10,9 +10,11 @@ Modules, each named after what it holds:
 - ``backbones``    ImageNet-pretrained feature extractors that install offline, plus torchvision ones
 - ``patchcore``    patch features, approximate greedy coreset, memory bank, scoring
 - ``metrics``      image / pixel AUROC
-- ``transport``    log-domain Sinkhorn and the discretization of RoDA Eq. 6
+- ``sinkhorn``     entropic OT solvers behind one ``method=`` switch (log, absorb, semi-relaxed, unbalanced), eps calibration
+- ``transport``    costs and the discretization of RoDA Eq. 6 (re-exports the Sinkhorn entry points)
 - ``alignment``    alignment losses: RoDA, continuous OT, Hungarian, TTT++, TTAC
 - ``adaptation``   BatchNorm-affine test-time adaptation loop (RoDA Alg. 1)
+- ``roda_runner``  RoDA experiment glue: configs, adapt-and-score runs, grids, diagnosis (notebooks 03/04/08)
 - ``dpdl``         DPDL prototypes, Schrodinger bridge, dispersion loss, MIL heads
 - ``openset``      the open-set supervised protocol (general / hard settings)
 - ``openset_baselines``  DevNet, DRA composite heads and a focal-loss classifier under that protocol
