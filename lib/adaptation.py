@@ -27,10 +27,7 @@ Open choices (the paper is silent; each is a parameter, measured in notebooks 03
 
 from __future__ import annotations
 
-import copy
-import inspect
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +35,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .alignment import ALIGNMENT_LOSSES, roda_loss, source_stats
-from .data import DataError, make_loader
-from .pipeline import dataset, evaluate, target_split
+from .alignment import ALIGNMENT_LOSSES, source_stats
+from .data import make_loader
+from .sinkhorn import calibrate_eps
+from .transport import pairwise_cost
 from .utils import progress, torch_save
 
 AUGMENTATIONS = ("none", "copy", "flip_rot90")
@@ -70,6 +68,14 @@ class AdaptConfig:
     # divide the loss by its (detached) value at the first step, as TTT++ scales its CORAL term by the
     # source value; the Gaussian-KL baseline needs it (its raw value is ~10^3-10^4 on 256-d features)
     normalize_loss: bool = False
+    # drop the last, smaller minibatch of every epoch (a 2-image remainder otherwise gets a full step)
+    drop_last: bool = False
+    # label-free stopping rule, e.g. dict(rel_tol=0.01, min_epochs=2): stop after an epoch whose mean
+    # nearest-bank distance of the (unlabeled) adaptation batches fell by less than rel_tol (relative) from
+    # the epoch before; None: run all epochs
+    stop: dict | None = None
+    # warm-start each minibatch's Sinkhorn from the previous one's bank-side potentials (same fixed point)
+    warm_start: bool = True
 
     def __post_init__(self):
         if self.method != "patchcore" and self.method not in ALIGNMENT_LOSSES:
@@ -78,6 +84,8 @@ class AdaptConfig:
             raise AdaptationError(f"unknown augment {self.augment!r}: choose one of {AUGMENTATIONS}")
         if self.steps is not None and self.steps < 1:
             raise AdaptationError(f"steps must be a positive number of optimisation steps (or None), got {self.steps}")
+        if self.stop is not None and not set(self.stop) <= {"rel_tol", "min_epochs"}:
+            raise AdaptationError(f"stop takes rel_tol and min_epochs, got {sorted(self.stop)}")
         if self.bn_mode not in ("eval", "train"):
             raise AdaptationError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
 
@@ -153,41 +161,131 @@ def anomalous_patches(masks: torch.Tensor, grid, fraction: float) -> torch.Tenso
     return (cover >= fraction).flatten()
 
 
-def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True) -> pd.DataFrame:
+#: what each loss takes beyond ``(target, bank, **config.loss)``: the Gaussian baselines read source statistics
+#: (from the bank only, computed once); the OT losses take Fig. 5a masks, bank weights and a warm start
+LOSS_INPUTS = {
+    "roda": ("anomalous_rows", "bank_weights", "warm_start"),
+    "continuous_ot": ("warm_start",),
+    "hungarian": (),
+    "ttt++": ("stats",),
+    "ttac": ("stats",),
+}
+
+#: keys of ``config.loss`` that :func:`resolve_loss_options` turns into :func:`lib.alignment.roda_loss` arguments
+DATA_DRIVEN_KEYS = ("entries_per_row", "ot", "rho", "rho_std", "weights")
+
+
+def resolve_loss_options(options: dict, target: torch.Tensor, bank: torch.Tensor, bank_weights=None) -> dict:
+    """Fix the data-driven OT options on the first (unlabeled) adaptation batch; returns loss kwargs.
+
+    - ``eps="auto"`` with ``entries_per_row=K``: ``eps`` in cost units from :func:`lib.sinkhorn.calibrate_eps`
+      (rows of the plan spread over about ``K`` bank entries), with ``cost_norm="none"`` so it stays fixed;
+    - ``ot="semi_relaxed"`` or ``"unbalanced"`` (both sides relaxed) with ``rho="auto"``:
+      ``rho = rho_std * std_i(min_j C_ij)`` (the spread of the
+      batch's nearest-bank distances, cost units): a patch ``rho`` further from the bank than the typical one
+      carries ``e`` times less mass;
+    - ``weights="coverage"``: column marginal proportional to ``bank_weights`` (training patches per entry;
+      error when they are missing).
+
+    Returns the options with these resolved (and ``eps_cost``/``rho_cost`` recorded under ``resolved``).
+    """
+    opts = dict(options)
+    weights = opts.pop("weights", "uniform")
+    k = opts.pop("entries_per_row", None)
+    ot = opts.pop("ot", "absorb")
+    rho, rho_std = opts.pop("rho", None), opts.pop("rho_std", 1.0)
+    if weights not in ("uniform", "coverage"):
+        raise AdaptationError(f"loss weights must be 'uniform' or 'coverage', got {weights!r}")
+    if weights == "coverage":
+        if bank_weights is None:
+            raise AdaptationError("loss weights='coverage' needs the bank's coverage counts: pass bank_weights "
+                                  "(lib.roda_runner.bank_weights computes and caches them)")
+        opts["bank_weights"] = bank_weights
+    b = None
+    if weights == "coverage":
+        w = torch.as_tensor(bank_weights, dtype=torch.float32).reshape(-1)
+        if w.numel() != bank.shape[0]:
+            raise AdaptationError(f"bank_weights has {w.numel()} entries but the bank has {bank.shape[0]}: "
+                                  "recompute the weights for this bank (lib.roda_runner.bank_weights)")
+        b = w / w.sum()
+    resolved = {}
+    with torch.no_grad():
+        C = pairwise_cost(target.detach(), bank.detach().to(target), opts.get("cost", "l2"))
+        if opts.get("eps") == "auto":
+            if k is None:
+                raise AdaptationError("eps='auto' needs entries_per_row (the target spread of the plan's rows)")
+            try:
+                opts["eps"] = calibrate_eps(C, float(k), b=b)
+            except ValueError as err:
+                raise AdaptationError(str(err)) from None
+            opts["cost_norm"] = "none"
+            resolved["eps_cost"] = opts["eps"]
+        if ot not in ("absorb", "log", "semi_relaxed", "unbalanced"):
+            raise AdaptationError(f"loss ot must be 'absorb', 'log', 'semi_relaxed' or 'unbalanced', got {ot!r}")
+        skw = dict(opts.pop("sinkhorn_kwargs", None) or {}, method=ot)
+        if ot in ("semi_relaxed", "unbalanced"):
+            if rho == "auto" or rho is None:
+                rho = float(rho_std) * float(C.min(1).values.std())
+                if opts.get("cost_norm", "mean") != "none":
+                    raise AdaptationError("rho='auto' is in cost units: use it with eps='auto' (cost_norm 'none')")
+            skw["rho"] = float(rho)
+            resolved["rho_cost"] = float(rho)
+        opts["sinkhorn_kwargs"] = skw
+    opts["resolved"] = resolved
+    return opts
+
+
+def _nn_distance(target: torch.Tensor, bank: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(pairwise_cost(target.detach(), bank.to(target)).min(1).values.mean())
+
+
+def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_weights=None,
+          on_epoch_end=None) -> pd.DataFrame:
     """Adapt ``model.extractor``'s BatchNorm affine parameters on ``dataset`` (the adaptation split).
 
-    Returns the per-step diagnostics: loss, share of target patches assigned, pairs, OT iterations and,
-    where masks exist, how many anomalous target patches received an assignment (RoDA Fig. 5a).
+    ``bank_weights`` (M,) are the training patches each bank entry covers (needed by ``loss.weights =
+    "coverage"``). ``on_epoch_end(epoch, history)`` is called after every epoch (e.g. to score per epoch); a
+    ``config.stop`` rule may end the run early. Returns the per-step diagnostics: loss, nearest-bank distance,
+    pairs, OT iterations and, where masks exist, the Fig. 5a counts of anomalous target patches.
     """
     if len(dataset) == 0:
         raise AdaptationError("the adaptation split is empty: raise corruption.adapt_fraction or add target images")
+    if config.drop_last and len(dataset) < config.batch_size:
+        raise AdaptationError(f"the adaptation split has {len(dataset)} images, fewer than one batch of "
+                              f"{config.batch_size} with drop_last=True: lower roda.batch_size or raise "
+                              "corruption.adapt_fraction")
     model._check_bank()
     extractor = model.extractor
     params = list(extractor.bn_affine_parameters())
     if not params:
         raise AdaptationError(f"backbone {extractor.name} has no BatchNorm layer before its taps: nothing to adapt")
     loss_fn = ALIGNMENT_LOSSES[config.method]
+    inputs = LOSS_INPUTS.get(config.method, ())
     bank = model.bank
-    accepted = inspect.signature(loss_fn).parameters
     static = dict(config.loss)
-    if "stats" in accepted:  # Gaussian baselines: source statistics from the bank only, computed once
+    if "stats" in inputs:
         static["stats"] = source_stats(bank)
+    needs_resolve = any(k in static for k in DATA_DRIVEN_KEYS) or static.get("eps") == "auto"
     generator = torch.Generator().manual_seed(config.seed)
     loader = make_loader(dataset, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    per_epoch = len(dataset) // config.batch_size if config.drop_last else len(loader)
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
     for p in params:
         p.requires_grad_(True)
     if config.bn_mode == "train":
         for bn in extractor.bn_modules():
             bn.train()
-    rows, loss_scale = [], None
-    total = config.steps if config.steps is not None else config.epochs * len(loader)
-    n_epochs = -(-total // len(loader))  # enough passes over the split for ``total`` steps
+    rows, loss_scale, warm, resolved = [], None, None, {}
+    total = config.steps if config.steps is not None else config.epochs * per_epoch
+    n_epochs = -(-total // per_epoch)  # enough passes over the split for ``total`` steps
     steps = progress(total=total, desc=f"adapt {config.method}", leave=False, disable=not show_progress)
+    stop = {"rel_tol": 0.01, "min_epochs": 2, **config.stop} if config.stop is not None else None
+    epoch_nn = []
     try:
         for epoch in range(n_epochs):
-            for batch in loader:
-                if len(rows) == total:
+            for k, batch in enumerate(loader):
+                if len(rows) == total or k >= per_epoch:
                     break
                 images, masks = augment_batch(batch["image"], batch["mask"], config.augment, generator)
                 with extractor.differentiable_mode():
@@ -198,11 +296,21 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True) -> pd
                 target = feats.reshape(-1, feats.shape[-1])
                 if not torch.isfinite(target).all():
                     raise AdaptationError("NaN/inf in target features: the adaptation diverged; lower lr")
-                anomalous = None
-                if masks.any():
-                    anomalous = anomalous_patches(masks, model.grid, config.anomalous_patch_fraction).to(target.device)
-                extra = dict(anomalous_rows=anomalous) if anomalous is not None and "anomalous_rows" in accepted else {}
-                loss, info = loss_fn(target, bank, **static, **extra)
+                if needs_resolve:  # data-driven options, fixed once on the first batch (no labels)
+                    static = resolve_loss_options(static, target, bank, bank_weights)
+                    resolved = static.pop("resolved")
+                    needs_resolve = False
+                extra = {}
+                if "anomalous_rows" in inputs and masks.any():
+                    extra["anomalous_rows"] = anomalous_patches(masks, model.grid,
+                                                                config.anomalous_patch_fraction).to(target.device)
+                if "warm_start" in inputs and config.warm_start and warm is not None:
+                    skw = dict(static.get("sinkhorn_kwargs") or {}, init=(None, warm))
+                    extra["sinkhorn_kwargs"] = skw
+                call = {**static, **extra}
+                loss, info = loss_fn(target, bank, **call)
+                if "potentials" in info:
+                    warm = info["potentials"][1]
                 if not torch.isfinite(loss):
                     raise AdaptationError(f"{config.method} loss is {float(loss)} at step {len(rows)}: the adaptation "
                                           "diverged; lower lr or set normalize_loss=True")
@@ -213,11 +321,21 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True) -> pd
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                rows.append(dict(epoch=epoch, step=len(rows), loss=float(loss.detach()),
-                                 n_target_patches=target.shape[0],
-                                 n_anomalous_patches=int(anomalous.sum()) if anomalous is not None else 0,
-                                 **{k: v for k, v in info.items() if np.isscalar(v)}))
+                nn_d = info["nn_distance"] if "nn_distance" in info else _nn_distance(target, bank)
+                row = {k: v for k, v in info.items() if np.isscalar(v)}
+                row.update(resolved, epoch=epoch, step=len(rows), loss=float(loss.detach()), nn_distance=nn_d,
+                           n_target_patches=target.shape[0],
+                           n_anomalous_patches=int(extra["anomalous_rows"].sum()) if "anomalous_rows" in extra else 0)
+                rows.append(row)
                 steps.update(1)
+            epoch_nn.append(float(np.mean([r["nn_distance"] for r in rows if r["epoch"] == epoch])))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, rows)
+            if stop is not None and epoch + 1 >= stop["min_epochs"] and len(epoch_nn) >= 2:
+                prev, cur = epoch_nn[-2], epoch_nn[-1]
+                if prev - cur < stop["rel_tol"] * abs(prev):
+                    rows[-1]["stopped"] = True
+                    break
     finally:
         steps.close()
         for p in params:
@@ -226,120 +344,14 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True) -> pd
     return pd.DataFrame(rows)
 
 
-def adapt_and_evaluate(model, task, adapt_samples, eval_samples, corruption, severity, config: AdaptConfig,
-                       eval_seed: int = 0, batch_size: int = 16, restore: bool = True, keep_maps: bool = False,
-                       bn_file=None) -> tuple[dict, pd.DataFrame]:
-    """Adapt on ``adapt_samples``, score ``eval_samples`` (both shifted by ``corruption``), then restore
-    the source BatchNorm state (unless ``restore=False``). ``method="patchcore"`` skips adaptation."""
-    if not eval_samples:
-        raise DataError("the evaluation split is empty: lower corruption.adapt_fraction")
-    source = bn_state(model.extractor)
-    t0 = time.perf_counter()
-    history = pd.DataFrame()
-    try:
-        if config.method != "patchcore":
-            try:
-                history = adapt(model, dataset(task, adapt_samples, corruption, severity, eval_seed), config)
-            except AdaptationError as err:
-                if "diverged" not in str(err):
-                    raise
-                # a diverged run is a result too: recorded as NaN with the reason, not silently dropped
-                return dict(image_auroc=float("nan"), pixel_auroc=float("nan"), diverged=str(err),
-                            adapt_seconds=time.perf_counter() - t0, steps=0), history
-            if bn_file is not None:
-                save_bn_state(model.extractor, bn_file, info=asdict(config))
-        adapt_seconds = time.perf_counter() - t0
-        res = evaluate(model, task, eval_samples, corruption, severity, eval_seed, batch_size, keep_maps=keep_maps)
-    finally:
-        if restore:
-            restore_bn_state(model.extractor, source)
-    res.update(adapt_seconds=adapt_seconds, steps=len(history), diverged="")
-    return res, history
+_MOVED = ("adapt_and_evaluate", "config_from_profile", "assignment_census", "open_choices", "choice_sweep")
 
 
-def config_from_profile(cfg, method: str, seed: int = 0, **overrides) -> AdaptConfig:
-    """An :class:`AdaptConfig` from the profile's ``roda`` section (loss options for the OT methods)."""
-    r = copy.deepcopy(dict(cfg["roda"]))
-    r.update(overrides.pop("roda", {}))
-    loss, defaults = {}, {}
-    if method == "ttt++":  # the TTT++ code's normalisation of Eq. 3: CORAL scaling 1/(4 d^2), mean over dims
-        loss = dict(coral_scaling=True, mean_reduction="mean")
-    if method == "ttac":
-        defaults["normalize_loss"] = True
-    if method in ("roda", "continuous_ot"):
-        loss = dict(eps=r["eps"], cost=r["cost"], cost_norm=r["cost_norm"])
-        if method == "roda":
-            loss["rule"] = r["rule"]
-    loss.update(overrides.pop("loss", {}))
-    fields = dict(epochs=r["epochs"], lr=r["lr"], momentum=r["momentum"], batch_size=r["batch_size"],
-                  augment=r["augment"], bn_mode=r["bn_mode"])
-    fields.update(defaults)
-    fields.update(overrides)
-    return AdaptConfig(method=method, seed=seed, loss=loss, **fields)
+def __getattr__(name):
+    """The experiment glue moved to :mod:`lib.roda_runner`; old ``adaptation.<name>`` calls still resolve."""
+    if name in _MOVED:
+        # the experiment glue imports this module, not the other way round: import it only when asked
+        from . import roda_runner
 
-
-def assignment_census(model, dataset, augment: str, eps: float, rule: str = "or", seed: int = 0,
-                      batch_size: int = 10, cost: str = "l2", cost_norm: str = "mean",
-                      anomalous_patch_fraction: float = 0.5) -> dict:
-    """RoDA Fig. 5a: in one target batch, how many anomalous patches does the discrete plan assign?
-
-    The batch is augmented with ``augment``; the plan is solved against the bank with the current
-    encoder; only the patches of the *original* images are counted (the paper's total of anomalous
-    patches is the same for all three strategies), and a patch counts as assigned when it is the
-    column argmax of some bank entry (see :func:`lib.transport.assignment_stats`)."""
-    generator = torch.Generator().manual_seed(seed)
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=True, seed=seed)
-    batch = None
-    for candidate in loader:  # the first batch that holds a defect (else the first batch)
-        batch = batch if batch is not None else candidate
-        if candidate["mask"].any():
-            batch = candidate
-            break
-    images, masks = augment_batch(batch["image"], batch["mask"], augment, generator)
-    with torch.no_grad():
-        target = model.embed(images).reshape(-1, model.bank.shape[1])
-        anomalous = anomalous_patches(masks, model.grid, anomalous_patch_fraction)
-        n_original = batch["image"].shape[0] * model.grid[0] * model.grid[1]
-        anomalous[n_original:] = False  # count the original images' patches only
-        # the same plan, discretisation and counts as one step of the adaptation loop
-        _, stats = roda_loss(target, model.bank, eps=eps, cost=cost, cost_norm=cost_norm, rule=rule,
-                             anomalous_rows=anomalous.to(target.device))
-    n_anom = int(anomalous.sum())
-    n_assigned = int(stats.get("n_anomalous_col_argmax") or 0)
-    return dict(augment=augment, n_images=int(batch["image"].shape[0]), n_target_patches=target.shape[0],
-                n_anomalous_patches=n_anom, n_assigned=n_assigned,
-                share_assigned=n_assigned / n_anom if n_anom else float("nan"))
-
-
-def open_choices(cfg) -> dict:
-    """The open choices of RoDA, one at a time away from the profile's defaults (notebook 04)."""
-    r, abl = cfg["roda"], cfg["ablation"]
-    choices = {"default": {}}
-    choices.update({f"eps={e}": dict(loss=dict(eps=e)) for e in abl["eps_grid"] if e != r["eps"]})
-    choices.update({f"epochs={e}": dict(epochs=e) for e in abl["epochs_grid"] if e != r["epochs"]})
-    choices.update({f"lr={lr}": dict(lr=lr) for lr in abl.get("lr_grid", ()) if lr != r["lr"]})
-    choices.update({"rule=and": dict(loss=dict(rule="and")), "bn_mode=train": dict(bn_mode="train"),
-                    "cost=sqeuclidean": dict(loss=dict(cost="sqeuclidean")),
-                    "cost_norm=max": dict(loss=dict(cost_norm="max")), "augment=none": dict(augment="none")})
-    return choices
-
-
-def choice_sweep(cfg, model, task, corruptions, seed: int = 0, choices: dict | None = None) -> pd.DataFrame:
-    """RoDA under each open choice: AUROC on the 20% adaptation split (what one may tune on: unlabeled
-    during adaptation, labels read only to score) and on the 80% evaluation split."""
-    choices = choices or open_choices(cfg)
-    severity = cfg["corruption"]["severity"]
-    a_split, e_split = target_split(task, cfg["corruption"]["adapt_fraction"], seed)
-    rows = []
-    for c, name in progress([(c, k) for c in corruptions for k in choices], desc="choices"):
-        conf = config_from_profile(cfg, "roda", seed=seed, **copy.deepcopy(choices[name]))
-        source = bn_state(model.extractor)
-        try:
-            adapt(model, dataset(task, a_split, c, severity, seed), conf, show_progress=False)
-            on_adapt = evaluate(model, task, a_split, c, severity, seed)
-            on_eval = evaluate(model, task, e_split, c, severity, seed)
-        finally:
-            restore_bn_state(model.extractor, source)
-        rows.append(dict(task=task.name, choice=name, condition=c, seed=seed,
-                         adapt_split_auroc=on_adapt["image_auroc"], eval_split_auroc=on_eval["image_auroc"]))
-    return pd.DataFrame(rows)
+        return getattr(roda_runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

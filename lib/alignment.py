@@ -30,23 +30,23 @@ import torch
 
 from .transport import (
     assignment_stats,
+    cost_scale,
     discretize,
     hungarian_assignment,
-    normalize_cost,
     paired_cost,
     pairwise_cost,
-    sinkhorn_log,
+    sinkhorn,
 )
 
 __all__ = [
+    "ALIGNMENT_LOSSES",
     "SourceStats",
-    "source_stats",
-    "roda_loss",
     "continuous_ot_loss",
+    "gaussian_kl_loss",
     "hungarian_loss",
     "moment_matching_loss",
-    "gaussian_kl_loss",
-    "ALIGNMENT_LOSSES",
+    "roda_loss",
+    "source_stats",
 ]
 
 
@@ -69,13 +69,30 @@ def _prepare(target: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _plan(C, eps, cost_norm, sinkhorn_kwargs):
-    """Plan of the detached, normalised cost; returns (log plan, sinkhorn info, cost scale)."""
-    Cn, scale = normalize_cost(C.detach(), cost_norm)
+def _plan(C, eps, cost_norm, sinkhorn_kwargs, overwrite=False):
+    """Plan of the detached cost at ``eps`` relative to its ``cost_norm`` scale; returns (log plan, sinkhorn
+    info, cost scale). The plan of ``(C / s, eps)`` is the plan of ``(C, eps * s)``: the cost is not copied to
+    normalise it (potentials in ``info`` are in the units of ``C``)."""
+    s = float(cost_scale(C.detach(), cost_norm).reshape(-1)[0])
     kw = dict(sinkhorn_kwargs or {})
     kw["return_log"] = True  # argmaxes and the loss read the log plan (exact, no underflow)
-    plan, info = sinkhorn_log(Cn, eps, **kw)
-    return plan, info, float(scale.reshape(-1)[0])
+    if kw.get("rho") is not None:
+        kw["rho"] = kw["rho"] * s
+    plan, info = sinkhorn(C.detach(), eps * s, overwrite=overwrite, **kw)
+    return plan, info, s
+
+
+def _bank_marginal(bank_weights, M):
+    """Column marginal ``b`` from per-entry weights (e.g. the training patches each bank entry covers)."""
+    if bank_weights is None:
+        return None
+    w = torch.as_tensor(bank_weights, dtype=torch.float32).reshape(-1)
+    if w.numel() != M:
+        raise ValueError(f"bank_weights has {w.numel()} entries but the bank has {M}: the weights belong to "
+                         "another bank; recompute them for this bank (lib.roda_runner.bank_weights)")
+    if not torch.isfinite(w).all() or (w <= 0).any():
+        raise ValueError("bank_weights must be finite and > 0 (every entry covers at least itself)")
+    return w / w.sum()
 
 
 def roda_loss(
@@ -86,40 +103,48 @@ def roda_loss(
     cost_norm: str = "mean",
     rule: str = "or",
     reduction: str = "mean",
+    bank_weights=None,
+    mass_fraction: float = 0.5,
     anomalous_rows=None,
     return_plan: bool = False,
     sinkhorn_kwargs: dict | None = None,
 ):
-    """Robust Sinkhorn distance, RoDA Eq. 5-6.
+    """Robust Sinkhorn distance, RoDA Eq. 5-6 (and the label-free robust variant, same function).
 
-    1. ``C = cost(target, bank)`` (N, M) with gradient (``C_ij = ||z_i - m_j||`` for ``cost="l2"``);
-    2. ``gamma*`` = entropic OT plan (Eq. 5, uniform marginals) of the detached cost normalised by
-       ``cost_norm`` (so ``eps`` is relative to the cost scale);
-    3. ``pi*`` = discretization of ``gamma*`` by ``rule`` (Eq. 6 is ``"or"``; see
-       :func:`lib.transport.discretize` for what each rule keeps);
-    4. ``loss = sum_ij pi_ij C_ij / sum_ij pi_ij`` (``reduction="mean"``, the mean cost of the kept pairs) or
-       ``sum_ij pi_ij C_ij`` (``"sum"``, Eq. 6 literally; scales with the number of pairs).
+    1. ``C = cost(target, bank)`` (N, M) (``C_ij = ||z_i - m_j||`` for ``cost="l2"``), without gradient;
+    2. ``gamma*`` = entropic OT plan (Eq. 5) at ``eps`` relative to the ``cost_norm`` scale of ``C``
+       (``"none"``: ``eps`` in cost units). Marginals: uniform (Eq. 4), or ``b_j ~ bank_weights_j`` (the
+       training patches bank entry ``j`` stands for); ``sinkhorn_kwargs=dict(method="semi_relaxed", rho=...)``
+       relaxes the target marginal (``rho`` on the same scale as ``eps``);
+    3. ``pi*`` = discretization of ``gamma*`` by ``rule`` (Eq. 6 is ``"or"``; ``"mass"`` keeps row pairs
+       holding at least ``mass_fraction`` of the median row pair's mass; :func:`lib.transport.discretize`);
+    4. ``loss = sum_ij pi_ij C_ij / sum_ij pi_ij`` (``reduction="mean"``) or ``sum_ij pi_ij C_ij`` (``"sum"``,
+       Eq. 6 literally).
 
-    The loss uses the raw (unnormalised) cost, so its gradient is that of the mean patch-to-bank distance
-    over the kept pairs. The (N, M) cost is built without gradient (it only feeds the plan); the kept pairs'
-    costs are recomputed from the feature differences with gradient (:func:`lib.transport.paired_cost`), so no
-    (N, M) autograd graph is stored: identical gradient, a fraction of the memory. ``sinkhorn_kwargs`` go to :func:`lib.transport.sinkhorn_log` (``tol``, ``max_iter``,
-    ``init``, ...); to warm-start the next minibatch pass ``init=(None, info["potentials"][1])`` (the bank-side
-    potentials, in normalised-cost units; the target-side ones belong to this minibatch's rows).
-    ``anomalous_rows`` (N,) bool adds the Fig. 5a counts of :func:`lib.transport.assignment_stats`.
+    The kept pairs' costs are recomputed from the feature differences with gradient
+    (:func:`lib.transport.paired_cost`): no (N, M) autograd graph. ``sinkhorn_kwargs`` go to
+    :func:`lib.sinkhorn.sinkhorn` (``tol``, ``max_iter``, ``init``, ``method``, ``rho``); to warm-start the next
+    minibatch pass ``init=(None, info["potentials"][1])`` (bank-side potentials, cost units).
 
     Returns ``(loss, info)`` with ``n_pairs, n_rows, share_rows_assigned`` (rows that are some bank column's
-    argmax), ``share_rows_in_pairs``, ``sinkhorn_iters, marginal_error, converged, cost_scale, potentials`` and,
-    with ``return_plan``, ``plan`` (the plan, not its log) and ``pairs``.
+    argmax), ``share_rows_in_pairs, share_row_argmax_nn`` (rows whose plan argmax is their nearest bank entry),
+    ``nn_distance`` (mean nearest-bank distance of the batch, the stopping rule's signal), ``sinkhorn_iters,
+    marginal_error, converged, cost_scale, eps_cost`` (eps in cost units), ``potentials`` and, with
+    ``anomalous_rows`` the Fig. 5a counts, with ``return_plan`` ``plan`` and ``pairs``.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"unknown reduction {reduction!r}; choose 'mean' or 'sum'")
     bank = _prepare(target, bank)
+    b = _bank_marginal(bank_weights, bank.shape[0])
+    kw = dict(sinkhorn_kwargs or {})
+    if b is not None:
+        kw["b"] = b.to(target.device)
     with torch.no_grad():
-        C = pairwise_cost(target, bank, cost)
-    log_plan, sk, scale = _plan(C, eps, cost_norm, sinkhorn_kwargs)
+        C = pairwise_cost(target.detach(), bank, cost)
+        nn_dist, nn_idx = C.min(1)
+        log_plan, sk, scale = _plan(C, eps, cost_norm, kw, overwrite=not return_plan)
     del C
-    pairs = discretize(log_plan, rule)
+    pairs = discretize(log_plan, rule, mass_fraction=mass_fraction, log_plan=True)
     # the loss needs the cost of the kept pairs only: recompute those exactly, with gradient
     picked = paired_cost(target[pairs.rows], bank[pairs.cols], cost)
     loss = picked.mean() if reduction == "mean" else picked.sum()
@@ -129,14 +154,23 @@ def roda_loss(
         n_rows=stats["n_rows"],
         share_rows_assigned=stats["share_rows_col_argmax"],
         share_rows_in_pairs=stats["share_rows_in_pairs"],
+        share_row_argmax_nn=float((pairs.row_argmax == nn_idx).float().mean()),
+        nn_distance=float(nn_dist.mean()),
         sinkhorn_iters=sk["n_iter"],
         marginal_error=sk["marginal_error"],
         converged=sk["converged"],
         cost_scale=scale,
+        eps_cost=eps * scale,
         potentials=(sk["f"], sk["g"]),
     )
     if anomalous_rows is not None:
         info.update({k: v for k, v in stats.items() if "anomalous" in k})
+        an = torch.as_tensor(anomalous_rows, device=pairs.rows.device).bool().reshape(-1)
+        kept = torch.zeros_like(an)
+        kept[pairs.rows] = True
+        info["n_anomalous_kept"] = int((kept & an).sum())
+        info["share_anomalous_kept"] = float((kept & an).sum()) / max(1, int(an.sum()))
+        info["share_normal_kept"] = float((kept & ~an).sum()) / max(1, int((~an).sum()))
     if return_plan:
         info["plan"] = log_plan.exp_()
         info["pairs"] = pairs

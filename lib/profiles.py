@@ -60,13 +60,24 @@ _BASE = dict(
     roda=dict(epochs=10, lr=0.003, momentum=0.9, batch_size=10, eps=0.05, rule="or", cost="l2",
               cost_norm="mean", bn_mode="eval", augment="flip_rot90", methods=("patchcore", "ttt++", "ttac", "roda"),
               # our named options, reported beside the paper's rule, never in its place
-              variants={"roda_and": dict(method="roda", loss=dict(rule="and"))}),
+              variants={"roda_and": dict(method="roda", loss=dict(rule="and")),
+                        # label-free robust configuration (docs/choices.md, RoDA section; notebook 08): eps from
+                        # the first adaptation batch's plan spread, target marginal KL-relaxed, bank marginal by
+                        # coverage, row pairs kept by plan mass, no remainder batch, stop when the batches'
+                        # nearest-bank distance levels off
+                        "roda_robust": dict(method="roda", drop_last=True, stop=dict(rel_tol=0.01, min_epochs=2),
+                                            loss=dict(eps="auto", entries_per_row=8, ot="semi_relaxed", rho="auto",
+                                                      rho_std=1.0, weights="coverage", rule="mass",
+                                                      mass_fraction=0.5))}),
     # epochs: the RoDA/baseline epochs of notebook 04 (None: roda.epochs); table5_schedule: "epochs"
     # (every Table 5 row runs roda.epochs passes, so 80%/100% take 4-5x the steps) or "steps" (every
     # row takes the 20% row's number of steps: more data, same optimisation)
     ablation=dict(tasks=None, corruptions=None, seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5),
                   eps_grid=(0.01, 0.05, 0.1, 0.5), epochs_grid=(1, 3, 10), lr_grid=(0.001, 0.01),
-                  choice_corruptions=CORRUPTIONS, extra_corruptions=True, epochs=None, table5_schedule="epochs"),
+                  choice_corruptions=CORRUPTIONS, extra_corruptions=True, epochs=None, table5_schedule="epochs",
+                  # notebook 08 (RoDA diagnosis): None = the profile's tasks / corruptions / seeds / every lead
+                  diagnosis=dict(tasks=None, corruptions=None, seeds=None, leads=None, curve_corruptions=None,
+                                 curve_epochs=None, bank_seed=0)),
     # pseudo_variants / rotation_variants: the seeded augmentation pool per training normal (lib.openset_maps);
     # dpdl_kwargs: further DPDLNet arguments (lib.dpdl documents each)
     dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), n_anomalies=(10, 1), hard=False, image_size=224,
@@ -89,11 +100,14 @@ PROFILES = {
         geometry=dict(resize=128, crop=112),
         patchcore=dict(coreset_ratio=0.05, max_bank=200, max_train=8, max_test=12, batch_size=8),
         corruption=dict(names=("gaussian_noise", "contrast")),
-        roda=dict(epochs=1, batch_size=4),
+        # batch 2: the smoke adaptation split (2-3 images) must hold one full batch (drop_last)
+        roda=dict(epochs=1, batch_size=2),
         figures=dict(qualitative_rows=2),
         ablation=dict(seeds=(0, 1), corruptions=("gaussian_noise",), severities=(1, 5), eps_grid=(0.5,),
                       epochs_grid=(2,), lr_grid=(), choice_corruptions=("gaussian_noise",), extra_corruptions=False,
-                      table5_schedule="steps"),
+                      table5_schedule="steps",
+                      diagnosis=dict(corruptions=("gaussian_noise",), seeds=(0,), curve_corruptions=("gaussian_noise",),
+                                     curve_epochs=2)),
         dpdl=dict(tasks=("synthetic_labelled",), seeds=(0, 1), n_anomalies=(2, 1), image_size=64, epochs=1,
                   iterations=2, batch_size=8, n_prototypes=4, ablation_seeds=(0,), sensitivity_seeds=(0,),
                   pseudo_variants=1, rotation_variants=1,

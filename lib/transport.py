@@ -5,69 +5,40 @@ Notation (RoDA Eq. 4-6): ``N = N_tp`` target patches (rows, index ``i``), ``M = 
 cost the other way round (``|D_s| x |B_t|``); every function here uses the Eq. 4 orientation, target rows
 and bank columns.
 
-Entropic OT (Eq. 5), with uniform marginals by default (Eq. 4)::
-
-    gamma* = argmin_{gamma >= 0}  sum_ij gamma_ij C_ij + eps sum_ij gamma_ij log gamma_ij
-             s.t.  sum_j gamma_ij = a_i = 1/N,   sum_i gamma_ij = b_j = 1/M.
-
-Its solution has the form ``gamma_ij = exp((f_i + g_j - C_ij) / eps)`` with dual potentials ``f, g``, which
-Sinkhorn's alternating projections find::
-
-    g_j <- eps log b_j - eps log sum_i exp((f_i - C_ij) / eps)      (columns exact)
-    f_i <- eps log a_i - eps log sum_j exp((g_j - C_ij) / eps)      (rows exact)
-
-This is the iteration of POT's ``ot.bregman.sinkhorn_log`` (same update order, same stopping quantity
-``||gamma^T 1 - b||_2`` checked every 10 iterations, same fixed point). One difference: the cost is shifted by
-its row minima first (``C_ij - min_j C_ij``, which leaves the plan unchanged) and the iteration starts from
-``f = g = 0`` in the shifted cost, i.e. ``f_i = min_j C_ij`` in the original one (POT: ``f = 0``); this keeps
-the potentials small, which is what limits float32 accuracy, and changes iteration counts only marginally.
-
-:func:`sinkhorn_log` runs the iteration either with ``logsumexp`` (``method="log"``) or, by default, in the
-*absorption-stabilised* scaling form
-(``method="absorb"``): between two absorptions the kernel ``K = exp((f + g - C) / eps)`` is fixed and the
-iteration is two matrix-vector products ``v = b / K^T u``, ``u = a / K v``; when ``u`` or ``v`` leave
-``[1/tau, tau]`` they are absorbed into the potentials (``f += eps log u``, ``g += eps log v``) and ``K`` is
-recomputed. The plain kernel ``exp(-C/eps)`` underflows to all-zero rows once ``C/eps > 87`` (float32);
-here the first iteration is a ``logsumexp`` step and every kernel is built from potentials that already
-satisfy one marginal, and after any Sinkhorn half-step every row and column of the plan holds at least
-``min(a) * min(b)`` mass (``1/(N M)`` for uniform marginals), so no row or column sum can underflow. A
-non-finite scaling (only possible with extreme non-uniform marginals) is nevertheless detected and that step is
-redone with ``logsumexp``. The iterates are the same as the log iteration; only the arithmetic is cheaper (two
-matvecs instead of ``exp`` over the whole matrix), about 10x per iteration on CPU.
-
-Precision: in float32 the plan entries carry a relative error of about ``1e-7 * max |f/eps|``, so keep the
-cost normalised (:func:`normalize_cost`, ``eps`` relative to its scale) or pass ``dtype=torch.float64``.
+The Sinkhorn solvers of Eq. 5 live in :mod:`lib.sinkhorn` (``sinkhorn(C, eps, method=...)``) and are
+re-exported here; this module holds what surrounds them: costs (Sec. 3.2), their normalisation, the Eq. 6
+discretization of a plan into pairs, assignment counts (Fig. 5a) and the Hungarian assignment (Tab. 4).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from .sinkhorn import SINKHORN_METHODS, SinkhornWarning, sinkhorn, sinkhorn_log
+
 __all__ = [
-    "SinkhornWarning",
+    "SINKHORN_METHODS",
     "Pairs",
-    "pairwise_cost",
-    "paired_cost",
-    "normalize_cost",
-    "sinkhorn_log",
-    "discretize",
-    "pairs_to_mask",
+    "SinkhornWarning",
     "assignment_stats",
+    "cost_scale",
+    "discretize",
     "hungarian_assignment",
+    "normalize_cost",
+    "paired_cost",
+    "pairs_to_mask",
+    "pairwise_cost",
+    "sinkhorn",
+    "sinkhorn_log",
 ]
 
 COST_KINDS = ("l2", "sqeuclidean", "cosine")
 NORM_MODES = ("mean", "median", "max", "none")
-RULES = ("or", "and", "row", "col")
-
-
-class SinkhornWarning(UserWarning):
-    """Sinkhorn stopped at ``max_iter`` before the marginal error reached ``tol`` (the plan is still usable)."""
+RULES = ("or", "and", "row", "col", "mass")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -118,6 +89,11 @@ def pairwise_cost(x: torch.Tensor, y: torch.Tensor, kind: str = "l2", chunk: int
         xn = torch.nn.functional.normalize(x, dim=-1, eps=1e-12)
         yn = torch.nn.functional.normalize(y, dim=-1, eps=1e-12)
         return 1.0 - xn @ yn.transpose(-1, -2)
+    if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
+        # no autograd graph: one (N, M) buffer, updated in place (GEMM, +norms, clamp, sqrt)
+        d2 = torch.matmul(x, y.transpose(-1, -2)).mul_(-2.0)
+        d2.add_((x * x).sum(-1, keepdim=True)).add_((y * y).sum(-1).unsqueeze(-2)).clamp_min_(0.0)
+        return d2 if kind == "sqeuclidean" else d2.sqrt_()
     d2 = _sq_dist(x, y)
     return d2 if kind == "sqeuclidean" else _safe_sqrt(d2)
 
@@ -135,6 +111,23 @@ def paired_cost(x: torch.Tensor, y: torch.Tensor, kind: str = "l2") -> torch.Ten
     return d2 if kind == "sqeuclidean" else _safe_sqrt(d2, tiny=0.0)
 
 
+def cost_scale(C: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """The detached scale ``s`` of :func:`normalize_cost` alone (shape ``(..., 1, 1)``), without dividing."""
+    if mode not in NORM_MODES:
+        raise ValueError(f"unknown cost normalisation {mode!r}; choose one of {NORM_MODES}")
+    Cd = C.detach()
+    if mode == "none" or Cd.numel() == 0:
+        return torch.ones(Cd.shape[:-2] + (1, 1), dtype=Cd.dtype, device=Cd.device)
+    flat = Cd.reshape(Cd.shape[:-2] + (-1,))
+    if mode == "mean":
+        s = flat.mean(-1)
+    elif mode == "median":
+        s = flat.median(-1).values
+    else:
+        s = flat.amax(-1)
+    return torch.where(s > 0, s, torch.ones_like(s))[..., None, None]
+
+
 def normalize_cost(C: torch.Tensor, mode: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """``(C / s, s)`` with a detached scale ``s`` so that ``eps`` is relative to the cost scale.
 
@@ -143,303 +136,8 @@ def normalize_cost(C: torch.Tensor, mode: str = "mean") -> tuple[torch.Tensor, t
     keeps the gradient of ``C`` (``s`` is a constant); the plan of ``(C/s, eps)`` equals the plan of
     ``(C, eps * s)``.
     """
-    if mode not in NORM_MODES:
-        raise ValueError(f"unknown cost normalisation {mode!r}; choose one of {NORM_MODES}")
-    Cd = C.detach()
-    if mode == "none" or Cd.numel() == 0:
-        s = torch.ones(Cd.shape[:-2] + (1, 1), dtype=Cd.dtype, device=Cd.device)
-    else:
-        flat = Cd.reshape(Cd.shape[:-2] + (-1,))
-        if mode == "mean":
-            s = flat.mean(-1)
-        elif mode == "median":
-            s = flat.median(-1).values
-        else:
-            s = flat.amax(-1)
-        s = torch.where(s > 0, s, torch.ones_like(s))[..., None, None]
+    s = cost_scale(C, mode)
     return C / s, s
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sinkhorn
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _check_weights(w, n: int, batch: torch.Size, name: str, dtype, device) -> torch.Tensor:
-    if w is None:
-        return torch.full(batch + (n,), 1.0 / n, dtype=dtype, device=device)
-    w = torch.as_tensor(w).to(device=device, dtype=dtype)
-    if w.numel() == 0:  # POT's convention: an empty histogram means uniform
-        return torch.full(batch + (n,), 1.0 / n, dtype=dtype, device=device)
-    if w.shape[-1] != n:
-        raise ValueError(f"marginal {name} has {w.shape[-1]} entries but the cost has {n} along that side")
-    if not torch.isfinite(w).all() or (w <= 0).any():
-        raise ValueError(
-            f"marginal {name} must be finite and strictly positive; drop zero-weight rows/columns from the cost"
-        )
-    return w.expand(batch + (n,))
-
-
-def _lse_rows(Mr, vec, work):
-    """``log sum_i exp(Mr_ij + vec_i)`` (reduce over rows), using ``work`` as scratch."""
-    torch.add(Mr, vec.unsqueeze(-1), out=work)
-    m = work.amax(-2, keepdim=True)
-    work.sub_(m).exp_()
-    return work.sum(-2).log_().add_(m.squeeze(-2))
-
-
-def _lse_cols(Mr, vec, work):
-    """``log sum_j exp(Mr_ij + vec_j)`` (reduce over columns), using ``work`` as scratch."""
-    torch.add(Mr, vec.unsqueeze(-2), out=work)
-    m = work.amax(-1, keepdim=True)
-    work.sub_(m).exp_()
-    return work.sum(-1).log_().add_(m.squeeze(-1))
-
-
-def _kernel(Mr, alpha, beta, work):
-    """``K = exp(Mr + alpha_i + beta_j)`` written into ``work``."""
-    torch.add(Mr, alpha.unsqueeze(-1), out=work)
-    work.add_(beta.unsqueeze(-2)).exp_()
-    return work
-
-
-def _err(colsum, b):
-    """POT's stopping quantity ``||gamma^T 1 - b||_2`` and the total-variation distance of the column
-    marginal to ``b`` (the fraction of mass on the wrong columns), each the max over a batch."""
-    d = colsum - b
-    l2 = torch.linalg.vector_norm(d, dim=-1)
-    tv = 0.5 * d.abs().sum(-1) / b.sum(-1)
-    return l2.max().item(), tv.max().item()
-
-
-def sinkhorn_log(
-    C,
-    eps: float,
-    a=None,
-    b=None,
-    tol: float = 1e-6,
-    max_iter: int = 1000,
-    check_every: int = 10,
-    return_log: bool = False,
-    init: tuple | None = None,
-    method: str = "absorb",
-    dtype: torch.dtype | None = None,
-    tau: float = 1e3,
-    degenerate_tv: float = 0.5,
-    warn: bool = True,
-):
-    """Entropic OT plan of RoDA Eq. 5 by log-domain Sinkhorn (see the module docstring for the iteration).
-
-    Args:
-        C: cost (..., N, M) tensor or array; leading dims are independent problems solved together.
-        eps: entropic regularisation, in the units of ``C`` (normalise ``C`` first, :func:`normalize_cost`).
-        a, b: row / column marginals, (..., N) / (..., M); ``None`` means uniform ``1/N`` and ``1/M`` (Eq. 4).
-        tol: stop once the column-marginal error ``||gamma^T 1 - b||_2`` (POT's ``stopThr`` quantity; the
-            row marginal is exact after every iteration) is below ``tol`` for every problem of the batch.
-        max_iter: maximum number of Sinkhorn iterations (one column and one row update each).
-        check_every: the marginal error is evaluated every ``check_every`` iterations (it is free in the
-            ``absorb`` method, one extra pass in ``log``).
-        return_log: return ``log gamma`` instead of ``gamma`` (no underflow; same argmaxes).
-        init: warm start ``(f, g)``, the potentials ``info["f"], info["g"]`` of an earlier call (cost units).
-            ``f`` (target side) is used when given (the first update recomputes ``g``); ``(None, g)`` starts
-            from the bank-side potentials only, which is what carries over to a *new* minibatch against the
-            same bank.
-        method: ``"absorb"`` (scaling form with absorption into log potentials, fast; default) or ``"log"``
-            (``logsumexp`` every half-step, like POT). Same iterates either way.
-        dtype: computation dtype; default float32, or float64 when ``C`` is float64.
-        tau: absorption threshold of the ``absorb`` method (``u``/``v`` outside ``[1/tau, tau]``).
-        degenerate_tv: a plan that did not converge and still has more than this fraction of its mass on the
-            wrong columns (total variation ``0.5 sum_j |gamma^T 1 - b|_j / sum b``) raises instead of warning.
-        warn: emit a :class:`SinkhornWarning` when ``max_iter`` is reached before ``tol``.
-
-    Returns:
-        ``(plan, info)``: plan (..., N, M) (or its log) with ``plan = exp((f_i + g_j - C_ij) / eps)``, and
-        ``info = dict(n_iter, marginal_error, marginal_tv, converged, f, g, n_absorb, n_log_steps, n_fallback,
-        method)``.
-
-    Raises:
-        ValueError: ``eps <= 0``, NaN/inf in the cost, empty cost, bad marginals, or a numerically degenerate
-        plan (each message names the likely fix).
-
-    Runs under ``torch.no_grad``: RoDA never differentiates the plan (the loss differentiates ``C`` only).
-    """
-    with torch.no_grad():
-        out, info = _sinkhorn_log(C, eps, a, b, tol, max_iter, check_every, return_log, init, method, dtype, tau,
-                                  degenerate_tv)
-    if warn and not info["converged"]:
-        warnings.warn(
-            f"Sinkhorn did not converge in {info['n_iter']} iterations (marginal error {info['marginal_error']:.3g} "
-            f"> tol {tol:g}); increase max_iter or eps (relative to cost scale)",
-            SinkhornWarning,
-            stacklevel=2,
-        )
-    return out, info
-
-
-def _sinkhorn_log(C, eps, a, b, tol, max_iter, check_every, return_log, init, method, dtype, tau, degenerate_tv):
-    if method not in ("absorb", "log"):
-        raise ValueError(f"unknown method {method!r}; choose 'absorb' or 'log'")
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise ValueError(f"eps must be a positive number, got {eps!r}") from None
-    if not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite positive number, got {eps!r} (it is relative to the cost scale)")
-    if check_every < 1 or max_iter < 1:
-        raise ValueError("max_iter and check_every must be >= 1")
-    C = torch.as_tensor(C)
-    if C.dim() < 2:
-        raise ValueError(f"the cost must have shape (..., N, M), got {tuple(C.shape)}")
-    N, M = C.shape[-2], C.shape[-1]
-    if C.numel() == 0:
-        raise ValueError(
-            f"empty cost matrix of shape {tuple(C.shape)} (N_tp={N} target patches, N_M={M} bank entries): "
-            "is the target split, the minibatch or the memory bank empty?"
-        )
-    if not torch.isfinite(C).all():
-        if torch.isnan(C).any():
-            raise ValueError(
-                "NaN in cost matrix: check the features for NaN (diverged adaptation? lower the learning rate)"
-            )
-        raise ValueError(
-            "inf in cost matrix: check the features for inf/overflow (diverged adaptation? lower the learning rate)"
-        )
-    if dtype is None:
-        dtype = torch.float64 if C.dtype == torch.float64 else torch.float32
-    # the plan is invariant to C_ij -> C_ij - r_i; subtracting the row minimum (in the input precision) keeps
-    # -C/eps and the potentials small, which is what limits float32 accuracy (exp of a sum of large numbers)
-    C = C.detach()
-    shift = C.amin(-1, keepdim=True)
-    Mr = (C - shift).to(dtype)  # a fresh tensor: scaled in place below into -C/eps
-    shift = shift.squeeze(-1).to(dtype)
-    device = C.device
-    batch = C.shape[:-2]
-    a = _check_weights(a, N, batch, "a", dtype, device)
-    b = _check_weights(b, M, batch, "b", dtype, device)
-    if (a.sum(-1) - b.sum(-1)).abs().max() > 1e-5 * b.sum(-1).abs().max():
-        raise ValueError("marginals a and b must have the same total mass (this is balanced OT)")
-    loga, logb = a.log(), b.log()
-
-    spread = Mr.max().item()
-    Mr.mul_(-1.0 / eps)  # the only copy of -C/eps; every update works on it
-    if not torch.isfinite(Mr).all():
-        raise ValueError(
-            f"C/eps overflows {dtype}: eps={eps:g} is far too small for cost spreads up to {spread:.3g}; "
-            "increase eps (relative to cost scale) or normalise the cost (normalize_cost)"
-        )
-    work = torch.empty_like(Mr)
-    f0, g0 = init if init is not None else (None, None)
-    if f0 is not None:
-        alpha = (torch.as_tensor(f0).to(device=device, dtype=dtype).expand(batch + (N,)) - shift) / eps
-    elif g0 is not None:  # bank-side potentials only (a new minibatch against the same bank): row update first
-        beta0 = torch.as_tensor(g0).to(device=device, dtype=dtype).expand(batch + (M,)) / eps
-        alpha = loga - _lse_cols(Mr, beta0, work)
-    else:
-        alpha = torch.zeros(batch + (N,), dtype=dtype, device=device)
-    beta = torch.zeros(batch + (M,), dtype=dtype, device=device)
-    del C
-
-    def log_step(alpha):
-        lse = _lse_rows(Mr, alpha, work)  # log column sums of exp(Mr + alpha), before the column update
-        beta = logb - lse
-        alpha = loga - _lse_cols(Mr, beta, work)
-        return alpha, beta, lse
-
-    log_tau = math.log(tau)
-    n_absorb = n_log = n_fallback = 0
-    err, tv, converged = float("inf"), float("inf"), False
-    n = 0
-    # iteration 1 is always a log step: it makes every row of the first kernel sum to a_i (no all-zero row)
-    alpha, beta, _ = log_step(alpha)
-    n, n_log = 1, 1
-    use_log = method == "log"
-    K = u = v = None
-    log_until = 0  # after a detected underflow, stay in log steps until this iteration
-    while True:
-        check = n % check_every == 0 or n == max_iter
-        if use_log or n < log_until:
-            if K is not None:  # leaving the scaling form: absorb
-                alpha, beta, K = alpha + u.log(), beta + v.log(), None
-            if check:
-                lse = _lse_rows(Mr, alpha, work)
-                err, tv = _err((beta + lse).exp(), b)
-                if err < tol:
-                    converged = True
-                    break
-                if n >= max_iter:
-                    break
-                beta = logb - lse
-                alpha = loga - _lse_cols(Mr, beta, work)
-            else:
-                alpha, beta, _ = log_step(alpha)
-            n += 1
-            n_log += 1
-            continue
-        if K is None:
-            K = _kernel(Mr, alpha, beta, work)
-            u = torch.ones_like(alpha)
-            v = torch.ones_like(beta)
-            n_absorb += 1
-        Ktu = (u.unsqueeze(-2) @ K).squeeze(-2)  # column sums of diag(u) K
-        if check:
-            err, tv = _err(v * Ktu, b)
-            if err < tol:
-                converged = True
-                break
-            if n >= max_iter:
-                break
-        v_new = b / Ktu
-        u_new = a / (K @ v_new.unsqueeze(-1)).squeeze(-1)
-        # one host sync per iteration for both tests: (any bad scaling, any scaling outside [1/tau, tau])
-        log_u, log_v = u_new.log(), v_new.log()
-        bad, big = torch.stack([
-            ~(torch.isfinite(log_u).all() & torch.isfinite(log_v).all()),
-            torch.maximum(log_u.abs().max(), log_v.abs().max()) > log_tau,
-        ]).tolist()
-        if bad:
-            # a column/row sum underflowed (tiny eps, far from convergence): absorb the last good scalings and
-            # redo this step with logsumexp, staying in log steps until the next check
-            alpha, beta, K = alpha + u.log(), beta + v.log(), None
-            log_until = (n // check_every + 1) * check_every
-            n_fallback += 1
-            continue
-        u, v = u_new, v_new
-        n += 1
-        if big:
-            alpha, beta, K = alpha + log_u, beta + log_v, None
-    if K is not None:
-        alpha, beta = alpha + u.log(), beta + v.log()
-        K = None
-
-    if not (torch.isfinite(alpha).all() and torch.isfinite(beta).all()) or not math.isfinite(err):
-        raise ValueError(
-            f"Sinkhorn plan is numerically degenerate (non-finite potentials) at eps={eps:g}: "
-            "increase eps (relative to cost scale) or max_iter"
-        )
-    if not converged:
-        if tv > degenerate_tv:
-            raise ValueError(
-                f"Sinkhorn plan is numerically degenerate: after {n} iterations {100 * tv:.0f}% of the "
-                f"column mass is misplaced (marginal error {err:.3g} > tol {tol:g}) at eps={eps:g}: "
-                "increase eps (relative to cost scale) or max_iter"
-            )
-    out = torch.add(Mr, alpha.unsqueeze(-1), out=work).add_(beta.unsqueeze(-2))
-    del Mr
-    if not return_log:
-        out.exp_()
-    info = dict(
-        n_iter=n,
-        marginal_error=err,
-        marginal_tv=tv,
-        converged=converged,
-        f=alpha * eps + shift,
-        g=beta * eps,
-        n_absorb=n_absorb,
-        n_log_steps=n_log,
-        n_fallback=n_fallback,
-        method=method,
-    )
-    return out, info
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -477,7 +175,7 @@ def pairs_to_mask(pairs: Pairs, dtype: torch.dtype = torch.bool) -> torch.Tensor
     return mask
 
 
-def discretize(plan: torch.Tensor, rule: str = "or") -> Pairs:
+def discretize(plan: torch.Tensor, rule: str = "or", mass_fraction: float = 0.5, log_plan: bool = False) -> Pairs:
     """Discrete assignment ``pi*`` from a transport plan ``gamma*`` (N, M), RoDA Eq. 6.
 
     Eq. 6 (``rule="or"``)::
@@ -490,7 +188,12 @@ def discretize(plan: torch.Tensor, rule: str = "or") -> Pairs:
     - ``"row"``: ``{(i, r(i))}`` - exactly N pairs, one per target patch;
     - ``"col"``: ``{(c(j), j)}`` - exactly M pairs, one per bank entry;
     - ``"or"`` (Eq. 6 as written): the union, N to N + M pairs;
-    - ``"and"``: mutual argmaxes ``{(i, r(i)) : c(r(i)) = i}`` (not in the paper; at most min(N, M) pairs).
+    - ``"and"``: mutual argmaxes ``{(i, r(i)) : c(r(i)) = i}`` (not in the paper; at most min(N, M) pairs);
+    - ``"mass"``: row pairs whose plan mass is at least ``mass_fraction`` times the median row pair's mass,
+      ``{(i, r(i)) : gamma_{i r(i)} >= mass_fraction * median_i' gamma_{i' r(i')}}`` (not in the paper). Under a
+      plan whose rows may carry less than ``1/N`` (:func:`lib.sinkhorn.sinkhorn` ``method="semi_relaxed"``)
+      this drops the target patches the plan gives little mass (far from the bank); under a balanced plan it
+      drops the rows whose mass is spread over many bank entries (ambiguous matches).
 
     What Eq. 6 does and does not remove: under ``"or"`` every target row keeps its row argmax, so *every*
     target patch, anomalous ones included, is pulled towards a bank entry; no target patch is dropped. What
@@ -500,7 +203,7 @@ def discretize(plan: torch.Tensor, rule: str = "or") -> Pairs:
     weak assignments that often appear on anomalous patches" holds for the column-argmax set (an anomalous
     patch far from the bank is rarely any bank entry's argmax, see :func:`assignment_stats`) and for the
     ``"and"``/``"col"`` rules, not for the per-row pairs of ``"or"``. ``plan`` may equally be ``log gamma``
-    (argmaxes are unchanged). Ties resolve to the first index.
+    (argmaxes are unchanged; pass ``log_plan=True`` for ``"mass"``). Ties resolve to the first index.
     """
     if rule not in RULES:
         raise ValueError(f"unknown discretization rule {rule!r}; choose one of {RULES}")
@@ -514,7 +217,16 @@ def discretize(plan: torch.Tensor, rule: str = "or") -> Pairs:
     rows_r = torch.arange(N, device=plan.device)
     cols_c = torch.arange(M, device=plan.device)
     mutual = r[c] == cols_c  # column j's argmax row i=c(j) has r(i) = j, i.e. (c(j), j) is also a row pair
-    if rule == "row":
+    if rule == "mass":
+        if not 0.0 < mass_fraction:
+            raise ValueError(f"mass_fraction must be > 0, got {mass_fraction}")
+        top = plan.gather(1, r.unsqueeze(1)).squeeze(1)  # gamma_{i r(i)} (or its log)
+        log_thr = top.median() + (math.log(mass_fraction) if log_plan else 0.0)
+        keep = top >= (log_thr if log_plan else mass_fraction * top.median())
+        if not keep.any():
+            keep = top >= top.max()
+        rows, cols = rows_r[keep], r[keep]
+    elif rule == "row":
         rows, cols = rows_r, r
     elif rule == "col":
         rows, cols = c, cols_c

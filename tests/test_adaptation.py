@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from lib import adaptation
-from lib.adaptation import AdaptConfig, AdaptationError, adapt, augment_batch, bn_state, restore_bn_state
+from lib.adaptation import (
+    AdaptationError,
+    AdaptConfig,
+    adapt,
+    augment_batch,
+    bn_state,
+    restore_bn_state,
+)
 from lib.backbones import load_backbone
 from lib.patchcore import PatchCore
 
@@ -66,7 +73,7 @@ def _relative_change(model, target, probe):
 
 def test_adapting_on_clean_target_changes_scores_little(fitted):
     g = torch.Generator().manual_seed(7)
-    noisy = lambda x: (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)  # noqa: E731
+    noisy = lambda x: (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)
     clean = _relative_change(fitted, _textures(4, 3), _textures(3, 2))
     shifted = _relative_change(fitted, noisy(_textures(4, 3)), noisy(_textures(3, 2)))
     assert clean < 0.25, clean
@@ -120,3 +127,95 @@ def test_fixed_step_budget_cycles_the_split(fitted):
     restore_bn_state(fitted.extractor, source)
     with pytest.raises(AdaptationError, match="positive"):
         AdaptConfig(steps=0)
+
+
+# ------------------------------------------------------------------------------ issue 12: robust RoDA
+
+ROBUST = dict(eps="auto", entries_per_row=4, ot="semi_relaxed", rho="auto", weights="coverage", rule="mass")
+
+
+def _defect(images, seed):
+    """Bright square defects in the first half of the images, with their masks."""
+    x = images.clone()
+    masks = torch.zeros(len(x), 1, *x.shape[-2:])
+    for k in range(len(x) // 2):
+        x[k, :, 20:36, 20:36] = 1.0
+        masks[k, :, 20:36, 20:36] = 1
+    return x, masks
+
+
+def test_robust_adaptation_lowers_loss_and_raises_separation(fitted):
+    from lib.roda_runner import coverage_counts
+
+    source = bn_state(fitted.extractor)
+    g = torch.Generator().manual_seed(11)
+    images, masks = _defect(0.55 * _textures(6, 12) + 0.1 * torch.randn(6, 3, 64, 64, generator=g), 0)
+    images = images.clamp(0, 1)
+    with torch.no_grad():
+        train = fitted.embed(_textures(6, 0)).reshape(-1, fitted.bank.shape[1])
+    weights = coverage_counts(train, fitted.bank)
+
+    def separation():
+        s = fitted.patch_scores(images)  # (B, h, w)
+        an = adaptation.anomalous_patches(masks, s.shape[-2:], 0.5).reshape(s.shape)
+        return float(s[an].mean() / s[~an].mean())
+
+    sep0 = separation()
+    conf = AdaptConfig(epochs=4, batch_size=6, lr=0.01, augment="none", loss=dict(ROBUST))
+    hist = adapt(fitted, TensorDataset(images, masks), conf, show_progress=False, bank_weights=weights)
+    sep1 = separation()
+    restore_bn_state(fitted.extractor, source)
+    assert len(hist) == 4 and hist.loss.iloc[-1] < hist.loss.iloc[0]
+    assert hist.nn_distance.iloc[-1] < hist.nn_distance.iloc[0]
+    assert sep1 > sep0, (sep0, sep1)
+    # the planted defects are dropped more often than normal patches
+    assert (hist.share_anomalous_kept < hist.share_normal_kept).all()
+    assert hist.eps_cost.nunique() == 1 and hist.rho_cost.iloc[0] > 0  # fixed once, on the first batch
+
+
+def test_bn_train_mode_updates_uses_and_restores_running_stats(fitted):
+    ext = fitted.extractor
+    source = bn_state(ext)
+    probe = _textures(2, 13)
+    s_before = fitted.patch_scores(probe)
+    bn = ext.bn_modules()[0]
+    mean0 = bn.running_mean.clone()
+    adapt(fitted, TensorDataset(0.6 * _textures(4, 14)), AdaptConfig(epochs=1, batch_size=4, bn_mode="train",
+                                                                      lr=0.0, loss=dict(eps=0.1)), show_progress=False)
+    assert not torch.equal(bn.running_mean, mean0), "running statistics were not updated"
+    assert not bn.training, "the extractor was left in train mode"
+    s_after = fitted.patch_scores(probe)  # eval mode: uses the updated running statistics (lr 0: affine unchanged)
+    assert not torch.allclose(s_before, s_after)
+    restore_bn_state(ext, source)
+    torch.testing.assert_close(bn.running_mean, mean0)
+    torch.testing.assert_close(fitted.patch_scores(probe), s_before)
+
+
+def test_robust_bad_input_names_the_fix(fitted):
+    data = TensorDataset(_textures(3, 15))
+    with pytest.raises(AdaptationError, match="fewer than one batch.*batch_size"):
+        adapt(fitted, data, AdaptConfig(epochs=1, batch_size=4, drop_last=True), show_progress=False)
+    with pytest.raises(AdaptationError, match="coverage counts"):
+        adapt(fitted, data, AdaptConfig(epochs=1, batch_size=3, loss=dict(ROBUST)), show_progress=False)
+    short = torch.ones(fitted.bank.shape[0] - 1)
+    with pytest.raises(AdaptationError, match="bank_weights has .* entries but the bank has"):
+        adapt(fitted, data, AdaptConfig(epochs=1, batch_size=3, loss=dict(ROBUST)), show_progress=False,
+              bank_weights=short)
+    with pytest.raises(AdaptationError, match="no valid eps"):
+        adapt(fitted, data, AdaptConfig(epochs=1, batch_size=3, loss=dict(ROBUST, entries_per_row=fitted.bank.shape[0] - 0.5)),
+              show_progress=False, bank_weights=torch.ones(fitted.bank.shape[0]))
+
+
+def test_drop_last_and_stopping_rule(fitted):
+    source = bn_state(fitted.extractor)
+    data = TensorDataset(_textures(5, 16))
+    hist = adapt(fitted, data, AdaptConfig(epochs=2, batch_size=2, drop_last=True, loss=dict(eps=0.1)),
+                 show_progress=False)
+    assert len(hist) == 4 and (hist.n_target_patches == hist.n_target_patches.iloc[0]).all()
+    restore_bn_state(fitted.extractor, source)
+    # lr 0, no augmentation: the nearest-bank distance cannot fall, so the rule stops at min_epochs
+    hist = adapt(fitted, data, AdaptConfig(epochs=6, batch_size=5, lr=0.0, augment="none",
+                                           stop=dict(rel_tol=0.01, min_epochs=2),
+                                           loss=dict(eps=0.1)), show_progress=False)
+    assert hist.epoch.max() == 1 and hist.stopped.iloc[-1]
+    restore_bn_state(fitted.extractor, source)

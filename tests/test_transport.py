@@ -8,6 +8,7 @@ import ot
 import pytest
 import torch
 
+import lib.sinkhorn as sk
 import lib.transport as tr
 from lib.transport import (
     SinkhornWarning,
@@ -19,8 +20,6 @@ from lib.transport import (
     pairwise_cost,
     sinkhorn_log,
 )
-
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,7 +193,7 @@ def test_sinkhorn_warm_start_converges_faster():
 
 def test_sinkhorn_underflow_fallback_path(monkeypatch):
     # force an all-zero kernel column on the first absorption: the step must be redone with logsumexp
-    real_kernel = tr._kernel
+    real_kernel = sk._kernel
     calls = {"n": 0}
 
     def broken_kernel(Mr, alpha, beta, work):
@@ -204,7 +203,7 @@ def test_sinkhorn_underflow_fallback_path(monkeypatch):
             K[..., 0] = 0.0
         return K
 
-    monkeypatch.setattr(tr, "_kernel", broken_kernel)
+    monkeypatch.setattr(sk, "_kernel", broken_kernel)
     C = normalize_cost(pairwise_cost(*_problem(20, 15, seed=7)))[0]
     P, info = sinkhorn_log(C, 0.05, tol=1e-9, max_iter=5000)
     assert info["n_fallback"] >= 1 and info["converged"]
@@ -365,3 +364,122 @@ def test_hungarian_more_targets_than_bank():
     assert torch.equal(hungarian_assignment(C, mode="subsample", seed=3).rows, sub.rows)  # seeded
     with pytest.raises(ValueError, match="unknown Hungarian mode"):
         hungarian_assignment(C, mode="greedy")
+
+
+# ------------------------------------------------------------------------------ robust OT (issue 12)
+
+
+def _planted(n_in=300, n_out=12, m=60, d=8, seed=0, shift=0.5):
+    """A bank of m clustered entries, a shifted target drawn from it, and n_out planted outliers far away."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.randn(6, d, generator=g)
+    bank = centres[torch.arange(m) % 6] + 0.5 * torch.randn(m, d, generator=g)
+    inl = centres[torch.randint(6, (n_in,), generator=g)] + 0.5 * torch.randn(n_in, d, generator=g) + shift
+    out = 4.0 * torch.randn(n_out, d, generator=g) + 12.0
+    target = torch.cat([inl, out])
+    outlier = torch.zeros(n_in + n_out, dtype=torch.bool)
+    outlier[n_in:] = True
+    return target, bank, outlier
+
+
+def test_sinkhorn_method_switch_and_unknown_method():
+    C = normalize_cost(pairwise_cost(*_problem(20, 15, seed=9)))[0]
+    P1, _ = tr.sinkhorn(C, 0.05, method="log", tol=1e-10, max_iter=5000)
+    P2, _ = tr.sinkhorn(C, 0.05, method="absorb", tol=1e-10, max_iter=5000)
+    torch.testing.assert_close(P1, P2, atol=1e-10, rtol=0)
+    assert set(tr.SINKHORN_METHODS) == {"log", "absorb", "semi_relaxed", "unbalanced"}
+    with pytest.raises(ValueError, match="unknown method"):
+        tr.sinkhorn(C, 0.05, method="greenkhorn")
+    with pytest.raises(ValueError, match="needs a finite rho"):
+        tr.sinkhorn(C, 0.05, method="semi_relaxed")
+
+
+def test_semi_relaxed_matches_pot_unbalanced():
+    x, y = _problem(25, 18, seed=10)
+    C, _ = normalize_cost(pairwise_cost(x, y))
+    eps, rho = 0.1, 0.3
+    P, info = tr.sinkhorn(C, eps, method="semi_relaxed", rho=rho, tol=1e-11, max_iter=20000)
+    a, b = np.full(25, 1 / 25), np.full(18, 1 / 18)
+    Pp = ot.unbalanced.sinkhorn_unbalanced(a, b, C.numpy(), eps, (rho, float("inf")), reg_type="entropy",
+                                           method="sinkhorn", numItermax=20000, stopThr=1e-13)
+    assert info["converged"]
+    torch.testing.assert_close(P.sum(0), torch.full((18,), 1 / 18, dtype=P.dtype), atol=1e-10, rtol=0)
+    assert np.abs(P.numpy() - Pp).max() < 1e-7 * Pp.max() * 10
+
+
+def test_semi_relaxed_gives_planted_outliers_little_mass():
+    target, bank, outlier = _planted()
+    C = pairwise_cost(target, bank)
+    rho = float(C.min(1).values[~outlier].std())
+    eps = tr.calibrate_eps(C, 8.0) if hasattr(tr, "calibrate_eps") else None
+    from lib.sinkhorn import calibrate_eps
+    eps = calibrate_eps(C, 8.0)
+    P, info = tr.sinkhorn(C, eps, method="semi_relaxed", rho=rho, tol=1e-9, max_iter=20000)
+    row = P.sum(1) * C.shape[0]  # row mass relative to the uniform 1/N
+    assert row[outlier].max() < 0.05 * row[~outlier].median()
+    # balanced OT must give every row exactly 1/N, outliers included: the behaviour that pulled anomalies in
+    Pb, _ = tr.sinkhorn(C, eps, tol=1e-9, max_iter=20000)
+    torch.testing.assert_close(Pb.sum(1) * C.shape[0], torch.ones(C.shape[0]), atol=1e-4, rtol=0)
+    # the mass rule drops the outliers and keeps most inliers
+    pairs = discretize(P.log(), "mass", mass_fraction=0.5, log_plan=True)
+    kept = torch.zeros_like(outlier)
+    kept[pairs.rows] = True
+    assert not kept[outlier].any() and kept[~outlier].float().mean() > 0.6
+    # Eq. 6's "or" keeps every row: outliers included
+    assert discretize(Pb, "or").rows.unique().numel() == C.shape[0]
+
+
+def test_calibrated_eps_gives_a_peaked_plan_and_mean_scaled_eps_does_not():
+    from lib.sinkhorn import calibrate_eps, entries_per_row
+
+    target, bank, _ = _planted(n_out=0, d=32)
+    C = pairwise_cost(target, bank)
+    eps = calibrate_eps(C, 4.0)
+    L, _ = tr.sinkhorn(C, eps, tol=1e-8, max_iter=20000, return_log=True, warn=False)
+    spread = float(entries_per_row(L).mean())
+    assert abs(spread - 4.0) < 0.4, spread  # the plan's rows spread over the requested number of entries
+    # the paper-literal eps = 0.05 x mean cost spreads every row over 3x as many entries on the same data
+    Lm, _ = tr.sinkhorn(C, 0.05 * float(C.mean()), tol=1e-8, max_iter=20000, return_log=True, warn=False)
+    assert float(entries_per_row(Lm).mean()) > 2.5 * spread
+
+
+def test_calibrate_eps_errors_name_the_fix():
+    from lib.sinkhorn import calibrate_eps
+
+    C = pairwise_cost(*_problem(30, 10, seed=11))
+    with pytest.raises(ValueError, match="between 1 and the bank size"):
+        calibrate_eps(C, 50.0)
+    with pytest.raises(ValueError, match="no valid eps.*entries_per_row"):
+        calibrate_eps(C, 9.99, hi=1e-3)
+
+
+def test_mass_rule_and_cost_scale():
+    plan = torch.tensor([[0.5, 0.1], [0.05, 0.04], [0.2, 0.3]])
+    pairs = discretize(plan, "mass", mass_fraction=0.5)
+    assert pairs.rows.tolist() == [0, 2] and pairs.cols.tolist() == [0, 1]
+    pl = discretize(plan.log(), "mass", mass_fraction=0.5, log_plan=True)
+    assert pl.rows.tolist() == [0, 2]
+    C = torch.rand(4, 3) + 1
+    torch.testing.assert_close(tr.cost_scale(C), C.mean().reshape(1, 1))
+    x, y = _problem(9, 7, dtype=torch.float32)
+    torch.testing.assert_close(pairwise_cost(x, y), tr._safe_sqrt(tr._sq_dist(x, y)), atol=1e-5, rtol=0)
+
+
+def test_unbalanced_matches_pot_and_drops_far_bank_entries():
+    x, y = _problem(25, 18, seed=12)
+    C, _ = normalize_cost(pairwise_cost(x, y))
+    eps, rho = 0.1, 0.3
+    P, info = tr.sinkhorn(C, eps, method="unbalanced", rho=rho, tol=1e-12, max_iter=50000)
+    a, b = np.full(25, 1 / 25), np.full(18, 1 / 18)
+    Pp = ot.unbalanced.sinkhorn_unbalanced(a, b, C.numpy(), eps, (rho, rho), reg_type="entropy",
+                                           method="sinkhorn", numItermax=50000, stopThr=1e-14)
+    assert info["converged"]
+    assert np.abs(P.numpy() - Pp).max() < 1e-6 * Pp.max()
+    # a bank entry far from every target patch gets little mass (balanced / semi-relaxed: exactly 1/M)
+    target, bank, _ = _planted(n_out=0)
+    bank = torch.cat([bank, bank[:3] + 15.0])
+    C = pairwise_cost(target, bank)
+    rho = float(C.min(1).values.std())
+    Pu, _ = tr.sinkhorn(C, 0.5, method="unbalanced", rho=rho, tol=1e-6, max_iter=5000)
+    col = Pu.sum(0) / Pu.sum() * C.shape[1]
+    assert col[-3:].max() < 0.05 * col[:-3].median()

@@ -1,0 +1,151 @@
+"""Time one RoDA adaptation step stage by stage (forward, cost, Sinkhorn, discretisation, backward, optimiser).
+
+One step of :func:`lib.adaptation.adapt` on a RoDA-sized problem: ``--images`` shifted images plus one
+augmented view each (``10 + 10`` images -> 15,680 target patches with the bundled MobileNetV2 at 224 px)
+against a ``--bank``-entry memory bank (2,500 by default). The bank is a random subset of clean patch features
+of the same images' category (no coreset: the bank's contents barely change the timing). Each stage is timed
+separately over ``--repeats`` steps (after one warm-up step) and printed as a table; ``--compare`` also times
+the pre-#9 path (out-of-place cost with the autograd-safe square root, a normalised copy of the cost, a cold
+Sinkhorn start), so the table shows before/after on the same machine state.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_adapt_step.py                  # synthetic images (no data needed)
+    python benchmarks/bench_adapt_step.py --data ../shared/data/mvtec --category screw --threads 2 --compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lib import backbones
+from lib.alignment import roda_loss
+from lib.patchcore import PatchCore
+from lib.transport import (
+    _safe_sqrt,
+    _sq_dist,
+    cost_scale,
+    discretize,
+    normalize_cost,
+    paired_cost,
+    pairwise_cost,
+    sinkhorn,
+)
+
+
+def images_for(args):
+    g = torch.Generator().manual_seed(0)
+    if args.data is None:
+        base = torch.rand(args.images, 3, 224, 224, generator=g)
+        return base, torch.rand(4 * args.images, 3, 224, 224, generator=g)
+    from lib import data
+    from lib.pipeline import dataset
+
+    task = data.load_task(f"mvtec/{args.category}", args.data)
+    test = dataset(task, data.subsample(task.test, args.images, 0), "gaussian_noise", 5, 0)
+    train = dataset(task, data.subsample(task.train, 4 * args.images, 0))
+    return (torch.stack([test[i]["image"] for i in range(len(test))]),
+            torch.stack([train[i]["image"] for i in range(len(train))]))
+
+
+def timed(fn, times, key):
+    t0 = time.perf_counter()
+    out = fn()
+    times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+    return out
+
+
+def step(model, bank, images, optimizer, times, eps, legacy: bool, state: dict):
+    views = torch.cat([images, images.flip(-1)])
+    ext = model.extractor
+    with ext.differentiable_mode():
+        feats = timed(lambda: model.embed(views), times, "forward")
+    target = feats.reshape(-1, feats.shape[-1])
+    with torch.no_grad():
+        if legacy:  # the pre-#9 path: out-of-place cost with the autograd-safe sqrt, a normalised copy, cold start
+            C = timed(lambda: _safe_sqrt(_sq_dist(target.detach(), bank)), times, "cost")
+            Cn, _ = timed(lambda: normalize_cost(C, "mean"), times, "cost")
+            del C
+            log_plan, info = timed(lambda: sinkhorn(Cn, eps, tol=1e-6, return_log=True, warn=False), times,
+                                   "sinkhorn")
+            del Cn
+        else:  # in-place cost, eps scaled instead of the cost, Sinkhorn in the cost's storage, warm start
+            C = timed(lambda: pairwise_cost(target.detach(), bank, "l2"), times, "cost")
+            s = timed(lambda: float(cost_scale(C, "mean")), times, "cost")
+            kw = dict(return_log=True, warn=False, overwrite=True, **state.get("sinkhorn", {}))
+            log_plan, info = timed(lambda: sinkhorn(C, eps * s, **kw), times, "sinkhorn")
+            state["sinkhorn"] = dict(init=(None, info["g"]))
+            del C
+        pairs = timed(lambda: discretize(log_plan, "or"), times, "discretise")
+    times["iters"] = times.get("iters", 0) + info["n_iter"]
+
+    def backward():
+        loss = paired_cost(target[pairs.rows], bank[pairs.cols], "l2").mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    timed(backward, times, "backward")
+    timed(optimizer.step, times, "optimiser")
+
+
+def run(args, legacy: bool):
+    torch.manual_seed(0)
+    ext = backbones.load_backbone("mobilenet_v2")
+    model = PatchCore(ext, device="cpu")
+    images, train = images_for(args)
+    with torch.no_grad():
+        feats = model.embed(train).reshape(-1, model.target_dim)
+    g = torch.Generator().manual_seed(1)
+    bank = feats[torch.randperm(feats.shape[0], generator=g)[: args.bank]].contiguous()
+    params = ext.set_bn_affine_trainable(True)
+    opt = torch.optim.SGD(params, lr=0.003, momentum=0.9)
+    state: dict = {}
+    step(model, bank, images, opt, {}, args.eps, legacy, state)  # warm-up
+    times: dict = {}
+    t0 = time.perf_counter()
+    for _ in range(args.repeats):
+        step(model, bank, images, opt, times, args.eps, legacy, state)
+    total = (time.perf_counter() - t0) / args.repeats
+    ext.set_bn_affine_trainable(False)
+    out = {k: v / args.repeats for k, v in times.items()}
+    out["total"] = total
+    # the library loss as the adaptation loop calls it (one call, cold start), for reference
+    with ext.differentiable_mode():
+        target = model.embed(torch.cat([images, images.flip(-1)])).reshape(-1, model.target_dim)
+    t0 = time.perf_counter()
+    roda_loss(target.detach(), bank)
+    out["roda_loss (cold, no grad)"] = time.perf_counter() - t0
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=10)
+    p.add_argument("--bank", type=int, default=2500)
+    p.add_argument("--eps", type=float, default=0.05)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", default=None, help="an MVTec root (default: random images)")
+    p.add_argument("--category", default="screw")
+    p.add_argument("--compare", action="store_true", help="also time the cold-start, tol 1e-6 settings")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = {"after": run(args, legacy=False)}
+    if args.compare:
+        rows = {"before": run(args, legacy=True), **rows}
+    keys = ["forward", "cost", "sinkhorn", "iters", "discretise", "backward", "optimiser", "total",
+            "roda_loss (cold, no grad)"]
+    print(f"one step: {args.images}+{args.images} images vs {args.bank} bank entries, {args.threads} threads "
+          f"(seconds per step, mean of {args.repeats}; iters = Sinkhorn iterations)")
+    print(f"{'stage':28s}" + "".join(f"{k:>10s}" for k in rows))
+    for k in keys:
+        print(f"{k:28s}" + "".join(f"{rows[r].get(k, float('nan')):10.3f}" for r in rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Run a RoDA grid (lib.roda_runner.run_grid) from the command line, resumable, for long background runs.
+
+    OMP_NUM_THREADS=1 python scripts/run_roda_grid.py --profile real --tasks mvtec/screw --seeds 0 \
+        --methods patchcore,roda,roda_robust --out results/real/08_roda_runs.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lib import backbones, profiles, roda_runner
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="real")
+    p.add_argument("--tasks", required=True)
+    p.add_argument("--corruptions", default=",".join(profiles.CORRUPTIONS))
+    p.add_argument("--methods", default="patchcore,ttt++,ttac,roda,roda_robust")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--bank-seed", type=int, default=0, help="one bank per task built with this seed (-1: per seed)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--history", default=None)
+    p.add_argument("--variants", default=None, help="JSON dict of extra named variants (diagnosis leads)")
+    p.add_argument("--note", default="")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = profiles.get_profile(args.profile)
+    specs = roda_runner.method_specs(cfg)
+    if args.variants:
+        import json
+
+        specs.update(json.loads(args.variants))
+    methods = {m: specs[m] for m in args.methods.split(",")}
+    extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device=cfg.device)
+    roda_runner.run_grid(cfg, extractor, args.tasks.split(","), args.corruptions.split(","), methods,
+                         [int(s) for s in args.seeds.split(",")], args.out, history_csv=args.history,
+                         bank_seed=None if args.bank_seed < 0 else args.bank_seed, note=args.note)
+
+
+if __name__ == "__main__":
+    main()
