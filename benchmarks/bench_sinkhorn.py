@@ -161,7 +161,7 @@ def main(argv=None):
         tp = time.perf_counter() - t
         Pp = torch.as_tensor(np.asarray(Pp) if backend == "numpy" else Pp).to(torch.float64).cpu()
         print(f"{name:22s} {tp:8.2f} s  iters {int(log['niter']) + 1:5d}")
-        for method, (to, info, P) in ours.items():
+        for method, (to, _info, P) in ours.items():
             Pd = P.to(torch.float64).cpu()
             diff = (Pd - Pp).abs().max().item()
             same_row = (Pd.argmax(1) == Pp.argmax(1)).double().mean().item()

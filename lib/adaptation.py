@@ -105,7 +105,10 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, mode: str, generato
     views, view_masks = [], []
     for img, msk in zip(images, masks):
         # 90/270-degree turns of a non-square image would change its shape: there only 0 or 180
-        k = int(torch.randint(0, 4, (1,), generator=generator)) if square else 2 * int(torch.randint(0, 2, (1,), generator=generator))
+        if square:
+            k = int(torch.randint(0, 4, (1,), generator=generator))
+        else:
+            k = 2 * int(torch.randint(0, 2, (1,), generator=generator))
         flip_h, flip_v = torch.rand(2, generator=generator) < 0.5
         x, m = torch.rot90(img, k, dims=(1, 2)), torch.rot90(msk, k, dims=(1, 2))
         if flip_h:

@@ -234,7 +234,9 @@ def epoch_curve(cfg, extractor, task_name, corruption, spec: dict, seed: int = 0
     conf.stop = None
     if epochs is not None:
         conf.epochs = epochs
-    weights = bank_weights(cfg, t, model, seed=seed if bank_seed is None else bank_seed) if _needs_weights(conf) else None
+    weights = None
+    if _needs_weights(conf):
+        weights = bank_weights(cfg, t, model, seed=seed if bank_seed is None else bank_seed)
     rows = []
     base = evaluate(model, t, e_split, corruption, severity, seed, cfg["patchcore"]["batch_size"])
     rows.append(dict(epoch=0, image_auroc=base["image_auroc"], pixel_auroc=base["pixel_auroc"], nn_distance=np.nan))

@@ -218,7 +218,7 @@ def discretize(plan: torch.Tensor, rule: str = "or", mass_fraction: float = 0.5,
     cols_c = torch.arange(M, device=plan.device)
     mutual = r[c] == cols_c  # column j's argmax row i=c(j) has r(i) = j, i.e. (c(j), j) is also a row pair
     if rule == "mass":
-        if not 0.0 < mass_fraction:
+        if not mass_fraction > 0.0:
             raise ValueError(f"mass_fraction must be > 0, got {mass_fraction}")
         top = plan.gather(1, r.unsqueeze(1)).squeeze(1)  # gamma_{i r(i)} (or its log)
         log_thr = top.median() + (math.log(mass_fraction) if log_plan else 0.0)

@@ -201,8 +201,9 @@ def test_robust_bad_input_names_the_fix(fitted):
     with pytest.raises(AdaptationError, match="bank_weights has .* entries but the bank has"):
         adapt(fitted, data, AdaptConfig(epochs=1, batch_size=3, loss=dict(ROBUST)), show_progress=False,
               bank_weights=short)
+    too_many = fitted.bank.shape[0] - 0.5
     with pytest.raises(AdaptationError, match="no valid eps"):
-        adapt(fitted, data, AdaptConfig(epochs=1, batch_size=3, loss=dict(ROBUST, entries_per_row=fitted.bank.shape[0] - 0.5)),
+        adapt(fitted, data, AdaptConfig(epochs=1, batch_size=3, loss=dict(ROBUST, entries_per_row=too_many)),
               show_progress=False, bank_weights=torch.ones(fitted.bank.shape[0]))
 
 

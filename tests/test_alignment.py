@@ -15,8 +15,6 @@ from lib.alignment import (
 )
 from lib.transport import discretize, pairwise_cost
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -85,7 +85,7 @@ def test_normalize_cost_scale_detached_and_modes():
 
 
 @pytest.mark.parametrize("method", ["absorb", "log"])
-@pytest.mark.parametrize("n,m,eps", [(30, 20, 0.05), (12, 40, 0.2), (25, 35, 0.01)])
+@pytest.mark.parametrize(("n", "m", "eps"), [(30, 20, 0.05), (12, 40, 0.2), (25, 35, 0.01)])
 def test_sinkhorn_matches_pot(method, n, m, eps):
     x, y = _problem(n, m, seed=n + m)
     C, _ = normalize_cost(pairwise_cost(x, y))
