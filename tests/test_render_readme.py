@@ -73,3 +73,9 @@ def test_count_per_group():
     table = rr.render_table(df, dict(columns=["paper", "verdict", "n"], by=["paper", "verdict"], count="n",
                                      where=[]))
     assert table.splitlines()[2:] == ["| r | x | 2 |", "| r | y | 1 |", "| d | x | 1 |"]
+
+
+def test_the_readme_tables_match_their_csvs():
+    """Numbers in the README's marked tables are read from the CSVs: rerun scripts/render_readme.py after a run."""
+    repo = Path(__file__).resolve().parent.parent
+    assert rr.main(["--check", str(repo / "README.md")]) == 0
