@@ -345,16 +345,3 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_
             p.requires_grad_(False)
         extractor.eval()
     return pd.DataFrame(rows)
-
-
-_MOVED = ("adapt_and_evaluate", "config_from_profile", "assignment_census", "open_choices", "choice_sweep")
-
-
-def __getattr__(name):
-    """The experiment glue moved to :mod:`lib.roda_runner`; old ``adaptation.<name>`` calls still resolve."""
-    if name in _MOVED:
-        # the experiment glue imports this module, not the other way round: import it only when asked
-        from . import roda_runner
-
-        return getattr(roda_runner, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -227,7 +227,7 @@ def roda_cell(cell: dict) -> dict:
     ``"auto"``: the GPU Ray gave the worker, else CPU), ``out_dir`` (where the profile's cache of banks lives).
     The bank of (task, backbone, seed) is built once per machine and cached like the notebooks do.
     """
-    from . import adaptation, pipeline
+    from . import pipeline, roda_runner
     from .backbones import load_backbone
     from .profiles import get_profile
 
@@ -238,8 +238,8 @@ def roda_cell(cell: dict) -> dict:
     task = pipeline.resolve_task(cfg, cell["task"])
     adapt_split, eval_split = pipeline.target_split(task, cfg["corruption"]["adapt_fraction"], seed)
     model, bank = pipeline.fit_or_load_bank(cfg, task, extractor, seed=seed)
-    config = adaptation.config_from_profile(cfg, cell["method"], seed=seed)
-    res, _ = adaptation.adapt_and_evaluate(model, task, adapt_split, eval_split, cell["corruption"],
+    config = roda_runner.config_from_profile(cfg, cell["method"], seed=seed)
+    res, _ = roda_runner.adapt_and_evaluate(model, task, adapt_split, eval_split, cell["corruption"],
                                            int(cell["severity"]), config, eval_seed=seed,
                                            batch_size=cfg["patchcore"]["batch_size"])
     return dict(backbone=extractor.name, image_auroc=float(res["image_auroc"]), pixel_auroc=float(res["pixel_auroc"]),
