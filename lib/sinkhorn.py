@@ -125,6 +125,18 @@ class _Problem:
         beta = self.phi_b * (self.logb - lse)
         return self.row_update(beta), beta, lse
 
+    def checked_log_step(self, alpha, beta, n: int):
+        """A log-domain iteration that also measures the column-marginal error (with the log-sum-exp the row update
+        reuses). Returns ``(alpha, beta, err, tv, stop)``, ``stop`` one of None, "converged", "max_iter"."""
+        lse = _lse_rows(self.Mr, alpha, self.work)
+        err, tv = _err((beta + lse).exp(), self.b)
+        if err < self.tol:
+            return alpha, beta, err, tv, "converged"
+        if n >= self.max_iter:
+            return alpha, beta, err, tv, "max_iter"
+        beta = self.logb - lse
+        return self.row_update(beta), beta, err, tv, None
+
 
 # ----------------------------------------------------------------------------------------------------------
 # the methods: each runs the iteration on a prepared problem and returns (alpha, beta, counters)
@@ -137,15 +149,10 @@ def sinkhorn_log_domain(p: _Problem, alpha):
     alpha, beta, _ = p.log_step(alpha)
     while True:
         if n % p.check_every == 0 or n == p.max_iter:
-            lse = _lse_rows(p.Mr, alpha, p.work)
-            err, tv = _err((beta + lse).exp(), p.b)
-            if err < p.tol:
-                converged = True
+            alpha, beta, err, tv, stop = p.checked_log_step(alpha, beta, n)
+            if stop:
+                converged = stop == "converged"
                 break
-            if n >= p.max_iter:
-                break
-            beta = p.logb - lse
-            alpha = p.row_update(beta)
         else:
             alpha, beta, _ = p.log_step(alpha)
         n += 1
@@ -169,15 +176,10 @@ def sinkhorn_absorb(p: _Problem, alpha, tau: float = 1e3):
             if K is not None:
                 alpha, beta, K = alpha + u.log(), beta + v.log(), None
             if check and p.phi_b == 1.0:
-                lse = _lse_rows(p.Mr, alpha, p.work)
-                err, tv = _err((beta + lse).exp(), p.b)
-                if err < p.tol:
-                    converged = True
+                alpha, beta, err, tv, stop = p.checked_log_step(alpha, beta, n)
+                if stop:
+                    converged = stop == "converged"
                     break
-                if n >= p.max_iter:
-                    break
-                beta = p.logb - lse
-                alpha = p.row_update(beta)
             else:
                 alpha, beta, _ = p.log_step(alpha)
                 if n >= p.max_iter:
