@@ -38,6 +38,7 @@ bench: setup
 	$(PY) benchmarks/bench_profile.py
 	$(PY) benchmarks/bench_patchcore.py
 	$(PY) benchmarks/bench_sinkhorn.py --features real --method absorb --pot-backend torch
+	$(PY) benchmarks/bench_adapt_step.py --threads 2
 
 # JupyterLab refuses to run as root unless told; containers often are root
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
