@@ -131,7 +131,7 @@ PROFILES = {
     ),
     "real": dict(
         data_root=str(SHARED_DATA),
-        tasks=("mvtec/screw", "ksdd"),
+        tasks=("mvtec/screw", "mvtec/bottle", "mvtec/tire", "ksdd"),
         patchcore=dict(coreset_ratio=0.01, max_bank=2500, max_train=None, max_test=None, batch_size=16),
         roda=dict(epochs=10),
         # sized for 2 CPU cores (about 1.5 h): 2 epochs (8 steps) per ablation run instead of notebook
