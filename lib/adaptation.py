@@ -19,6 +19,12 @@ Open choices (the paper is silent; each is a parameter, measured in notebooks 03
 * ``bn_mode``: ``"eval"`` keeps the source running statistics (only the affine parameters move);
   ``"train"`` normalises with batch statistics while adapting and updates the running statistics,
   which are then used to score.
+* ``bn_init``: ``"source"`` starts from the source BatchNorm state; ``"target"`` first re-estimates the
+  running statistics on the (unlabeled) adaptation split, as AdaBN does (Li et al. 2016; Schneider et al.
+  2020 for corruptions), then adapts the affine parameters against the bank with those statistics fixed.
+  A contrast or brightness change is, after the first convolution, close to a per-channel affine map that
+  re-normalisation undoes; the OT loss then has only the residual shift to remove. With
+  ``method="patchcore"`` the re-estimation alone is run (the "AdaBN" row).
 * ``augment``: ``"none"``, ``"copy"`` (the batch twice: the "direct copy" ablation) or ``"flip_rot90"``
   (the batch plus one random flip/90-degree-rotation view of each image; non-square images such as
   KolektorSDD strips are turned by 0 or 180 degrees only). The augmentation knows nothing about the
@@ -62,6 +68,7 @@ class AdaptConfig:
     batch_size: int = 10  # paper
     augment: str = "flip_rot90"
     bn_mode: str = "eval"
+    bn_init: str = "source"  # "target": re-estimate the running statistics on the split first (AdaBN)
     seed: int = 0
     loss: dict = field(default_factory=dict)  # forwarded to the alignment loss (eps, rule, cost, ...)
     anomalous_patch_fraction: float = 0.5  # a patch is anomalous when this share of its cell is defect
@@ -88,6 +95,8 @@ class AdaptConfig:
             raise AdaptationError(f"stop takes rel_tol and min_epochs, got {sorted(self.stop)}")
         if self.bn_mode not in ("eval", "train"):
             raise AdaptationError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
+        if self.bn_init not in ("source", "target"):
+            raise AdaptationError(f"bn_init must be 'source' or 'target', got {self.bn_init!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,6 +160,32 @@ def load_bn_state(extractor, path) -> dict:
         raise AdaptationError(f"{path} holds BatchNorm parameters of another backbone: load {blob.get('backbone')}")
     restore_bn_state(extractor, blob["bn"])
     return blob.get("info", {})
+
+
+@torch.no_grad()
+def reestimate_bn_stats(model, dataset, batch_size: int = 16) -> int:
+    """Replace the running mean/variance of every BatchNorm the taps depend on by the statistics of
+    ``dataset`` (AdaBN): a cumulative average over all its images (``momentum=None``), no augmentation,
+    affine parameters untouched. Returns the number of images seen."""
+    if len(dataset) == 0:
+        raise AdaptationError("the adaptation split is empty: raise corruption.adapt_fraction or add target images")
+    extractor = model.extractor
+    modules = extractor.bn_modules()
+    saved = [bn.momentum for bn in modules]
+    seen = 0
+    try:
+        for bn in modules:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        for batch in make_loader(dataset, batch_size=batch_size, shuffle=False):
+            extractor(batch["image"].to(model.device))
+            seen += len(batch["image"])
+    finally:
+        for bn, m in zip(modules, saved):
+            bn.momentum = m
+        extractor.eval()
+    return seen
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,6 +294,10 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_
                               f"{config.batch_size} with drop_last=True: lower roda.batch_size or raise "
                               "corruption.adapt_fraction")
     model._check_bank()
+    if config.bn_init == "target":
+        reestimate_bn_stats(model, dataset, batch_size=max(config.batch_size, 2))
+    if config.method == "patchcore":  # no alignment loss: the statistics alone (AdaBN) or nothing
+        return pd.DataFrame()
     extractor = model.extractor
     params = list(extractor.bn_affine_parameters())
     if not params:

@@ -87,6 +87,21 @@ def _lite_spec(variant: int, sha: str, size: int, channels: tuple[int, ...]) -> 
     )
 
 
+def _resnet_spec(name: str, role: str, channels: tuple[int, ...]) -> BackboneSpec:
+    """A torchvision ResNet: weights from torchvision's hub cache, taps at layer2/layer3, deep map layer4."""
+    return BackboneSpec(
+        name=name,
+        architecture=f"torchvision {name} ({role})",
+        normalization="imagenet",
+        taps=("layer2", "layer3"),
+        deep_tap="layer4",
+        head="fc",
+        license="BSD-3-Clause (torchvision weights)",
+        default_weights="IMAGENET1K_V1",
+        tap_channels=channels,
+    )
+
+
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
@@ -124,28 +139,8 @@ BACKBONES: dict[str, BackboneSpec] = {
             sha256="7ff4a85c3a6378f0",
             tap_channels=(288, 768, 2048),
         ),
-        BackboneSpec(
-            name="resnet18",
-            architecture="torchvision resnet18 (the DPDL backbone)",
-            normalization="imagenet",
-            taps=("layer2", "layer3"),
-            deep_tap="layer4",
-            head="fc",
-            license="BSD-3-Clause (torchvision weights)",
-            default_weights="IMAGENET1K_V1",
-            tap_channels=(128, 256, 512),
-        ),
-        BackboneSpec(
-            name="wide_resnet50_2",
-            architecture="torchvision wide_resnet50_2 (the PatchCore / RoDA backbone)",
-            normalization="imagenet",
-            taps=("layer2", "layer3"),
-            deep_tap="layer4",
-            head="fc",
-            license="BSD-3-Clause (torchvision weights)",
-            default_weights="IMAGENET1K_V1",
-            tap_channels=(512, 1024, 2048),
-        ),
+        _resnet_spec("resnet18", "the DPDL backbone", (128, 256, 512)),
+        _resnet_spec("wide_resnet50_2", "the PatchCore / RoDA backbone", (512, 1024, 2048)),
     ]
 }
 

@@ -195,6 +195,10 @@ class FeatureExtractor(nn.Module):
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._bn_names = self._dry_run(dry_run_size)
+        # the wrapper's own flag too: nn.Module starts in training mode, and anything that saves and restores
+        # ``extractor.training`` (or calls ``train(extractor.training)``) would otherwise switch every
+        # BatchNorm to batch statistics and let each forward pass overwrite the running statistics
+        self.eval()
         self.normalization = {
             "backbone": name,
             "weights": weights_id,

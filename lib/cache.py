@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .utils import torch_save
+from .utils import torch_load_fields, torch_save
 
 CACHE_FORMAT = "repro-cache/1"
 
@@ -100,14 +100,15 @@ def unused_modules(extractor: torch.nn.Module, size: int = 224) -> tuple:
         for name, module in extractor.named_modules():
             if not list(module.children()):
                 hooks.append(module.register_forward_hook(lambda m, i, o, name=name: ran.add(name)))
-        training = extractor.training
+        modes = [(m, m.training) for m in extractor.modules()]  # per module: a BN may be in train mode alone
         try:
             extractor.eval()
             device = next(iter(extractor.parameters()), torch.empty(0)).device
             with torch.no_grad():
                 extractor(torch.zeros(1, 3, size, size, device=device))
         finally:
-            extractor.train(training)
+            for m, training in modes:
+                m.training = training
             for h in hooks:
                 h.remove()
         leaves = ((n, m) for n, m in extractor.named_modules() if not list(m.children()))
@@ -141,12 +142,10 @@ def read(path, key: str):
     path = Path(path)
     if not path.is_file():
         raise CacheMiss(f"{path.name} does not exist")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        stored, payload = blob["cache_key"], blob["payload"]
-        assert blob.get("cache_format") == CACHE_FORMAT
-    except Exception as exc:
-        raise CacheMiss(f"{path.name} is unreadable ({type(exc).__name__})") from None
+    fields = torch_load_fields(path, ("cache_key", "payload"), check=lambda b: b.get("cache_format") == CACHE_FORMAT)
+    if fields is None:
+        raise CacheMiss(f"{path.name} is unreadable or not a cache file of format {CACHE_FORMAT}")
+    stored, payload = fields
     if stored != key:
         raise CacheMiss(f"{path.name} was built from other data or settings (key {stored[:12]} != {key[:12]})")
     return payload

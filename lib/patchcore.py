@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from .utils import progress, resolve_device, torch_save
+from .utils import progress, resolve_device, torch_load_fields, torch_save
 
 BANK_FORMAT = "patchcore-bank/1"
 
@@ -415,13 +415,11 @@ class PatchCore:
         path = Path(path)
         if not path.is_file():
             raise BankError(f"bank file {path} does not exist: build it with PatchCore.fit(...).save(path)")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=False)
-            bank, meta = blob["bank"], blob["meta"]
-            assert meta.get("format") == BANK_FORMAT
-        except Exception as exc:  # noqa: BLE001 - any failure here means the file is unusable
-            raise BankError(f"bank file {path} is corrupted or not a PatchCore bank ({type(exc).__name__}): "
-                            "delete it and rebuild with PatchCore.fit(...).save(path)") from None
+        fields = torch_load_fields(path, ("bank", "meta"), check=lambda b: b["meta"].get("format") == BANK_FORMAT)
+        if fields is None:
+            raise BankError(f"bank file {path} is corrupted or not a PatchCore bank of format {BANK_FORMAT}: "
+                            "delete it and rebuild with PatchCore.fit(...).save(path)")
+        bank, meta = fields
         expected = dict(getattr(extractor, "normalization", {}) or {}, name=getattr(extractor, "name", "?"),
                         layers=list(getattr(extractor, "layers", [])))
         if meta["backbone"] != expected:

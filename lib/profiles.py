@@ -58,7 +58,8 @@ _BASE = dict(
     patchcore=dict(coreset_ratio=0.01, max_bank=None, max_train=None, max_test=None, batch_size=16),
     corruption=dict(names=CORRUPTIONS, severity=5, adapt_fraction=0.2),
     roda=dict(epochs=10, lr=0.003, momentum=0.9, batch_size=10, eps=0.05, rule="or", cost="l2",
-              cost_norm="mean", bn_mode="eval", augment="flip_rot90", methods=("patchcore", "ttt++", "ttac", "roda"),
+              cost_norm="mean", bn_mode="eval", bn_init="source", augment="flip_rot90",
+              methods=("patchcore", "ttt++", "ttac", "roda"),
               # our named options, reported beside the paper's rule, never in its place
               variants={"roda_and": dict(method="roda", loss=dict(rule="and")),
                         # label-free robust configuration (docs/choices.md, RoDA section; notebook 08): eps from

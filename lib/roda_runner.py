@@ -68,7 +68,7 @@ def config_from_profile(cfg, method: str, seed: int = 0, **overrides) -> AdaptCo
     loss.update(spec.pop("loss", {}))
     loss.update(overrides.pop("loss", {}))
     fields = dict(epochs=r["epochs"], lr=r["lr"], momentum=r["momentum"], batch_size=r["batch_size"],
-                  augment=r["augment"], bn_mode=r["bn_mode"])
+                  augment=r["augment"], bn_mode=r["bn_mode"], bn_init=r["bn_init"])
     fields.update(spec)
     fields.update(overrides)
     return AdaptConfig(method=method, seed=seed, loss=loss, **fields)
@@ -146,7 +146,7 @@ def adapt_and_evaluate(model, task, adapt_samples, eval_samples, corruption, sev
     t0 = time.perf_counter()
     history = pd.DataFrame()
     try:
-        if config.method != "patchcore":
+        if config.method != "patchcore" or config.bn_init != "source":
             try:
                 history = adapt(model, dataset(task, adapt_samples, corruption, severity, eval_seed), config,
                                 show_progress=False, bank_weights=weights, on_epoch_end=on_epoch_end)

@@ -145,18 +145,15 @@ class _Problem:
 
 def sinkhorn_log_domain(p: _Problem, alpha):
     """``method="log"``: ``logsumexp`` half-steps throughout (POT ``sinkhorn_log``)."""
-    n, err, tv, converged = 1, float("inf"), float("inf"), False
+    n, err, tv, stop = 0, float("inf"), float("inf"), None
     alpha, beta, _ = p.log_step(alpha)
-    while True:
+    while not stop:
+        n += 1
         if n % p.check_every == 0 or n == p.max_iter:
             alpha, beta, err, tv, stop = p.checked_log_step(alpha, beta, n)
-            if stop:
-                converged = stop == "converged"
-                break
         else:
             alpha, beta, _ = p.log_step(alpha)
-        n += 1
-    return alpha, beta, dict(n_iter=n, marginal_error=err, marginal_tv=tv, converged=converged,
+    return alpha, beta, dict(n_iter=n, marginal_error=err, marginal_tv=tv, converged=stop == "converged",
                              n_absorb=0, n_log_steps=n, n_fallback=0)
 
 

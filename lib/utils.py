@@ -163,3 +163,16 @@ def torch_save(obj, path) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+def torch_load_fields(path, fields: tuple[str, ...], check=None):
+    """The values of ``fields`` in the dict saved at ``path`` by :func:`torch_save`, or ``None`` when the
+    file cannot be read, lacks a field, or fails ``check(blob)`` (a corrupted or foreign file: the caller
+    says what to do about it)."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        values = tuple(blob[name] for name in fields)
+        usable = check is None or bool(check(blob))
+    except Exception:  # noqa: BLE001 - any failure here means the file is unusable
+        return None
+    return values if usable else None

@@ -220,3 +220,45 @@ def test_drop_last_and_stopping_rule(fitted):
                                            loss=dict(eps=0.1)), show_progress=False)
     assert hist.epoch.max() == 1 and hist.stopped.iloc[-1]
     restore_bn_state(fitted.extractor, source)
+
+
+def test_scoring_never_touches_batchnorm_statistics():
+    """Regression: the cache fingerprint's dry run restored ``extractor.train(extractor.training)``, and a fresh
+    wrapper's flag was True, so every BatchNorm ran on batch statistics and each scored batch overwrote the
+    running statistics (scores depended on batch composition and on what was scored before)."""
+    from lib.cache import extractor_fingerprint
+
+    ext = load_backbone("mobilenet_v2")
+    extractor_fingerprint(ext)  # what every bank/feature cache key computes first
+    assert not ext.training and not any(m.training for m in ext.modules())
+    model = PatchCore(ext, coreset_ratio=0.2, device="cpu").fit([dict(image=_textures(4, 0))])
+    before = bn_state(ext)
+    shifted = [dict(image=_textures(3, 5) * 0.3, mask=torch.zeros(3, 1, 64, 64), label=torch.zeros(3),
+                    path=["a", "b", "c"])]
+    first = model.predict(shifted, keep_maps=False)["scores"]
+    again = model.predict(shifted, keep_maps=False)["scores"]
+    assert all(torch.equal(v, bn_state(ext)[k]) for k, v in before.items()), "scoring changed BN statistics"
+    assert torch.equal(torch.as_tensor(first), torch.as_tensor(again))
+
+
+def test_bn_init_target_reestimates_statistics_and_restores(fitted):
+    """AdaBN (``bn_init="target"``): the running statistics become the split's own (a contrast-reduced split
+    gives a smaller first-layer variance), the affine parameters stay, and the source state comes back."""
+    ext = fitted.extractor
+    source = bn_state(ext)
+    momenta = [bn.momentum for bn in ext.bn_modules()]
+    split = TensorDataset(0.5 + 0.1 * (_textures(4, 2) - 0.5))  # contrast cut to a tenth
+    seen = adaptation.reestimate_bn_stats(fitted, split, batch_size=2)
+    assert seen == 4
+    first = ext.bn_modules()[0]
+    assert float(first.running_var.mean()) < 0.5 * float(source["0.running_var"].mean())
+    assert torch.equal(first.weight, source["0.weight"]) and [bn.momentum for bn in ext.bn_modules()] == momenta
+    assert not any(m.training for m in ext.modules())
+    restore_bn_state(ext, source)
+    # method="patchcore" with bn_init="target" is the statistics alone: no history, no affine change
+    hist = adapt(fitted, split, AdaptConfig(method="patchcore", bn_init="target", batch_size=2), show_progress=False)
+    assert len(hist) == 0 and torch.equal(ext.bn_modules()[0].weight, source["0.weight"])
+    assert not torch.equal(ext.bn_modules()[0].running_mean, source["0.running_mean"])
+    restore_bn_state(ext, source)
+    with pytest.raises(AdaptationError, match="bn_init"):
+        AdaptConfig(bn_init="adabn")
