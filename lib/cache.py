@@ -37,7 +37,7 @@ import torch
 
 from .utils import torch_load_fields, torch_save
 
-CACHE_FORMAT = "repro-cache/1"
+CACHE_FORMAT = "repro-cache/2"  # 2: features from eval-mode BatchNorm (see BANK_FORMAT)
 
 
 def _canonical(obj):

@@ -35,7 +35,7 @@ from scipy.ndimage import gaussian_filter
 
 from .utils import progress, resolve_device, torch_load_fields, torch_save
 
-BANK_FORMAT = "patchcore-bank/1"
+BANK_FORMAT = "patchcore-bank/2"  # 2: built with BatchNorm in eval mode (1 could hold batch-statistics banks)
 
 #: (pretrain_dim, target_dim) per backbone. The papers' ResNets keep the official 1024/1024. The bundled
 #: networks have 4-10x fewer channels (e.g. MobileNetV2: 32 and 96), so pooling them *up* to 1024 would
