@@ -164,3 +164,21 @@ def gap_comparison(df: pd.DataFrame, label: str, paper: str, ours: str, ours_err
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def recorded(path, index, columns: str, values: str, query: str | None = None, scale: float = 100.0,
+             decimals: int = 1) -> pd.DataFrame:
+    """A recorded results CSV as the table the notebook text talks about: ``values`` (x ``scale``, rounded)
+    by ``index`` and ``columns``, averaged over any other column (e.g. seeds), after ``query`` (pandas
+    syntax). The numbers a "what we measured" cell discusses are read here, never typed into markdown; a
+    missing file gives a one-row table that says so, so the notebook still runs on a fresh machine."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return pd.DataFrame({"note": [f"{path.name} not recorded yet (run the profile that writes it)"]})
+    df = pd.read_csv(path)
+    if query:
+        df = df.query(query)
+    table = df.pivot_table(index=index, columns=columns, values=values, aggfunc="mean") * scale
+    return table.round(decimals)
