@@ -175,6 +175,21 @@ def pairs_to_mask(pairs: Pairs, dtype: torch.dtype = torch.bool) -> torch.Tensor
     return mask
 
 
+def column_argmax(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """``x.argmax(0)`` of an (N, M) row-major matrix, ties to the first row, in row blocks: the running
+    maximum is carried across blocks of ``chunk`` rows, so each block reduces along contiguous memory.
+    (torch's strided ``argmax(0)`` over a 15,680 x 2,500 plan is several times slower on CPU.)"""
+    if x.shape[0] <= chunk:
+        return x.argmax(0)
+    best, idx = x[:chunk].max(0)
+    for start in range(chunk, x.shape[0], chunk):
+        value, i = x[start:start + chunk].max(0)
+        better = value > best  # strict: an equal value further down keeps the first row
+        best = torch.where(better, value, best)
+        idx = torch.where(better, i + start, idx)
+    return idx
+
+
 def discretize(plan: torch.Tensor, rule: str = "or", mass_fraction: float = 0.5, log_plan: bool = False) -> Pairs:
     """Discrete assignment ``pi*`` from a transport plan ``gamma*`` (N, M), RoDA Eq. 6.
 
@@ -213,7 +228,7 @@ def discretize(plan: torch.Tensor, rule: str = "or", mass_fraction: float = 0.5,
     if N == 0 or M == 0:
         raise ValueError(f"empty plan of shape {(N, M)}")
     r = plan.argmax(1)  # (N,)  bank index of each row's max
-    c = plan.argmax(0)  # (M,)  target index of each column's max
+    c = column_argmax(plan)  # (M,)  target index of each column's max
     rows_r = torch.arange(N, device=plan.device)
     cols_c = torch.arange(M, device=plan.device)
     mutual = r[c] == cols_c  # column j's argmax row i=c(j) has r(i) = j, i.e. (c(j), j) is also a row pair

@@ -483,3 +483,14 @@ def test_unbalanced_matches_pot_and_drops_far_bank_entries():
     Pu, _ = tr.sinkhorn(C, 0.5, method="unbalanced", rho=rho, tol=1e-6, max_iter=5000)
     col = Pu.sum(0) / Pu.sum() * C.shape[1]
     assert col[-3:].max() < 0.05 * col[:-3].median()
+
+
+def test_column_argmax_matches_torch_with_ties_to_the_first_row():
+    from lib.transport import column_argmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2500, 37, generator=g)
+    assert torch.equal(column_argmax(x, chunk=100), x.argmax(0))
+    x = torch.randint(0, 3, (2500, 37), generator=g).float()  # many ties, across blocks
+    first = torch.stack([torch.nonzero(col == col.max())[0, 0] for col in x.T])
+    assert torch.equal(column_argmax(x, chunk=100), first)
