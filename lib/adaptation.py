@@ -163,12 +163,11 @@ def load_bn_state(extractor, path) -> dict:
 
 
 @torch.no_grad()
-def reestimate_bn_stats(model, dataset, batch_size: int = 16) -> int:
-    """Replace the running mean/variance of every BatchNorm the taps depend on by the statistics of
-    ``dataset`` (AdaBN): a cumulative average over all its images (``momentum=None``), no augmentation,
-    affine parameters untouched. Returns the number of images seen."""
-    if len(dataset) == 0:
-        raise AdaptationError("the adaptation split is empty: raise corruption.adapt_fraction or add target images")
+def reestimate_bn_stats(model, batches) -> int:
+    """Replace the running mean/variance of every BatchNorm the taps depend on by the statistics of the
+    images in ``batches`` (an iterable of dicts with ``"image"``, e.g. a DataLoader) (AdaBN): a cumulative
+    average over all of them (``momentum=None``), no augmentation, affine parameters untouched. Returns the
+    number of images seen."""
     extractor = model.extractor
     modules = extractor.bn_modules()
     saved = [bn.momentum for bn in modules]
@@ -178,13 +177,15 @@ def reestimate_bn_stats(model, dataset, batch_size: int = 16) -> int:
             bn.reset_running_stats()
             bn.momentum = None
             bn.train()
-        for batch in make_loader(dataset, batch_size=batch_size, shuffle=False):
+        for batch in batches:
             extractor(batch["image"].to(model.device))
             seen += len(batch["image"])
     finally:
         for bn, m in zip(modules, saved):
             bn.momentum = m
         extractor.eval()
+    if seen == 0:
+        raise AdaptationError("no images to re-estimate the BatchNorm statistics from: add target images")
     return seen
 
 
@@ -295,7 +296,7 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_
                               "corruption.adapt_fraction")
     model._check_bank()
     if config.bn_init == "target":
-        reestimate_bn_stats(model, dataset, batch_size=max(config.batch_size, 2))
+        reestimate_bn_stats(model, make_loader(dataset, batch_size=max(config.batch_size, 2)))
     if config.method == "patchcore":  # no alignment loss: the statistics alone (AdaBN) or nothing
         return pd.DataFrame()
     extractor = model.extractor

@@ -167,7 +167,7 @@ def _options(pairs) -> dict:
 
 
 def cmd_adapt(args) -> int:
-    from .adaptation import save_bn_state
+    from .adaptation import reestimate_bn_stats, save_bn_state
     from .stream import OnlineAdapter, default_loss_options
 
     model, prep = _load_bank(args.bank, args.device)
@@ -176,6 +176,8 @@ def cmd_adapt(args) -> int:
     defaults = _roda_defaults()
     options = default_loss_options(args.method, defaults)
     options.update(_options(args.option))
+    if args.bn_init == "target":  # AdaBN first: the folder's own BatchNorm statistics (no labels)
+        reestimate_bn_stats(model, _loader(items, prep, args.batch_size, shuffle=False, seed=args.seed))
     adapter = OnlineAdapter(model, args.method, options, lr=args.lr, momentum=args.momentum, augment=args.augment,
                             normalize_loss=args.normalize_loss, seed=args.seed)
     loader = _loader(items, prep, args.batch_size, shuffle=True, seed=args.seed)
@@ -338,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="roda", choices=sorted(ALIGNMENT_LOSSES), help="alignment loss")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="loss option, e.g. --option eps=0.1 --option rule=and (roda: eps, rule, cost, cost_norm)")
+    p.add_argument("--bn-init", choices=("source", "target"), default="source",
+                   help="target: re-estimate the BatchNorm statistics on the folder first (AdaBN), then adapt")
     p.add_argument("--epochs", type=int, default=r["epochs"], help="passes over the folder")
     p.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead of --epochs")
     p.add_argument("--lr", type=float, default=r["lr"], help="SGD learning rate")

@@ -188,3 +188,20 @@ def test_help_on_every_command(capsys):
     res = subprocess.run([sys.executable, "-m", "lib.cli"], capture_output=True, text=True, cwd=REPO, timeout=120,
                          check=False)
     assert res.returncode == EXIT_USAGE and "required" in res.stderr
+
+
+def test_adapt_bn_init_target_saves_the_folders_statistics(data, tmp_path):
+    import torch
+
+    from lib.backbones import load_backbone
+
+    target = data["category"] / "test"
+    states = {}
+    for init in ("source", "target"):
+        states[init] = tmp_path / f"{init}.pt"
+        assert main(["adapt", str(data["bank"]), str(target), "-o", str(states[init]), "--steps", "1", "--lr", "0",
+                     "--momentum", "0", "--bn-init", init, "--batch-size", "8", "--device", "cpu", "-q"]) == EXIT_OK
+    source = load_backbone("mobilenet_v2").bn_modules()[0].running_mean
+    saved = {k: torch.load(v, weights_only=False)["bn"]["0.running_mean"] for k, v in states.items()}
+    assert torch.equal(saved["source"], source)  # lr 0: nothing moved
+    assert not torch.allclose(saved["target"], source)  # AdaBN: the folder's own statistics
