@@ -62,6 +62,10 @@ _BASE = dict(
               methods=("patchcore", "ttt++", "ttac", "roda"),
               # our named options, reported beside the paper's rule, never in its place
               variants={"roda_and": dict(method="roda", loss=dict(rule="and")),
+                        # AdaBN (not in the papers): BatchNorm statistics re-estimated on the unlabeled adaptation
+                        # split, no alignment loss; and the literal RoDA started from those statistics
+                        "adabn": dict(method="patchcore", bn_init="target"),
+                        "roda_adabn": dict(method="roda", bn_init="target"),
                         # label-free robust configuration (docs/choices.md, RoDA section; notebook 08): eps from
                         # the first adaptation batch's plan spread, target marginal KL-relaxed, bank marginal by
                         # coverage, row pairs kept by plan mass, no remainder batch, stop when the batches'
