@@ -286,16 +286,18 @@ def summarise(table: pd.DataFrame, shortcut: pd.DataFrame | None = None, thresho
 
 def versus_reference(table: pd.DataFrame, reference: str = "patchcore", margin: float = 0.0) -> pd.DataFrame:
     """Per method, against ``reference`` (no adaptation) over the (task, condition) cells both ran: how many
-    cells, in how many its seed-mean pixel / image AUROC is above the reference's by more than ``margin``,
-    how many below by more than ``margin``, and the mean difference. The counts a README sentence cites."""
-    mean = table.groupby(["task", "condition", "method"])[["image_auroc", "pixel_auroc"]].mean().reset_index()
-    ref = mean[mean.method == reference].set_index(["task", "condition"])
+    cells, in how many the difference of pixel / image AUROC (paired by seed, then averaged over the seeds
+    both ran) is above ``margin``, how many below ``-margin``, and the mean difference. The counts a README
+    sentence cites."""
+    keys = ["task", "condition", "seed"]
+    ref = table[table.method == reference].groupby(keys)[["image_auroc", "pixel_auroc"]].mean()
     rows = []
-    for method, g in mean[mean.method != reference].groupby("method", sort=False):
-        g = g.set_index(["task", "condition"]).join(ref.drop(columns="method").add_suffix("_ref"), how="inner")
-        row = dict(method=method, reference=reference, cells=len(g))
+    for method, g in table[table.method != reference].groupby("method", sort=False):
+        g = g.groupby(keys)[["image_auroc", "pixel_auroc"]].mean().join(ref.add_suffix("_ref"), how="inner")
+        cell = g.groupby(["task", "condition"]).mean()  # paired by seed, then averaged per cell
+        row = dict(method=method, reference=reference, cells=len(cell))
         for metric in ("pixel_auroc", "image_auroc"):
-            d = g[metric] - g[f"{metric}_ref"]
+            d = cell[metric] - cell[f"{metric}_ref"]
             name = metric.split("_")[0]
             row.update({f"{name}_above": int((d > margin).sum()), f"{name}_below": int((d < -margin).sum()),
                         f"{name}_mean_diff": float(d.mean())})
