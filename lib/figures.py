@@ -3,6 +3,8 @@ notebook saves it with :func:`lib.utils.save_figure`. Paper numbers are never dr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -172,8 +174,6 @@ def recorded(path, index, columns: str, values: str, query: str | None = None, s
     by ``index`` and ``columns``, averaged over any other column (e.g. seeds), after ``query`` (pandas
     syntax). The numbers a "what we measured" cell discusses are read here, never typed into markdown; a
     missing file gives a one-row table that says so, so the notebook still runs on a fresh machine."""
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         return pd.DataFrame({"note": [f"{path.name} not recorded yet (run the profile that writes it)"]})
