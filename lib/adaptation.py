@@ -24,7 +24,10 @@ Open choices (the paper is silent; each is a parameter, measured in notebooks 03
   2020 for corruptions), then adapts the affine parameters against the bank with those statistics fixed.
   A contrast or brightness change is, after the first convolution, close to a per-channel affine map that
   re-normalisation undoes; the OT loss then has only the residual shift to remove. With
-  ``method="patchcore"`` the re-estimation alone is run (the "AdaBN" row).
+  ``method="patchcore"`` the re-estimation alone is run (the "AdaBN" row). ``"matched"`` re-estimates them
+  *referenced to the training images* (:func:`lib.bn_stats.match_bn_stats`): the target is normalised to the
+  moments the clean training images have under the source statistics, not to zero mean and unit variance,
+  so an unshifted target keeps the source state and the bank's feature space.
 * ``augment``: ``"none"``, ``"copy"`` (the batch twice: the "direct copy" ablation) or ``"flip_rot90"``
   (the batch plus one random flip/90-degree-rotation view of each image; non-square images such as
   KolektorSDD strips are turned by 0 or 180 degrees only). The augmentation knows nothing about the
@@ -42,12 +45,14 @@ import torch
 import torch.nn.functional as F
 
 from .alignment import ALIGNMENT_LOSSES, source_stats
+from .bn_stats import match_bn_stats, reestimate_bn_stats
 from .data import make_loader
 from .sinkhorn import calibrate_eps
 from .transport import pairwise_cost
 from .utils import progress, torch_save
 
 AUGMENTATIONS = ("none", "copy", "flip_rot90")
+BN_INITS = ("source", "target", "matched")
 
 
 class AdaptationError(ValueError):
@@ -68,7 +73,7 @@ class AdaptConfig:
     batch_size: int = 10  # paper
     augment: str = "flip_rot90"
     bn_mode: str = "eval"
-    bn_init: str = "source"  # "target": re-estimate the running statistics on the split first (AdaBN)
+    bn_init: str = "source"  # "target": AdaBN first; "matched": AdaBN referenced to the training images
     seed: int = 0
     loss: dict = field(default_factory=dict)  # forwarded to the alignment loss (eps, rule, cost, ...)
     anomalous_patch_fraction: float = 0.5  # a patch is anomalous when this share of its cell is defect
@@ -95,8 +100,8 @@ class AdaptConfig:
             raise AdaptationError(f"stop takes rel_tol and min_epochs, got {sorted(self.stop)}")
         if self.bn_mode not in ("eval", "train"):
             raise AdaptationError(f"bn_mode must be 'eval' or 'train', got {self.bn_mode!r}")
-        if self.bn_init not in ("source", "target"):
-            raise AdaptationError(f"bn_init must be 'source' or 'target', got {self.bn_init!r}")
+        if self.bn_init not in BN_INITS:
+            raise AdaptationError(f"bn_init must be one of {BN_INITS}, got {self.bn_init!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,33 +165,6 @@ def load_bn_state(extractor, path) -> dict:
         raise AdaptationError(f"{path} holds BatchNorm parameters of another backbone: load {blob.get('backbone')}")
     restore_bn_state(extractor, blob["bn"])
     return blob.get("info", {})
-
-
-@torch.no_grad()
-def reestimate_bn_stats(model, batches) -> int:
-    """Replace the running mean/variance of every BatchNorm the taps depend on by the statistics of the
-    images in ``batches`` (an iterable of dicts with ``"image"``, e.g. a DataLoader) (AdaBN): a cumulative
-    average over all of them (``momentum=None``), no augmentation, affine parameters untouched. Returns the
-    number of images seen."""
-    extractor = model.extractor
-    modules = extractor.bn_modules()
-    saved = [bn.momentum for bn in modules]
-    seen = 0
-    try:
-        for bn in modules:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        for batch in batches:
-            extractor(batch["image"].to(model.device))
-            seen += len(batch["image"])
-    finally:
-        for bn, m in zip(modules, saved):
-            bn.momentum = m
-        extractor.eval()
-    if seen == 0:
-        raise AdaptationError("no images to re-estimate the BatchNorm statistics from: add target images")
-    return seen
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,13 +258,15 @@ def _nn_distance(target: torch.Tensor, bank: torch.Tensor) -> float:
 
 
 def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_weights=None,
-          on_epoch_end=None) -> pd.DataFrame:
+          on_epoch_end=None, bn_reference=None) -> pd.DataFrame:
     """Adapt ``model.extractor``'s BatchNorm affine parameters on ``dataset`` (the adaptation split).
 
     ``bank_weights`` (M,) are the training patches each bank entry covers (needed by ``loss.weights =
-    "coverage"``). ``on_epoch_end(epoch, history)`` is called after every epoch (e.g. to score per epoch); a
-    ``config.stop`` rule may end the run early. Returns the per-step diagnostics: loss, nearest-bank distance,
-    pairs, OT iterations and, where masks exist, the Fig. 5a counts of anomalous target patches.
+    "coverage"``); ``bn_reference`` the training images' BatchNorm input moments
+    (:func:`lib.bn_stats.bn_input_moments`, needed by ``bn_init="matched"``). ``on_epoch_end(epoch, history)``
+    is called after every epoch (e.g. to score per epoch); a ``config.stop`` rule may end the run early. Returns
+    the per-step diagnostics: loss, nearest-bank distance, pairs, OT iterations and, where masks exist, the
+    Fig. 5a counts of anomalous target patches.
     """
     if len(dataset) == 0:
         raise AdaptationError("the adaptation split is empty: raise corruption.adapt_fraction or add target images")
@@ -295,8 +275,13 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_
                               f"{config.batch_size} with drop_last=True: lower roda.batch_size or raise "
                               "corruption.adapt_fraction")
     model._check_bank()
+    if config.bn_init == "matched" and bn_reference is None:
+        raise AdaptationError("bn_init='matched' needs the training images' BatchNorm moments: pass bn_reference="
+                              "lib.bn_stats.bn_input_moments(model, <loader of the training images>)")
     if config.bn_init == "target":
         reestimate_bn_stats(model, make_loader(dataset, batch_size=max(config.batch_size, 2)))
+    elif config.bn_init == "matched":
+        match_bn_stats(model, make_loader(dataset, batch_size=max(config.batch_size, 2)), bn_reference)
     if config.method == "patchcore":  # no alignment loss: the statistics alone (AdaBN) or nothing
         return pd.DataFrame()
     extractor = model.extractor

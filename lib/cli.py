@@ -167,7 +167,8 @@ def _options(pairs) -> dict:
 
 
 def cmd_adapt(args) -> int:
-    from .adaptation import reestimate_bn_stats, save_bn_state
+    from .adaptation import save_bn_state
+    from .bn_stats import reestimate_bn_stats
     from .stream import OnlineAdapter, default_loss_options
 
     model, prep = _load_bank(args.bank, args.device)

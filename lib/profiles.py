@@ -27,6 +27,7 @@ override; ``null`` (``None``) is a value like any other (``--set patchcore.max_t
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
@@ -46,6 +47,11 @@ from .settings import (
     unknown_key_message,
 )
 from .utils import REPO_ROOT, ensure_writable, resolve_device, write_json
+
+#: the label-free robust RoDA (``roda.variants["roda_robust"]``); docs/choices.md, RoDA section
+ROBUST_RODA = dict(method="roda", drop_last=True, stop=dict(rel_tol=0.01, min_epochs=2),
+                   loss=dict(eps="auto", entries_per_row=8, ot="semi_relaxed", rho="auto", rho_std=1.0,
+                             weights="coverage", rule="mass", mass_fraction=0.5))
 
 _BASE = dict(
     backbone="mobilenet_v2",
@@ -70,10 +76,11 @@ _BASE = dict(
                         # the first adaptation batch's plan spread, target marginal KL-relaxed, bank marginal by
                         # coverage, row pairs kept by plan mass, no remainder batch, stop when the batches'
                         # nearest-bank distance levels off
-                        "roda_robust": dict(method="roda", drop_last=True, stop=dict(rel_tol=0.01, min_epochs=2),
-                                            loss=dict(eps="auto", entries_per_row=8, ot="semi_relaxed", rho="auto",
-                                                      rho_std=1.0, weights="coverage", rule="mass",
-                                                      mass_fraction=0.5))}),
+                        "roda_robust": copy.deepcopy(ROBUST_RODA),
+                        # AdaBN referenced to the training images' statistics (lib.bn_stats.match_bn_stats),
+                        # alone and before the robust alignment
+                        "adabn_matched": dict(method="patchcore", bn_init="matched"),
+                        "roda_robust_matched": dict(copy.deepcopy(ROBUST_RODA), bn_init="matched")}),
     # epochs: the RoDA/baseline epochs of notebook 04 (None: roda.epochs); table5_schedule: "epochs"
     # (every Table 5 row runs roda.epochs passes, so 80%/100% take 4-5x the steps) or "steps" (every
     # row takes the 20% row's number of steps: more data, same optimisation)

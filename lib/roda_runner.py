@@ -28,6 +28,7 @@ from .adaptation import (
     save_bn_state,
 )
 from .alignment import roda_loss
+from .bn_stats import bn_input_moments
 from .data import DataError, make_loader
 from .patchcore import nearest_distances
 from .pipeline import (
@@ -130,6 +131,20 @@ def bank_weights(cfg, task, model, seed: int = 0, use_cache: bool = True) -> tor
     return w
 
 
+def training_bn_moments(cfg, task, model, seed: int = 0, use_cache: bool = True) -> list:
+    """The BatchNorm input moments of the task's clean training images under the source state (the
+    reference of ``bn_init="matched"``, :func:`lib.bn_stats.bn_input_moments`), cached beside the bank
+    (``*.bnref.pt``, keyed by the bank's head so it never meets another bank or backbone)."""
+    path = bank_path(cfg, task, model.extractor.name, seed).with_suffix(".bnref.pt")
+    if use_cache and path.exists():
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        if blob.get("bank_size") == model.bank.shape[0] and torch.allclose(blob["bank_head"], model.bank[:4].cpu()):
+            return blob["moments"]
+    moments = bn_input_moments(model, make_loader(dataset(task, task.train), batch_size=cfg["patchcore"]["batch_size"]))
+    torch_save(dict(moments=moments, bank_size=model.bank.shape[0], bank_head=model.bank[:4].cpu()), path)
+    return moments
+
+
 # ----------------------------------------------------------------------------------------------------
 # one run
 # ----------------------------------------------------------------------------------------------------
@@ -137,7 +152,7 @@ def bank_weights(cfg, task, model, seed: int = 0, use_cache: bool = True) -> tor
 
 def adapt_and_evaluate(model, task, adapt_samples, eval_samples, corruption, severity, config: AdaptConfig,
                        eval_seed: int = 0, batch_size: int = 16, restore: bool = True, keep_maps: bool = False,
-                       bn_file=None, weights=None, on_epoch_end=None) -> tuple[dict, pd.DataFrame]:
+                       bn_file=None, weights=None, on_epoch_end=None, bn_reference=None) -> tuple[dict, pd.DataFrame]:
     """Adapt on ``adapt_samples``, score ``eval_samples`` (both shifted by ``corruption``), then restore
     the source BatchNorm state (unless ``restore=False``). ``method="patchcore"`` skips adaptation."""
     if not eval_samples:
@@ -149,7 +164,8 @@ def adapt_and_evaluate(model, task, adapt_samples, eval_samples, corruption, sev
         if config.method != "patchcore" or config.bn_init != "source":
             try:
                 history = adapt(model, dataset(task, adapt_samples, corruption, severity, eval_seed), config,
-                                show_progress=False, bank_weights=weights, on_epoch_end=on_epoch_end)
+                                show_progress=False, bank_weights=weights, on_epoch_end=on_epoch_end,
+                                bn_reference=bn_reference)
             except AdaptationError as err:
                 if "diverged" not in str(err):
                     raise
@@ -198,13 +214,16 @@ def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, 
             a_split, e_split = target_split(t, cfg["corruption"]["adapt_fraction"], s)
             b_seed = s if bank_seed is None else bank_seed
             model, _ = fit_or_load_bank(cfg, t, extractor, seed=b_seed)
-            weights = None
+            weights = reference = None
             for c, name in progress(todo, desc=f"{task_name} s{s}"):
                 conf = config_for(cfg, methods[name], s)
                 if _needs_weights(conf) and weights is None:
                     weights = bank_weights(cfg, t, model, seed=b_seed)
+                if conf.bn_init == "matched" and reference is None:
+                    reference = training_bn_moments(cfg, t, model, seed=b_seed)
                 res, hist = adapt_and_evaluate(model, t, a_split, e_split, c, severity, conf, eval_seed=s,
-                                               batch_size=cfg["patchcore"]["batch_size"], weights=weights)
+                                               batch_size=cfg["patchcore"]["batch_size"], weights=weights,
+                                               bn_reference=reference)
                 row = dict(task=task_name, backbone=extractor.name, method=name, condition=c, severity=severity,
                            seed=s, bank_seed=b_seed, image_auroc=res["image_auroc"], pixel_auroc=res["pixel_auroc"],
                            adapt_seconds=round(res["adapt_seconds"], 1), steps=res["steps"],

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lib import adaptation
+from lib import adaptation, bn_stats
 from lib.adaptation import (
     AdaptationError,
     AdaptConfig,
@@ -248,7 +248,7 @@ def test_bn_init_target_reestimates_statistics_and_restores(fitted):
     source = bn_state(ext)
     momenta = [bn.momentum for bn in ext.bn_modules()]
     split = TensorDataset(0.5 + 0.1 * (_textures(4, 2) - 0.5))  # contrast cut to a tenth
-    seen = adaptation.reestimate_bn_stats(fitted, torch.utils.data.DataLoader(split, batch_size=2))
+    seen = bn_stats.reestimate_bn_stats(fitted, torch.utils.data.DataLoader(split, batch_size=2))
     assert seen == 4
     first = ext.bn_modules()[0]
     assert float(first.running_var.mean()) < 0.5 * float(source["0.running_var"].mean())
