@@ -28,6 +28,8 @@ split (cumulative moments, every image once, no augmentation). No labels are rea
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -81,6 +83,17 @@ def _run(model, batches) -> int:
     if seen == 0:
         raise BNStatsError("no images to estimate the BatchNorm statistics from: add images to the split")
     return seen
+
+
+@contextmanager
+def recording_bn_moments(extractor):
+    """Record the BatchNorm input moments of every forward pass of ``extractor`` inside the block (e.g. while
+    a bank is fitted, so the reference moments cost no extra pass); ``.moments()`` on the yielded recorder."""
+    hooks = _MomentHooks(extractor.bn_modules())
+    try:
+        yield hooks
+    finally:
+        hooks.remove()
 
 
 @torch.no_grad()

@@ -140,7 +140,9 @@ def _apply_state(model, path: str | None, quiet: bool) -> dict:
 
 def cmd_fit(args) -> int:
     from .backbones import load_backbone
+    from .bn_stats import recording_bn_moments
     from .patchcore import PatchCore
+    from .utils import torch_save
 
     folder = _existing(args.folder, "folder")
     items = _readable(list_images(folder), args, str(folder))
@@ -149,12 +151,28 @@ def cmd_fit(args) -> int:
     model = PatchCore(extractor, coreset_ratio=args.coreset_ratio, max_bank=args.max_bank, seed=args.seed,
                       device=args.device)
     t0 = time.perf_counter()
-    model.fit(_loader(items, geometry, args.batch_size),
-              preprocessing=dict(geometry, backbone=args.backbone, weights=args.weights))
+    with recording_bn_moments(extractor) as recorder:  # the reference of `adapt --bn-init matched`
+        model.fit(_loader(items, geometry, args.batch_size),
+                  preprocessing=dict(geometry, backbone=args.backbone, weights=args.weights))
     model.save(args.output)
+    torch_save(dict(moments=recorder.moments(), bank_head=model.bank[:4].cpu()), _reference_path(args.output))
     print(f"bank {args.output}: {model.bank.shape[0]} x {model.bank.shape[1]} from {len(items)} images "
           f"({model.n_train_patches} patches, {args.backbone}) in {time.perf_counter() - t0:.1f} s")
     return EXIT_OK
+
+
+def _reference_path(bank) -> Path:
+    """Where `fit` keeps the training images' BatchNorm input moments: beside the bank."""
+    return Path(bank).with_suffix(".bnref.pt")
+
+
+def _bn_reference(bank, model) -> list:
+    path = _reference_path(bank)
+    blob = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    if blob is None or not torch.allclose(blob["bank_head"], model.bank[:4].cpu()):
+        raise CliError(f"--bn-init matched needs {path}, written by `roda fit` beside the bank it belongs to: "
+                       "rebuild the bank with `roda fit`, or use --bn-init target", EXIT_USAGE)
+    return blob["moments"]
 
 
 def _options(pairs) -> dict:
@@ -168,7 +186,7 @@ def _options(pairs) -> dict:
 
 def cmd_adapt(args) -> int:
     from .adaptation import save_bn_state
-    from .bn_stats import reestimate_bn_stats
+    from .bn_stats import match_bn_stats, reestimate_bn_stats
     from .stream import OnlineAdapter, default_loss_options
 
     model, prep = _load_bank(args.bank, args.device)
@@ -179,6 +197,9 @@ def cmd_adapt(args) -> int:
     options.update(_options(args.option))
     if args.bn_init == "target":  # AdaBN first: the folder's own BatchNorm statistics (no labels)
         reestimate_bn_stats(model, _loader(items, prep, args.batch_size, shuffle=False, seed=args.seed))
+    elif args.bn_init == "matched":  # the same, referenced to the training images' statistics
+        match_bn_stats(model, _loader(items, prep, args.batch_size, shuffle=False, seed=args.seed),
+                       _bn_reference(args.bank, model))
     adapter = OnlineAdapter(model, args.method, options, lr=args.lr, momentum=args.momentum, augment=args.augment,
                             normalize_loss=args.normalize_loss, seed=args.seed)
     loader = _loader(items, prep, args.batch_size, shuffle=True, seed=args.seed)
@@ -341,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="roda", choices=sorted(ALIGNMENT_LOSSES), help="alignment loss")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="loss option, e.g. --option eps=0.1 --option rule=and (roda: eps, rule, cost, cost_norm)")
-    p.add_argument("--bn-init", choices=("source", "target"), default="source",
-                   help="target: re-estimate the BatchNorm statistics on the folder first (AdaBN), then adapt")
+    p.add_argument("--bn-init", choices=("source", "target", "matched"), default="source",
+                   help="target: re-estimate the BatchNorm statistics on the folder first (AdaBN), then adapt; "
+                        "matched: the same, referenced to the training images' statistics (kept by `fit`)")
     p.add_argument("--epochs", type=int, default=r["epochs"], help="passes over the folder")
     p.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead of --epochs")
     p.add_argument("--lr", type=float, default=r["lr"], help="SGD learning rate")

@@ -182,3 +182,26 @@ def recorded(path, index, columns: str, values: str, query: str | None = None, s
         df = df.query(query)
     table = df.pivot_table(index=index, columns=columns, values=values, aggfunc="mean") * scale
     return table.round(decimals)
+
+
+def grid_bars(table: pd.DataFrame, metric: str, methods, reference: str = "patchcore", title: str = ""):
+    """One panel per task x corruption, one bar per method (mean, error bar = std over seeds) of ``metric``
+    from a RoDA grid table (``lib.roda_runner.run_grid``); ``reference``'s mean is the dashed line."""
+    data = table[table.method.isin(methods)].copy()
+    data["cell"] = data.task.str.replace("mvtec/", "", regex=False) + " · " + data.condition.map(pretty)
+    data["method"] = pd.Categorical(data.method, [m for m in methods if m in set(data.method)])
+    order = sorted(data.cell.unique())
+    grid = sns.catplot(data=data.assign(**{metric: data[metric] * 100}), x="method", y=metric, col="cell",
+                       col_order=order, col_wrap=4, kind="bar", errorbar="sd", height=2.6, aspect=1.25,
+                       hue="method", dodge=False, legend=False, palette="tab10")
+    for ax, cell in zip(grid.axes.flat, order):
+        ref = data[(data.cell == cell) & (data.method == reference)][metric]
+        if len(ref):
+            ax.axhline(ref.mean() * 100, color="black", lw=0.8, ls="--")
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+        ax.set_ylim(0, 100)
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("", metric.replace("_auroc", " AUROC (%)"))
+    if title:
+        grid.figure.suptitle(title, y=1.01)
+    return grid.figure

@@ -197,7 +197,7 @@ def test_adapt_bn_init_target_saves_the_folders_statistics(data, tmp_path):
 
     target = data["category"] / "test"
     states = {}
-    for init in ("source", "target"):
+    for init in ("source", "target", "matched"):
         states[init] = tmp_path / f"{init}.pt"
         assert main(["adapt", str(data["bank"]), str(target), "-o", str(states[init]), "--steps", "1", "--lr", "0",
                      "--momentum", "0", "--bn-init", init, "--batch-size", "8", "--device", "cpu", "-q"]) == EXIT_OK
@@ -205,3 +205,15 @@ def test_adapt_bn_init_target_saves_the_folders_statistics(data, tmp_path):
     saved = {k: torch.load(v, weights_only=False)["bn"]["0.running_mean"] for k, v in states.items()}
     assert torch.equal(saved["source"], source)  # lr 0: nothing moved
     assert not torch.allclose(saved["target"], source)  # AdaBN: the folder's own statistics
+    assert not torch.allclose(saved["matched"], saved["target"])  # referenced to the training images instead
+
+
+def test_adapt_bn_init_matched_needs_the_reference_that_fit_writes(data, tmp_path, capsys):
+    import shutil
+
+    bank = tmp_path / "copy.pt"
+    shutil.copy(data["bank"], bank)  # the bank without its .bnref.pt
+    assert main(["adapt", str(bank), str(data["category"] / "test"), "-o", str(tmp_path / "s.pt"), "--steps", "1",
+                 "--bn-init", "matched", "--device", "cpu", "-q"]) == EXIT_USAGE
+    assert "roda fit" in capsys.readouterr().err
+    assert not (tmp_path / "s.pt").exists()
