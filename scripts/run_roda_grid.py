@@ -10,11 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import backbones, profiles, roda_runner
+from lib.utils import write_csv
 
 
 def main(argv=None):
@@ -30,6 +32,9 @@ def main(argv=None):
     p.add_argument("--variants", default=None, help="JSON dict of extra named variants (diagnosis leads)")
     p.add_argument("--note", default="")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--summary", default=None,
+                   help="versus-PatchCore table of the whole --out file (default: <out>_vs_patchcore.csv)")
+    p.add_argument("--summary-only", action="store_true", help="only (re)write the summary of --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = profiles.get_profile(args.profile)
@@ -39,10 +44,15 @@ def main(argv=None):
 
         specs.update(json.loads(args.variants))
     methods = {m: specs[m] for m in args.methods.split(",")}
-    extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device=cfg.device)
-    roda_runner.run_grid(cfg, extractor, args.tasks.split(","), args.corruptions.split(","), methods,
-                         [int(s) for s in args.seeds.split(",")], args.out, history_csv=args.history,
-                         bank_seed=None if args.bank_seed < 0 else args.bank_seed, note=args.note)
+    if not args.summary_only:
+        extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device=cfg.device)
+        roda_runner.run_grid(cfg, extractor, args.tasks.split(","), args.corruptions.split(","), methods,
+                             [int(s) for s in args.seeds.split(",")], args.out, history_csv=args.history,
+                             bank_seed=None if args.bank_seed < 0 else args.bank_seed, note=args.note)
+    out = Path(args.out)
+    summary = Path(args.summary) if args.summary else out.with_name(f"{out.stem}_vs_patchcore.csv")
+    write_csv(roda_runner.versus_reference(pd.read_csv(out), margin=0.05), summary)
+    print(f"summary: {summary}")
 
 
 if __name__ == "__main__":
