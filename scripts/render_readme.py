@@ -19,7 +19,10 @@ Options (all optional):
 - ``digits=N``: decimals of numbers (default 2);
 - ``count=name``: with ``by``, a column ``name`` with the number of rows of each group (list it in ``columns``);
 - ``sort=a,b``: sort rows by these columns (default: the CSV's order, groups in order of appearance);
-- ``rename=a:new name,b:other``: header labels.
+- ``rename=a:new name,b:other``: header labels;
+- ``pivot=col``: with ``by`` (which lists ``col``) and one value column, one table column per value of
+  ``col`` (in the order of its ``where`` list, else of appearance), each cell ``mean ± std (n)`` with ``n``
+  the group's row count when ``count`` is set.
 
 ``python scripts/render_readme.py`` rewrites the README in place (atomically); ``--check`` writes nothing and
 exits 1 naming each table that differs from its CSV (for the test command). A missing CSV or column is an
@@ -54,14 +57,14 @@ def parse_spec(spec: str) -> tuple[str, dict]:
             continue
         key, sep, value = part.partition("=")
         key = key.strip()
-        if not sep or key not in ("columns", "where", "by", "count", "percent", "digits", "sort", "rename"):
+        if not sep or key not in ("columns", "where", "by", "count", "percent", "digits", "sort", "rename", "pivot"):
             raise ReadmeError(f"bad option {part!r}: use columns=, where=, by=, count=, percent=, digits=, sort=, "
-                              "rename=")
+                              "rename=, pivot=")
         if key == "where":
             column, _, values = value.partition(":")
             options["where"].append((column.strip(), [v.strip() for v in values.split(",")]))
-        elif key == "count":
-            options["count"] = value.strip()
+        elif key in ("count", "pivot"):
+            options[key] = value.strip()
         elif key == "digits":
             options["digits"] = int(value)
         elif key == "rename":
@@ -115,12 +118,31 @@ def render_table(df: pd.DataFrame, options: dict) -> str:
         df = pd.DataFrame(rows, columns=by + values + ([count] if count else []))
     if options.get("sort"):
         df = df.sort_values(options["sort"], kind="stable")
+    if options.get("pivot"):
+        df, columns = _pivot(df, options, columns, count)
     df = df[columns]
     names = options.get("rename", {})
     lines = ["| " + " | ".join(names.get(c, c) for c in columns) + " |", "|" + " --- |" * len(columns)]
     for row in df.itertuples(index=False):
         lines.append("| " + " | ".join(_number(v, digits) for v in row) + " |")
     return "\n".join(lines)
+
+
+def _pivot(df: pd.DataFrame, options: dict, columns: list, count) -> tuple[pd.DataFrame, list]:
+    """The grouped ``df`` with one column per value of ``options["pivot"]`` (module docstring)."""
+    pivot, by = options["pivot"], options.get("by") or []
+    values = [c for c in columns if c not in by and c != count]
+    if pivot not in by or len(values) != 1:
+        raise ReadmeError(f"pivot={pivot} needs by= to list it and exactly one value column (got {values})")
+    index = [c for c in by if c != pivot]
+    order = next((v for c, v in options.get("where", []) if c == pivot), None) or list(dict.fromkeys(df[pivot]))
+    cell = df[values[0]].astype(str)
+    if count:
+        cell = cell + " (" + df[count].astype(str) + ")"
+    wide = df.assign(_cell=cell).pivot(index=index, columns=pivot, values="_cell")
+    wide = wide.reindex(columns=[o for o in order if o in wide.columns]).fillna("").reset_index()
+    wide.columns.name = None
+    return wide, list(wide.columns)
 
 
 def render(text: str, root: Path) -> tuple[str, list[str]]:

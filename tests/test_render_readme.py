@@ -75,6 +75,18 @@ def test_count_per_group():
     assert table.splitlines()[2:] == ["| r | x | 2 |", "| r | y | 1 |", "| d | x | 1 |"]
 
 
+def test_pivot_puts_one_method_per_column_in_the_where_order():
+    df = pd.DataFrame(dict(task=["t", "t", "t", "u", "u"], method=["a", "a", "b", "b", "c"], seed=[0, 1, 0, 0, 0],
+                           auroc=[0.80, 0.90, 0.70, 0.60, 0.5]))
+    _, options = rr.parse_spec("x.csv | columns=task,method,auroc,n | by=task,method | count=n | pivot=method "
+                               "| where=method:b,a | percent=auroc | digits=1")
+    table = rr.render_table(df, options)
+    assert table.splitlines()[0] == "| task | b | a |"
+    assert table.splitlines()[2:] == ["| t | 70.0 (1) | 85.0 ± 7.1 (2) |", "| u | 60.0 (1) |  |"]
+    with pytest.raises(rr.ReadmeError, match="exactly one value column"):
+        rr.render_table(df.assign(other=1.0), dict(options, columns=["task", "method", "auroc", "other"]))
+
+
 def test_the_readme_tables_match_their_csvs():
     """Numbers in the README's marked tables are read from the CSVs: rerun scripts/render_readme.py after a run."""
     repo = Path(__file__).resolve().parent.parent
