@@ -16,7 +16,8 @@ statistics ``(mu, var)``. In this project those are the ImageNet statistics of t
       (mu_t - mu') / sqrt(var' + e)       = (mu_r - mu) / sqrt(var + e)
 
   so ``var' + e = var_t (var + e) / var_r`` and ``mu' = mu_t - sqrt(var' + e) (mu_r - mu) / sqrt(var + e)``
-  (``var_r`` floored at 1e-12 for channels the training images never excite; ``var'`` at 0). A target
+  (``var_r`` floored at 1e-12 for channels the training images never excite; ``var'`` at 0: such a channel is
+  held at its training value, and a channel constant in both keeps its output although its statistics differ). A target
   distributed like the training images gives ``(mu', var') = (mu, var)``: the reference state, exactly. It undoes
   a per-channel affine change of each layer's input (what brightness and contrast are after the first
   convolution) and nothing else; ``gamma, beta`` are untouched, so RoDA's alignment can run after it.

@@ -262,3 +262,28 @@ def test_bn_init_target_reestimates_statistics_and_restores(fitted):
     restore_bn_state(ext, source)
     with pytest.raises(AdaptationError, match="bn_init"):
         AdaptConfig(bn_init="adabn")
+
+
+def test_bn_init_matched_on_the_real_encoder_keeps_an_unshifted_split_and_needs_its_reference(fitted):
+    """``bn_init="matched"`` on the bundled MobileNetV2: the training textures themselves as the target give
+    back the source features (one batch: exact up to float error); without the reference it is a clear
+    error; a contrast-cut split moves the statistics."""
+    ext = fitted.extractor
+    source = bn_state(ext)
+    train = TensorDataset(_textures(4, 3))
+    reference = bn_stats.bn_input_moments(fitted, torch.utils.data.DataLoader(train, batch_size=4))
+    with pytest.raises(AdaptationError, match="bn_reference"):
+        adapt(fitted, train, AdaptConfig(method="patchcore", bn_init="matched", batch_size=4), show_progress=False)
+    with torch.no_grad():
+        before = fitted.embed(_textures(4, 3))
+    adapt(fitted, train, AdaptConfig(method="patchcore", bn_init="matched", batch_size=4), show_progress=False,
+          bn_reference=reference)
+    with torch.no_grad():
+        after = fitted.embed(_textures(4, 3))
+    assert torch.allclose(after, before, atol=1e-3 * float(before.abs().max()))  # the same features
+    restore_bn_state(ext, source)
+    cut = TensorDataset(0.5 + 0.1 * (_textures(4, 3) - 0.5))
+    adapt(fitted, cut, AdaptConfig(method="patchcore", bn_init="matched", batch_size=4), show_progress=False,
+          bn_reference=reference)
+    assert not torch.allclose(ext.bn_modules()[0].running_var, source["0.running_var"], rtol=0.1)
+    restore_bn_state(ext, source)
