@@ -7,7 +7,7 @@ e.g. ``scripts/run_dpdl.py elpv results/default/05_pilot 0 10 dpdl,dra,"w/o DPL"
 TAIL_LAYER=features.18`` every method fine-tunes that backbone block on cached ``TAIL_INPUT`` (default
 ``features.17``) activations. Method names: any of
 lib.openset_baselines.METHODS, or the DPDL variants below. Settings are the profile's (``default`` for elpv,
-``real`` otherwise) unless given.
+``real`` otherwise; ``PROFILE=real`` for the uncapped ELPV) unless given.
 """
 
 import os
@@ -31,7 +31,7 @@ VARIANTS = {"w/o DPL": dict(use_dpl=False), "w/o DFL": dict(use_dfl=False), "M_r
 
 def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="general"):
     torch.set_num_threads(1)
-    cfg = profiles.get_profile("default" if task_name == "elpv" else "real")
+    cfg = profiles.get_profile(os.environ.get("PROFILE") or ("default" if task_name == "elpv" else "real"))
     dp = cfg.dpdl
     seeds = [int(s) for s in seeds.split(",")]
     m_values = [int(m) for m in m_values.split(",")]
