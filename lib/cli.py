@@ -222,11 +222,16 @@ def cmd_adapt(args) -> int:
         bar.close()
     info = dict(method=args.method, options={k: v for k, v in options.items() if k != "stats"}, lr=args.lr,
                 momentum=args.momentum, augment=args.augment, steps=len(losses), n_images=len(items),
-                batch_size=args.batch_size, seed=args.seed, first_loss=losses[0], last_loss=losses[-1],
+                batch_size=args.batch_size, seed=args.seed, bn_init=args.bn_init,
+                first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
                 bank=_bank_fingerprint(model), bank_file=str(Path(args.bank).resolve()), target=str(folder.resolve()))
     save_bn_state(model.extractor, args.output, info=info)
-    print(f"adapted state {args.output}: {args.method}, {len(losses)} steps on {len(items)} images, loss "
-          f"{losses[0]:.4g} -> {losses[-1]:.4g} in {time.perf_counter() - t0:.1f} s")
+    if losses:
+        print(f"adapted state {args.output}: {args.method}, {len(losses)} steps on {len(items)} images, loss "
+              f"{losses[0]:.4g} -> {losses[-1]:.4g} in {time.perf_counter() - t0:.1f} s")
+    else:  # --epochs 0: the BatchNorm statistics of --bn-init alone
+        print(f"adapted state {args.output}: BatchNorm statistics ({args.bn_init}) of {len(items)} images, "
+              "no alignment steps")
     return EXIT_OK
 
 
@@ -365,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-init", choices=("source", "target", "matched"), default="source",
                    help="target: re-estimate the BatchNorm statistics on the folder first (AdaBN), then adapt; "
                         "matched: the same, referenced to the training images' statistics (kept by `fit`)")
-    p.add_argument("--epochs", type=int, default=r["epochs"], help="passes over the folder")
+    p.add_argument("--epochs", type=int, default=r["epochs"],
+                   help="passes over the folder (0: only the BatchNorm statistics of --bn-init, no alignment)")
     p.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead of --epochs")
     p.add_argument("--lr", type=float, default=r["lr"], help="SGD learning rate")
     p.add_argument("--momentum", type=float, default=r["momentum"], help="SGD momentum")

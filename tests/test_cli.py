@@ -206,6 +206,12 @@ def test_adapt_bn_init_target_saves_the_folders_statistics(data, tmp_path):
     assert torch.equal(saved["source"], source)  # lr 0: nothing moved
     assert not torch.allclose(saved["target"], source)  # AdaBN: the folder's own statistics
     assert not torch.allclose(saved["matched"], saved["target"])  # referenced to the training images instead
+    stats_only = tmp_path / "stats.pt"
+    assert main(["adapt", str(data["bank"]), str(target), "-o", str(stats_only), "--epochs", "0", "--bn-init",
+                 "matched", "--batch-size", "8", "--device", "cpu", "-q"]) == EXIT_OK
+    blob = torch.load(stats_only, weights_only=False)
+    assert blob["info"]["steps"] == 0 and not torch.allclose(blob["bn"]["0.running_mean"], source)
+    assert torch.equal(blob["bn"]["0.weight"], load_backbone("mobilenet_v2").bn_modules()[0].weight)
 
 
 def test_adapt_bn_init_matched_needs_the_reference_that_fit_writes(data, tmp_path, capsys):
