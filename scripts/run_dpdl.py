@@ -3,7 +3,8 @@ real-data DPDL measurements quoted in the README (``results/real/05_new_*.csv``)
 
     OMP_NUM_THREADS=1 python scripts/run_dpdl.py TASK OUT_PREFIX SEEDS M_VALUES METHODS [EPOCHS] [SETTING]
 
-e.g. ``scripts/run_dpdl.py elpv results/default/05_pilot 0 10 dpdl,dra,"w/o DPL"``. With ``TAIL=1
+e.g. ``scripts/run_dpdl.py elpv results/default/05_pilot 0 10 dpdl,dra,"w/o DPL"``;
+``scripts/run_dpdl.py --merge OUT.csv A_runs.csv B_runs.csv ...`` concatenates runs files into one table. With ``TAIL=1
 TAIL_LAYER=features.18`` every method fine-tunes that backbone block on cached ``TAIL_INPUT`` (default
 ``features.17``) activations. Method names: any of
 lib.openset_baselines.METHODS, or the DPDL variants below. Settings are the profile's (``default`` for elpv,
@@ -77,5 +78,31 @@ def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="gene
     print(table.to_string(), f"\n{time.time() - start:.0f} s")
 
 
+def merge(out, *files):
+    """Concatenate per-dataset ``*_runs.csv`` files into ``out`` (one table for the README), a later file's
+    rows replacing an earlier one's with the same task, setting, seen class, M, method and seed; and write
+    ``<out>_dpdl_paired.csv``: DPDL minus each baseline per cell, paired by seed (mean, std, seeds)."""
+    import pandas as pd
+
+    keys = ["task", "setting", "seen_class", "n_anomalies", "method", "seed"]
+    runs = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    runs = runs.drop_duplicates(subset=[k for k in keys if k in runs], keep="last")
+    write_csv(runs, out)
+    print(f"{out}: {len(runs)} runs from {len(files)} files")
+    cell = [k for k in keys[:4] if k in runs]
+    wide = runs.pivot_table(index=cell + ["seed"], columns="method", values="auroc")
+    rows = []
+    for base in [m for m in wide.columns if m != "dpdl"]:
+        d = (wide["dpdl"] - wide[base]).dropna().groupby(level=cell)  # paired by seed
+        for key, g in d:
+            rows.append(dict(zip(cell, key), baseline=base, dpdl_minus=g.mean(), std=g.std(ddof=1), seeds=len(g)))
+    paired = Path(out).with_name(Path(out).stem + "_dpdl_paired.csv")
+    write_csv(pd.DataFrame(rows), paired)
+    print(f"{paired}: DPDL minus each baseline, paired by seed")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["--merge"]:
+        merge(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])
