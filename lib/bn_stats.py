@@ -17,10 +17,11 @@ statistics ``(mu, var)``. In this project those are the ImageNet statistics of t
 
   so ``var' + e = var_t (var + e) / var_r`` and ``mu' = mu_t - sqrt(var' + e) (mu_r - mu) / sqrt(var + e)``
   (``var_r`` floored at 1e-12 for channels the training images never excite; ``var'`` at 0: such a channel is
-  held at its training value, and a channel constant in both keeps its output although its statistics differ). A target
-  distributed like the training images gives ``(mu', var') = (mu, var)``: the reference state, exactly. It undoes
-  a per-channel affine change of each layer's input (what brightness and contrast are after the first
-  convolution) and nothing else; ``gamma, beta`` are untouched, so RoDA's alignment can run after it.
+  held at its training value, and a channel constant in both keeps its output although its statistics
+  differ). A target distributed like the training images gives ``(mu', var') = (mu, var)``: the reference
+  state, exactly. It undoes a per-channel affine change of each layer's input (what brightness and contrast
+  are after the first convolution) and nothing else; ``gamma, beta`` are untouched, so RoDA's alignment can
+  run after it.
 
 Both estimators run the layers in order on the target batches, each layer normalising the batch with the
 statistics that its own batch gives (as AdaBN's train-mode pass does), and keep the statistics of the whole
@@ -44,6 +45,12 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), x.numel() // x.shape[1]
 
 
+def _mean_var(s1, s2, n) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance from the sums of :func:`_moments`."""
+    mean = s1 / n
+    return mean, (s2 / n - mean * mean).clamp_min(0)
+
+
 class _MomentHooks:
     """Forward pre-hooks on ``modules`` that accumulate the per-channel moments of each module's input;
     ``on_batch(k, mean, var)`` (optional) runs before module ``k`` normalises the batch."""
@@ -58,18 +65,13 @@ class _MomentHooks:
             acc = self.sums[k]
             acc[0], acc[1], acc[2] = acc[0] + s1, acc[1] + s2, acc[2] + n
             if on_batch is not None:
-                mean = s1 / n
-                on_batch(k, mean, (s2 / n - mean * mean).clamp_min(0))
+                on_batch(k, *_mean_var(s1, s2, n))
         return hook
 
     def moments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
-        for s1, s2, n in self.sums:
-            if n == 0:
-                raise BNStatsError("a BatchNorm layer saw no input: the images did not reach the taps")
-            mean = s1 / n
-            out.append((mean, (s2 / n - mean * mean).clamp_min(0)))
-        return out
+        if any(n == 0 for _, _, n in self.sums):
+            raise BNStatsError("a BatchNorm layer saw no input: the images did not reach the taps")
+        return [_mean_var(*acc) for acc in self.sums]
 
     def remove(self):
         for h in self.handles:
@@ -102,14 +104,10 @@ def bn_input_moments(model, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel (mean, variance) of the input of every BatchNorm the taps depend on
     (``model.extractor.bn_modules()``, in order), over the images of ``batches``, in the current state (eval
     mode). On the clean training images these are the reference moments of :func:`match_bn_stats`."""
-    extractor = model.extractor
-    extractor.eval()
-    hooks = _MomentHooks(extractor.bn_modules())
-    try:
+    model.extractor.eval()
+    with recording_bn_moments(model.extractor) as recorder:
         _run(model, batches)
-    finally:
-        hooks.remove()
-    return hooks.moments()
+    return recorder.moments()
 
 
 @torch.no_grad()
@@ -155,24 +153,23 @@ def match_bn_stats(model, batches, reference) -> int:
                            "bn_input_moments on this backbone's training images")
     state = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in modules]
 
+    def put(k, stats):
+        modules[k].running_mean.copy_(stats[0])
+        modules[k].running_var.copy_(stats[1])
+
     def on_batch(k, mean, var):  # normalise this batch as the whole split will be, layer by layer
-        m, v = referenced_stats((mean, var), reference[k], state[k], modules[k].eps)
-        modules[k].running_mean.copy_(m)
-        modules[k].running_var.copy_(v)
+        put(k, referenced_stats((mean, var), reference[k], state[k], modules[k].eps))
 
     extractor.eval()
     hooks = _MomentHooks(modules, on_batch)
     try:
         seen = _run(model, batches)
     except BaseException:
-        for bn, (m, v) in zip(modules, state):
-            bn.running_mean.copy_(m)
-            bn.running_var.copy_(v)
+        for k, stats in enumerate(state):
+            put(k, stats)
         raise
     finally:
         hooks.remove()
     for k, target in enumerate(hooks.moments()):
-        m, v = referenced_stats(target, reference[k], state[k], modules[k].eps)
-        modules[k].running_mean.copy_(m)
-        modules[k].running_var.copy_(v)
+        put(k, referenced_stats(target, reference[k], state[k], modules[k].eps))
     return seen

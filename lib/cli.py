@@ -330,6 +330,7 @@ def cmd_evaluate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     r = _roda_defaults()
+    from .adaptation import BN_INITS
     from .alignment import ALIGNMENT_LOSSES
 
     ap = argparse.ArgumentParser(prog="roda", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -367,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="roda", choices=sorted(ALIGNMENT_LOSSES), help="alignment loss")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="loss option, e.g. --option eps=0.1 --option rule=and (roda: eps, rule, cost, cost_norm)")
-    p.add_argument("--bn-init", choices=("source", "target", "matched"), default="source",
+    p.add_argument("--bn-init", choices=BN_INITS, default="source",
                    help="target: re-estimate the BatchNorm statistics on the folder first (AdaBN), then adapt; "
                         "matched: the same, referenced to the training images' statistics (kept by `fit`)")
     p.add_argument("--epochs", type=int, default=r["epochs"],

@@ -116,33 +116,40 @@ def coverage_counts(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return torch.bincount(idx.cpu(), minlength=bank.shape[0]).clamp_min(1).float()
 
 
-def bank_weights(cfg, task, model, seed: int = 0, use_cache: bool = True) -> torch.Tensor:
-    """The coverage counts of ``model.bank`` over the task's training patches, cached beside the bank
-    (``*.weights.pt``, with the bank size so a weights file never meets another bank)."""
-    path = bank_path(cfg, task, model.extractor.name, seed).with_suffix(".weights.pt")
+def _beside_bank(cfg, task, model, seed: int, suffix: str, compute, use_cache: bool = True):
+    """``compute()``, cached beside the task's bank (``*<suffix>``) with the bank's size and first rows, so a
+    file written for another bank or backbone is recomputed, never reused."""
+    path = bank_path(cfg, task, model.extractor.name, seed).with_suffix(suffix)
+    head, size = model.bank[:4].cpu(), model.bank.shape[0]
     if use_cache and path.exists():
         blob = torch.load(path, map_location="cpu", weights_only=False)
-        if blob.get("bank_size") == model.bank.shape[0] and torch.allclose(blob["bank_head"], model.bank[:4].cpu()):
-            return blob["weights"]
-    feats = model.embed_loader(make_loader(dataset(task, task.train), batch_size=cfg["patchcore"]["batch_size"]),
-                               desc="bank weights")
-    w = coverage_counts(feats.reshape(-1, feats.shape[-1]).to(model.bank.device), model.bank)
-    torch_save(dict(weights=w, bank_size=model.bank.shape[0], bank_head=model.bank[:4].cpu()), path)
-    return w
+        if "value" in blob and blob.get("bank_size") == size and torch.allclose(blob["bank_head"], head):
+            return blob["value"]
+    value = compute()
+    torch_save(dict(value=value, bank_size=size, bank_head=head), path)
+    return value
+
+
+def _training_loader(cfg, task):
+    return make_loader(dataset(task, task.train), batch_size=cfg["patchcore"]["batch_size"])
+
+
+def bank_weights(cfg, task, model, seed: int = 0, use_cache: bool = True) -> torch.Tensor:
+    """The coverage counts of ``model.bank`` over the task's training patches, cached beside the bank
+    (``*.weights.pt``)."""
+    def compute():
+        feats = model.embed_loader(_training_loader(cfg, task), desc="bank weights")
+        return coverage_counts(feats.reshape(-1, feats.shape[-1]).to(model.bank.device), model.bank)
+
+    return _beside_bank(cfg, task, model, seed, ".weights.pt", compute, use_cache)
 
 
 def training_bn_moments(cfg, task, model, seed: int = 0, use_cache: bool = True) -> list:
     """The BatchNorm input moments of the task's clean training images under the source state (the
     reference of ``bn_init="matched"``, :func:`lib.bn_stats.bn_input_moments`), cached beside the bank
-    (``*.bnref.pt``, keyed by the bank's head so it never meets another bank or backbone)."""
-    path = bank_path(cfg, task, model.extractor.name, seed).with_suffix(".bnref.pt")
-    if use_cache and path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        if blob.get("bank_size") == model.bank.shape[0] and torch.allclose(blob["bank_head"], model.bank[:4].cpu()):
-            return blob["moments"]
-    moments = bn_input_moments(model, make_loader(dataset(task, task.train), batch_size=cfg["patchcore"]["batch_size"]))
-    torch_save(dict(moments=moments, bank_size=model.bank.shape[0], bank_head=model.bank[:4].cpu()), path)
-    return moments
+    (``*.bnref.pt``)."""
+    return _beside_bank(cfg, task, model, seed, ".bnref.pt",
+                        lambda: bn_input_moments(model, _training_loader(cfg, task)), use_cache)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -206,7 +206,7 @@ SPEC: dict[str, Rule] = {
     "roda.cost": Rule("str", choices=_from("transport", "COST_KINDS")),
     "roda.cost_norm": Rule("str", choices=_from("transport", "NORM_MODES")),
     "roda.bn_mode": Rule("str", choices=("eval", "train")),
-    "roda.bn_init": Rule("str", choices=("source", "target", "matched")),
+    "roda.bn_init": Rule("str", choices=_from("adaptation", "BN_INITS")),
     "roda.augment": Rule("str", choices=_from("adaptation", "AUGMENTATIONS")),
     "roda.methods": _seq(Rule("str", choices=_methods)),
     "roda.variants": Rule("dict"),

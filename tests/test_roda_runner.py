@@ -14,3 +14,30 @@ def test_versus_reference_counts_cells_above_and_below():
     out = versus_reference(pd.DataFrame(rows), margin=0.05).set_index("method").loc["roda"]
     assert out.cells == 3 and out.pixel_above == 1 and out.pixel_below == 1  # contrast is inside the margin
     assert abs(out.pixel_mean_diff - ((0.19 - 0.21 + 0.0) / 3)) < 1e-9
+    assert abs(out.pixel_worst_diff + 0.21) < 1e-9  # blur: (0.6 + 0.58) / 2 - 0.8
+
+
+def test_files_beside_the_bank_are_reused_only_for_the_same_bank(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from lib import roda_runner
+
+    monkeypatch.setattr(roda_runner, "bank_path", lambda cfg, task, name, seed: tmp_path / "bank_s0.pt")
+    model = SimpleNamespace(bank=torch.arange(12.0).reshape(6, 2), extractor=SimpleNamespace(name="net"))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.full((3,), float(len(calls)))
+
+    first = roda_runner._beside_bank(None, None, model, 0, ".w.pt", compute)
+    again = roda_runner._beside_bank(None, None, model, 0, ".w.pt", compute)
+    assert (tmp_path / "bank_s0.w.pt").exists() and len(calls) == 1 and torch.equal(first, again)
+    model.bank = model.bank + 1  # another bank: the file is stale
+    assert torch.equal(roda_runner._beside_bank(None, None, model, 0, ".w.pt", compute), torch.full((3,), 2.0))
+    model.bank = model.bank[:5]  # another size
+    roda_runner._beside_bank(None, None, model, 0, ".w.pt", compute)
+    roda_runner._beside_bank(None, None, model, 0, ".w.pt", compute, use_cache=False)
+    assert len(calls) == 4
