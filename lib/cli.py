@@ -286,12 +286,24 @@ def cmd_score(args) -> int:
     if not args.no_maps:
         table["map"] = _write_maps(model, items, patch, prep, out_dir, folder, args.map_range, args.quiet)
     write_csv(table, out_dir / "scores.csv")
-    write_json(dict(bank=str(args.bank), state=args.state, adapted_with=state.get("method"), n_images=len(items),
+    write_json(dict(bank=str(args.bank), state=args.state, adapted_with=_state_label(state) if state else None,
+                    n_images=len(items),
                     map_range=list(args.map_range) if args.map_range else [float(patch.min()), float(patch.max())]),
                out_dir / "run.json")
-    print(f"{len(items)} images scored ({'adapted: ' + state['method'] if state else 'source state'}): "
+    print(f"{len(items)} images scored ({_state_label(state)}): "
           f"{out_dir / 'scores.csv'}" + ("" if args.no_maps else f", maps in {out_dir / 'maps'}"))
     return EXIT_OK
+
+
+def _state_label(state: dict) -> str:
+    """How a state file was made, for printouts: ``source state``, ``adapted: roda``, ``adapted: roda after
+    matched statistics`` or ``adapted: BatchNorm statistics (matched), no alignment`` (``--epochs 0``)."""
+    if not state:
+        return "source state"
+    bn_init = state.get("bn_init", "source")
+    if state.get("steps") == 0:
+        return f"adapted: BatchNorm statistics ({bn_init}), no alignment"
+    return f"adapted: {state['method']}" + (f" after {bn_init} statistics" if bn_init != "source" else "")
 
 
 def cmd_evaluate(args) -> int:
@@ -309,12 +321,12 @@ def cmd_evaluate(args) -> int:
     out = model.predict(_loader(items, prep, args.batch_size), desc="evaluating",
                         keep_maps=any(i.mask for i in items))
     summary = dict(folder=str(folder), layout=layout, n_images=len(items), n_anomalous=int(labels.sum()),
-                   state=args.state, adapted_with=state.get("method"),
+                   state=args.state, adapted_with=_state_label(state) if state else None,
                    image_auroc=image_auroc(out["labels"], out["scores"]))
     if "masks" in out and out["masks"].any():
         summary["pixel_auroc"] = pixel_auroc(out["masks"], out["maps"])
     print(f"{folder} ({layout}, {len(items)} images, {summary['n_anomalous']} anomalous, "
-          f"{'adapted: ' + state['method'] if state else 'source state'})")
+          f"{_state_label(state)})")
     print(f"image AUROC {100 * summary['image_auroc']:.1f}"
           + (f"   pixel AUROC {100 * summary['pixel_auroc']:.1f}" if "pixel_auroc" in summary else ""))
     if args.output:

@@ -214,6 +214,21 @@ def test_adapt_bn_init_target_saves_the_folders_statistics(data, tmp_path):
     assert torch.equal(blob["bn"]["0.weight"], load_backbone("mobilenet_v2").bn_modules()[0].weight)
 
 
+def test_printouts_name_how_the_state_was_made(data, tmp_path, capsys):
+    """A statistics-only state is not reported as an alignment method's result, and vice versa."""
+    target = data["category"] / "test"
+    stats, aligned = tmp_path / "stats.pt", tmp_path / "aligned.pt"
+    for out, extra in ((stats, ["--epochs", "0"]), (aligned, ["--steps", "1"])):
+        assert main(["adapt", str(data["bank"]), str(target), "-o", str(out), "--bn-init", "matched",
+                     "--batch-size", "8", "--device", "cpu", "-q", *extra]) == EXIT_OK
+    capsys.readouterr()
+    for state, label in ((stats, "adapted: BatchNorm statistics (matched), no alignment"),
+                         (aligned, "adapted: roda after matched statistics")):
+        assert main(["evaluate", str(data["bank"]), str(data["category"]), "--state", str(state), "--device", "cpu",
+                     "-q"]) == EXIT_OK
+        assert label in capsys.readouterr().out
+
+
 def test_adapt_bn_init_matched_needs_the_reference_that_fit_writes(data, tmp_path, capsys):
     import shutil
 
