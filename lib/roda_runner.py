@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -250,36 +250,44 @@ def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, 
 def epoch_curve(cfg, extractor, task_name, corruption, spec: dict, seed: int = 0, epochs: int | None = None,
                 bank_seed: int | None = None) -> pd.DataFrame:
     """Image and pixel AUROC on the evaluation split after every epoch of one run, with the stopping rule
-    switched off (the epoch it would have stopped at is recorded in ``stop_epoch``)."""
+    switched off (the epoch it would have stopped at is recorded in ``stop_epoch``). Epoch 0 is the state
+    the alignment starts from: the source encoder, or the re-estimated BatchNorm statistics of ``bn_init``."""
     t = resolve_task(cfg, task_name)
     severity = cfg["corruption"]["severity"]
     a_split, e_split = target_split(t, cfg["corruption"]["adapt_fraction"], seed)
-    model, _ = fit_or_load_bank(cfg, t, extractor, seed=seed if bank_seed is None else bank_seed)
+    b_seed = seed if bank_seed is None else bank_seed
+    model, _ = fit_or_load_bank(cfg, t, extractor, seed=b_seed)
     conf = config_for(cfg, spec, seed)
-    stop_rule = conf.stop
+    stop_rule, start = conf.stop, conf.bn_init
     conf.stop = None
     if epochs is not None:
         conf.epochs = epochs
-    weights = None
-    if _needs_weights(conf):
-        weights = bank_weights(cfg, t, model, seed=seed if bank_seed is None else bank_seed)
-    rows = []
+    weights = bank_weights(cfg, t, model, seed=b_seed) if _needs_weights(conf) else None
+    reference = training_bn_moments(cfg, t, model, seed=b_seed) if conf.bn_init == "matched" else None
+    target = dataset(t, a_split, corruption, severity, seed)
     base = evaluate(model, t, e_split, corruption, severity, seed, cfg["patchcore"]["batch_size"])
-    rows.append(dict(epoch=0, image_auroc=base["image_auroc"], pixel_auroc=base["pixel_auroc"], nn_distance=np.nan))
+    rows = []
 
     def score(epoch, history):
         res = evaluate(model, t, e_split, corruption, severity, seed, cfg["patchcore"]["batch_size"])
-        nn = float(np.mean([h["nn_distance"] for h in history if h["epoch"] == epoch]))
+        nn = [h["nn_distance"] for h in history if h["epoch"] == epoch]
         rows.append(dict(epoch=epoch + 1, image_auroc=res["image_auroc"], pixel_auroc=res["pixel_auroc"],
-                         nn_distance=nn))
+                         nn_distance=float(np.mean(nn)) if nn else np.nan))
 
     source = bn_state(extractor)
     try:
-        adapt(model, dataset(t, a_split, corruption, severity, seed), conf, show_progress=False,
-              bank_weights=weights, on_epoch_end=score)
+        if conf.bn_init != "source":  # epoch 0 = the statistics the alignment starts from (what adapt sets first)
+            adapt(model, target, replace(conf, method="patchcore"), show_progress=False, bn_reference=reference)
+            conf = replace(conf, bn_init="source")
+            score(-1, [])
+        else:
+            rows.append(dict(epoch=0, image_auroc=base["image_auroc"], pixel_auroc=base["pixel_auroc"],
+                             nn_distance=np.nan))
+        adapt(model, target, conf, show_progress=False, bank_weights=weights, on_epoch_end=score)
     finally:
         restore_bn_state(extractor, source)
-    out = pd.DataFrame(rows).assign(task=task_name, condition=corruption, seed=seed)
+    out = pd.DataFrame(rows).assign(task=task_name, condition=corruption, seed=seed, start=start,
+                                    source_image_auroc=base["image_auroc"], source_pixel_auroc=base["pixel_auroc"])
     out["stop_epoch"] = stop_epoch(out.nn_distance.to_numpy()[1:], **(stop_rule or {}))
     return out
 

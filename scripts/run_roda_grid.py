@@ -2,12 +2,15 @@
 
     OMP_NUM_THREADS=1 python scripts/run_roda_grid.py --profile real --tasks mvtec/screw --seeds 0 \
         --methods patchcore,roda,roda_robust --out results/real/08_roda_runs.csv
+    python scripts/run_roda_grid.py --curves --tasks mvtec/bottle --methods roda_robust_matched \
+        --out results/real/08_epoch_curves.csv     # AUROC after every epoch, the stop rule off
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +38,10 @@ def main(argv=None):
     p.add_argument("--summary", default=None,
                    help="versus-PatchCore table of the whole --out file (default: <out>_vs_patchcore.csv)")
     p.add_argument("--summary-only", action="store_true", help="only (re)write the summary of --out")
+    p.add_argument("--curves", action="store_true",
+                   help="per-epoch curves instead (lib.roda_runner.epoch_curve, stop rule off, --epochs passes): "
+                        "one curve per task x corruption x seed x method appended to --out, finished ones skipped")
+    p.add_argument("--epochs", type=int, default=None, help="with --curves: epochs per curve (default: profile)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = profiles.get_profile(args.profile)
@@ -44,6 +51,8 @@ def main(argv=None):
 
         specs.update(json.loads(args.variants))
     methods = {m: specs[m] for m in args.methods.split(",")}
+    if args.curves:
+        return curves(cfg, args, methods)
     if not args.summary_only:
         extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device=cfg.device)
         roda_runner.run_grid(cfg, extractor, args.tasks.split(","), args.corruptions.split(","), methods,
@@ -53,6 +62,28 @@ def main(argv=None):
     summary = Path(args.summary) if args.summary else out.with_name(f"{out.stem}_vs_patchcore.csv")
     write_csv(roda_runner.versus_reference(pd.read_csv(out), margin=0.05), summary)
     print(f"summary: {summary}")
+
+
+def curves(cfg, args, methods):
+    """Every (task, corruption, seed, method) curve, appended to ``--out`` (atomically) as it finishes."""
+    out = Path(args.out)
+    done = pd.read_csv(out) if out.is_file() else pd.DataFrame()
+    keys = set(done[["task", "condition", "seed", "method"]].itertuples(index=False, name=None)) if len(done) else set()
+    extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device=cfg.device)
+    for task in args.tasks.split(","):
+        for corruption in args.corruptions.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                for name, spec in methods.items():
+                    if (task, corruption, seed, name) in keys:
+                        continue
+                    t0 = time.time()
+                    curve = roda_runner.epoch_curve(cfg, extractor, task, corruption, spec, seed=seed,
+                                                    epochs=args.epochs, bank_seed=max(args.bank_seed, 0))
+                    curve = curve.assign(method=name, note=args.note, seconds=round(time.time() - t0, 1))
+                    done = pd.concat([done, curve], ignore_index=True)
+                    write_csv(done, out)
+                    print(f"{task} {corruption} s{seed} {name}: pixel "
+                          f"{' '.join(f'{100 * v:.1f}' for v in curve.pixel_auroc)}", flush=True)
 
 
 if __name__ == "__main__":

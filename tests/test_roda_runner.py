@@ -41,3 +41,30 @@ def test_files_beside_the_bank_are_reused_only_for_the_same_bank(tmp_path, monke
     roda_runner._beside_bank(None, None, model, 0, ".w.pt", compute)
     roda_runner._beside_bank(None, None, model, 0, ".w.pt", compute, use_cache=False)
     assert len(calls) == 4
+
+
+def test_epoch_curve_starts_from_the_statistics_it_aligns_from(tmp_path):
+    """Epoch 0 of a curve is the state the alignment starts from: with bn_init='matched' it is the matched
+    statistics (the adabn_matched row), not the source encoder; the source scores come along as reference."""
+    from lib import backbones, profiles, roda_runner
+    from lib.pipeline import fit_or_load_bank, resolve_task, target_split
+
+    cfg = profiles.get_profile("smoke", device="cpu", out_dir=tmp_path)
+    extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device="cpu")
+    task_name, corruption = cfg["tasks"][0], "contrast"
+    spec = dict(method="roda", bn_init="matched")
+    curve = roda_runner.epoch_curve(cfg, extractor, task_name, corruption, spec, seed=0, epochs=2)
+    assert list(curve.epoch) == [0, 1, 2] and set(curve.start) == {"matched"}
+    t = resolve_task(cfg, task_name)
+    model, _ = fit_or_load_bank(cfg, t, extractor, seed=0)
+    a_split, e_split = target_split(t, cfg["corruption"]["adapt_fraction"], 0)
+    severity, batch = cfg["corruption"]["severity"], cfg["patchcore"]["batch_size"]
+    conf = roda_runner.config_for(cfg, dict(method="patchcore", bn_init="matched"), 0)
+    stats, _ = roda_runner.adapt_and_evaluate(model, t, a_split, e_split, corruption, severity, conf, eval_seed=0,
+                                              batch_size=batch,
+                                              bn_reference=roda_runner.training_bn_moments(cfg, t, model))
+    source, _ = roda_runner.adapt_and_evaluate(model, t, a_split, e_split, corruption, severity,
+                                               roda_runner.config_for(cfg, dict(method="patchcore"), 0),
+                                               eval_seed=0, batch_size=batch)
+    assert curve.pixel_auroc.iloc[0] == stats["pixel_auroc"] != source["pixel_auroc"]
+    assert (curve.source_pixel_auroc == source["pixel_auroc"]).all()
