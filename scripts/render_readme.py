@@ -122,7 +122,7 @@ def render_table(df: pd.DataFrame, options: dict) -> str:
         df, columns = _pivot(df, options, columns, count)
     df = df[columns]
     names = options.get("rename", {})
-    lines = ["| " + " | ".join(names.get(c, c) for c in columns) + " |", "|" + " --- |" * len(columns)]
+    lines = ["| " + " | ".join(str(names.get(c, c)) for c in columns) + " |", "|" + " --- |" * len(columns)]
     for row in df.itertuples(index=False):
         lines.append("| " + " | ".join(_number(v, digits) for v in row) + " |")
     return "\n".join(lines)
