@@ -81,7 +81,8 @@ def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="gene
 def merge(out, *files):
     """Concatenate per-dataset ``*_runs.csv`` files into ``out`` (one table for the README), a later file's
     rows replacing an earlier one's with the same task, setting, seen class, M, method and seed; and write
-    ``<out>_dpdl_paired.csv``: DPDL minus each baseline per cell, paired by seed (mean, std, seeds)."""
+    ``<out>_dpdl_paired.csv``: DPDL minus each baseline per cell, paired by seed (mean, std, seeds), with
+    the per-seed differences in ``<out>_dpdl_paired_seeds.csv``."""
     import pandas as pd
 
     keys = ["task", "setting", "seen_class", "n_anomalies", "method", "seed"]
@@ -91,14 +92,16 @@ def merge(out, *files):
     print(f"{out}: {len(runs)} runs from {len(files)} files")
     cell = [k for k in keys[:4] if k in runs]
     wide = runs.pivot_table(index=cell + ["seed"], columns="method", values="auroc")
-    rows = []
+    rows, per_seed = [], []
     for base in [m for m in wide.columns if m != "dpdl"]:
-        d = (wide["dpdl"] - wide[base]).dropna().groupby(level=cell)  # paired by seed
-        for key, g in d:
+        diff = (wide["dpdl"] - wide[base]).dropna()  # paired by seed
+        per_seed.append(diff.rename("dpdl_minus").reset_index().assign(baseline=base))
+        for key, g in diff.groupby(level=cell):
             rows.append(dict(zip(cell, key), baseline=base, dpdl_minus=g.mean(), std=g.std(ddof=1), seeds=len(g)))
     paired = Path(out).with_name(Path(out).stem + "_dpdl_paired.csv")
     write_csv(pd.DataFrame(rows), paired)
-    print(f"{paired}: DPDL minus each baseline, paired by seed")
+    write_csv(pd.concat(per_seed, ignore_index=True), paired.with_name(paired.stem + "_seeds.csv"))
+    print(f"{paired} (and _seeds): DPDL minus each baseline, paired by seed")
 
 
 if __name__ == "__main__":
