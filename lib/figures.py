@@ -205,3 +205,35 @@ def grid_bars(table: pd.DataFrame, metric: str, methods, reference: str = "patch
     if title:
         grid.figure.suptitle(title, y=1.01)
     return grid.figure
+
+
+def epoch_curves(curves: pd.DataFrame, metric: str = "pixel_auroc", title: str = ""):
+    """One panel per task x corruption: ``metric`` after every adaptation epoch, one line per method
+    (:func:`lib.roda_runner.epoch_curve`; epoch 0 is the state the alignment starts from), PatchCore without
+    adaptation as the dotted line, each method's stopping-rule epoch as a hollow marker."""
+    data = curves.assign(cell=curves.task.str.replace("mvtec/", "", regex=False) + " · " + curves.condition.map(pretty))
+    cells = sorted(data.cell.unique())
+    ncol = min(4, len(cells))
+    nrow = -(-len(cells) // ncol)
+    colours = {m: f"C{i}" for i, m in enumerate(sorted(data.method.unique()))}
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.7 * nrow), squeeze=False, sharey=True)
+    for ax, cell in zip(axes.flat, cells):
+        part = data[data.cell == cell]
+        for method, g in part.groupby("method", sort=True):
+            g = g.groupby("epoch", as_index=False)[[metric, "stop_epoch"]].mean()
+            ax.plot(g.epoch, g[metric] * 100, "o-", ms=3, color=colours[method])
+            at = g[g.epoch == int(round(g.stop_epoch.iloc[0]))]
+            ax.plot(at.epoch, at[metric] * 100, "o", ms=9, mfc="none", color=colours[method])
+        ax.axhline(part[f"source_{metric}"].mean() * 100, color="black", lw=0.8, ls=":")
+        ax.set_title(cell, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    for ax in axes.flat[len(cells):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(metric.replace("_auroc", " AUROC").replace("_", " ") + " (%)")
+    handles = [plt.Line2D([], [], color=c, marker="o", ms=3, label=m) for m, c in colours.items()]
+    handles.append(plt.Line2D([], [], color="black", lw=0.8, ls=":", label="PatchCore, no adaptation"))
+    axes[0][0].legend(handles=handles, fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

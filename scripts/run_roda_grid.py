@@ -84,6 +84,17 @@ def curves(cfg, args, methods):
                     write_csv(done, out)
                     print(f"{task} {corruption} s{seed} {name}: pixel "
                           f"{' '.join(f'{100 * v:.1f}' for v in curve.pixel_auroc)}", flush=True)
+    draw_curves(cfg, out)
+
+
+def draw_curves(cfg, out: Path) -> None:
+    """``figures/<profile>/<out stem>.png``: the curves of ``out`` (lib.figures.epoch_curves), pixel AUROC."""
+    from lib import figures
+    from lib.utils import save_figure
+
+    path = Path(cfg["figures_dir"]) / f"{out.stem}.png"
+    save_figure(figures.epoch_curves(pd.read_csv(out), title="pixel AUROC per adaptation epoch"), path)
+    print(f"figure: {path}")
 
 
 if __name__ == "__main__":

@@ -68,3 +68,10 @@ def test_epoch_curve_starts_from_the_statistics_it_aligns_from(tmp_path):
                                                eval_seed=0, batch_size=batch)
     assert curve.pixel_auroc.iloc[0] == stats["pixel_auroc"] != source["pixel_auroc"]
     assert (curve.source_pixel_auroc == source["pixel_auroc"]).all()
+    import pandas as pd
+
+    from lib import figures
+
+    two = pd.concat([curve.assign(method="roda"), curve.assign(method="other", condition="noise")])
+    fig = figures.epoch_curves(two)  # one panel per task x corruption
+    assert sum(ax.axison for ax in fig.axes) == 2
