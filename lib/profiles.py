@@ -130,9 +130,13 @@ PROFILES = {
         patchcore=dict(coreset_ratio=0.01, max_bank=2000, max_train=120, max_test=150, batch_size=16),
         roda=dict(epochs=3),
         figures=dict(qualitative_rows=2),
+        # notebook 08 on ELPV illustrates the diagnosis (one seed, two corruptions: about a quarter of an
+        # hour); the per-lead grid with 3 seeds and 4 corruptions belongs to the real profile
         ablation=dict(seeds=(0, 1, 2), corruptions=("gaussian_noise", "brightness"), severities=(1, 3, 5),
                       eps_grid=(0.02, 0.2), epochs_grid=(1, 5), lr_grid=(0.001,),
-                      choice_corruptions=("gaussian_noise",), extra_corruptions=True, table5_schedule="steps"),
+                      choice_corruptions=("gaussian_noise",), extra_corruptions=True, table5_schedule="steps",
+                      diagnosis=dict(corruptions=("gaussian_noise", "brightness"), seeds=(0,),
+                                     curve_corruptions=("gaussian_noise",))),
         # the paper's 50 x 20 schedule (batch 48) is cut to 10 x 20 (batch 48) on a frozen backbone;
         # ELPV capped at 300 training normals and 400 test images so the cached maps take minutes; the hard
         # setting (mono / poly) runs at M = 10 with 3 seeds (the real profile: 5), the ablations with 3 seeds
