@@ -288,6 +288,8 @@ def epoch_curve(cfg, extractor, task_name, corruption, spec: dict, seed: int = 0
         restore_bn_state(extractor, source)
     out = pd.DataFrame(rows).assign(task=task_name, condition=corruption, seed=seed, start=start,
                                     source_image_auroc=base["image_auroc"], source_pixel_auroc=base["pixel_auroc"])
+    for col in ("image_auroc", "pixel_auroc", "source_image_auroc", "source_pixel_auroc"):
+        out[col] = pd.to_numeric(out[col], errors="coerce")  # None (a task without masks) -> NaN, plottable
     out["stop_epoch"] = stop_epoch(out.nn_distance.to_numpy()[1:], **(stop_rule or {}))
     return out
 
