@@ -259,17 +259,18 @@ def epoch_curve(cfg, extractor, task_name, corruption, spec: dict, seed: int = 0
     model, _ = fit_or_load_bank(cfg, t, extractor, seed=b_seed)
     conf = config_for(cfg, spec, seed)
     stop_rule, start = conf.stop, conf.bn_init
-    conf.stop = None
-    if epochs is not None:
-        conf.epochs = epochs
+    conf = replace(conf, stop=None, epochs=conf.epochs if epochs is None else epochs)
     weights = bank_weights(cfg, t, model, seed=b_seed) if _needs_weights(conf) else None
     reference = training_bn_moments(cfg, t, model, seed=b_seed) if conf.bn_init == "matched" else None
     target = dataset(t, a_split, corruption, severity, seed)
-    base = evaluate(model, t, e_split, corruption, severity, seed, cfg["patchcore"]["batch_size"])
-    rows = []
+
+    def scored():
+        return evaluate(model, t, e_split, corruption, severity, seed, cfg["patchcore"]["batch_size"])
+
+    base, rows = scored(), []
 
     def score(epoch, history):
-        res = evaluate(model, t, e_split, corruption, severity, seed, cfg["patchcore"]["batch_size"])
+        res = scored()
         nn = [h["nn_distance"] for h in history if h["epoch"] == epoch]
         rows.append(dict(epoch=epoch + 1, image_auroc=res["image_auroc"], pixel_auroc=res["pixel_auroc"],
                          nn_distance=float(np.mean(nn)) if nn else np.nan))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from itertools import product
 from pathlib import Path
 
 import pandas as pd
@@ -70,20 +71,18 @@ def curves(cfg, args, methods):
     done = pd.read_csv(out) if out.is_file() else pd.DataFrame()
     keys = set(done[["task", "condition", "seed", "method"]].itertuples(index=False, name=None)) if len(done) else set()
     extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device=cfg.device)
-    for task in args.tasks.split(","):
-        for corruption in args.corruptions.split(","):
-            for seed in (int(s) for s in args.seeds.split(",")):
-                for name, spec in methods.items():
-                    if (task, corruption, seed, name) in keys:
-                        continue
-                    t0 = time.time()
-                    curve = roda_runner.epoch_curve(cfg, extractor, task, corruption, spec, seed=seed,
-                                                    epochs=args.epochs, bank_seed=max(args.bank_seed, 0))
-                    curve = curve.assign(method=name, note=args.note, seconds=round(time.time() - t0, 1))
-                    done = pd.concat([done, curve], ignore_index=True)
-                    write_csv(done, out)
-                    print(f"{task} {corruption} s{seed} {name}: pixel "
-                          f"{' '.join(f'{100 * v:.1f}' for v in curve.pixel_auroc)}", flush=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for task, corruption, seed, name in product(args.tasks.split(","), args.corruptions.split(","), seeds, methods):
+        if (task, corruption, seed, name) in keys:
+            continue
+        t0 = time.time()
+        curve = roda_runner.epoch_curve(cfg, extractor, task, corruption, methods[name], seed=seed,
+                                        epochs=args.epochs, bank_seed=max(args.bank_seed, 0))
+        curve = curve.assign(method=name, note=args.note, seconds=round(time.time() - t0, 1))
+        done = pd.concat([done, curve], ignore_index=True)
+        write_csv(done, out)
+        print(f"{task} {corruption} s{seed} {name}: pixel "
+              f"{' '.join(f'{100 * v:.1f}' for v in curve.pixel_auroc)}", flush=True)
     draw_curves(cfg, out)
 
 
