@@ -15,6 +15,7 @@ Sinkhorn start), so the table shows before/after on the same machine state.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import backbones
+from lib.adaptation import augment_batch
 from lib.alignment import roda_loss
 from lib.patchcore import PatchCore
 from lib.transport import (
@@ -36,18 +38,21 @@ from lib.transport import (
     pairwise_cost,
     sinkhorn,
 )
+from lib.utils import all_finite, seed_everything
 
 
 def images_for(args):
+    """``args.batches`` batches of ``args.images`` shifted test images (one tensor) and clean training images."""
     g = torch.Generator().manual_seed(0)
+    n = args.images * args.batches
     if args.data is None:
-        base = torch.rand(args.images, 3, 224, 224, generator=g)
+        base = torch.rand(n, 3, 224, 224, generator=g)
         return base, torch.rand(4 * args.images, 3, 224, 224, generator=g)
     from lib import data
     from lib.pipeline import dataset
 
     task = data.load_task(f"mvtec/{args.category}", args.data)
-    test = dataset(task, data.subsample(task.test, args.images, 0), "gaussian_noise", 5, 0)
+    test = dataset(task, data.subsample(task.test, n, 0), "gaussian_noise", 5, 0)
     train = dataset(task, data.subsample(task.train, 4 * args.images, 0))
     return (torch.stack([test[i]["image"] for i in range(len(test))]),
             torch.stack([train[i]["image"] for i in range(len(train))]))
@@ -93,11 +98,57 @@ def step(model, bank, images, optimizer, times, eps, legacy: bool, state: dict):
     timed(optimizer.step, times, "optimiser")
 
 
+def library_step(model, bank, images, optimizer, generator, state: dict) -> int:
+    """One step exactly as :func:`lib.adaptation.adapt` runs it for ``method="roda"`` (augmented views,
+    differentiable forward, the finiteness check, :func:`lib.alignment.roda_loss` warm-started from the
+    previous step's bank potentials, backward, SGD); returns the Sinkhorn iterations."""
+    views, _ = augment_batch(images, torch.zeros(images.shape[0], 1, *images.shape[-2:]), "flip_rot90", generator)
+    with model.extractor.differentiable_mode():
+        feats = model.embed(views)
+    target = feats.reshape(-1, feats.shape[-1])
+    if not all_finite(target):
+        raise RuntimeError("diverged")
+    kw = {} if "g" not in state else dict(sinkhorn_kwargs=dict(init=(None, state["g"])))
+    loss, info = roda_loss(target, bank, **kw)
+    state["g"] = info["potentials"][1]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return info["sinkhorn_iters"]
+
+
+def run_library(args):
+    """Seconds per library step (``--repeats`` steps after one warm-up, seeded deterministic mode as in every
+    run of the project) and the Sinkhorn iterations of each step."""
+    seed_everything(0)
+    ext = backbones.load_backbone("mobilenet_v2")
+    model = PatchCore(ext, device="cpu")
+    images, train = images_for(args)
+    with torch.no_grad():
+        feats = model.embed(train).reshape(-1, model.target_dim)
+    g = torch.Generator().manual_seed(1)
+    bank = feats[torch.randperm(feats.shape[0], generator=g)[: args.bank]].contiguous()
+    params = ext.set_bn_affine_trainable(True)
+    opt = torch.optim.SGD(params, lr=0.003, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    state: dict = {}
+    batches = images.split(args.images)  # the loop cycles through the target split's batches, as adapt does
+    library_step(model, bank, batches[0], opt, generator, state)  # warm-up (cold Sinkhorn start)
+    seconds, iters = [], []
+    for k in range(args.repeats):
+        t0 = time.perf_counter()
+        iters.append(library_step(model, bank, batches[(k + 1) % len(batches)], opt, generator, state))
+        seconds.append(time.perf_counter() - t0)
+    ext.set_bn_affine_trainable(False)
+    return seconds, iters
+
+
 def run(args, legacy: bool):
     torch.manual_seed(0)
     ext = backbones.load_backbone("mobilenet_v2")
     model = PatchCore(ext, device="cpu")
     images, train = images_for(args)
+    images = images[: args.images]
     with torch.no_grad():
         feats = model.embed(train).reshape(-1, model.target_dim)
     g = torch.Generator().manual_seed(1)
@@ -129,12 +180,21 @@ def main(argv=None):
     p.add_argument("--bank", type=int, default=2500)
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batches", type=int, default=3,
+                   help="distinct target batches the library step cycles through (screw's 20%% split: 3 of 10)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=None, help="an MVTec root (default: random images)")
     p.add_argument("--category", default="screw")
     p.add_argument("--compare", action="store_true", help="also time the cold-start, tol 1e-6 settings")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    seconds, iters = run_library(args)
+    print(f"library step (lib.adaptation.adapt's loop body: {args.images} images + {args.images} augmented views "
+          f"vs {args.bank} bank entries, {args.threads} threads, deterministic mode, warm-started Sinkhorn):")
+    print(f"  {statistics.mean(seconds):.3f} s per step (mean of {args.repeats}; median "
+          f"{statistics.median(seconds):.3f}, min {min(seconds):.3f}, max {max(seconds):.3f}); "
+          f"Sinkhorn iterations per step {iters}")
+    print()
     rows = {"after": run(args, legacy=False)}
     if args.compare:
         rows = {"before": run(args, legacy=True), **rows}

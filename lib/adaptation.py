@@ -49,7 +49,7 @@ from .bn_stats import match_bn_stats, reestimate_bn_stats
 from .data import make_loader
 from .sinkhorn import calibrate_eps
 from .transport import pairwise_cost
-from .utils import progress, torch_save
+from .utils import all_finite, progress, torch_save
 
 AUGMENTATIONS = ("none", "copy", "flip_rot90")
 BN_INITS = ("source", "target", "matched")
@@ -322,7 +322,7 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_
                     raise AdaptationError(f"features are {feats.shape[-1]}-d but the bank is {bank.shape[1]}-d: "
                                           "the bank was built with another backbone or aggregation; rebuild it")
                 target = feats.reshape(-1, feats.shape[-1])
-                if not torch.isfinite(target).all():
+                if not all_finite(target):
                     raise AdaptationError("NaN/inf in target features: the adaptation diverged; lower lr")
                 if needs_resolve:  # data-driven options, fixed once on the first batch (no labels)
                     static = resolve_loss_options(static, target, bank, bank_weights)

@@ -37,6 +37,7 @@ from .transport import (
     pairwise_cost,
     sinkhorn,
 )
+from .utils import scratch
 
 __all__ = [
     "ALIGNMENT_LOSSES",
@@ -140,7 +141,10 @@ def roda_loss(
     if b is not None:
         kw["b"] = b.to(target.device)
     with torch.no_grad():
-        C = pairwise_cost(target.detach(), bank, cost)
+        # the cost (then the log plan, in the same storage) lives for this call only: a reused buffer on CPU
+        out = None if return_plan or cost == "cosine" else scratch("roda_loss.cost", (target.shape[0], bank.shape[0]),
+                                                                   target.dtype, target.device)
+        C = pairwise_cost(target.detach(), bank, cost, out=out)
         nn_dist, nn_idx = C.min(1)
         log_plan, sk, scale = _plan(C, eps, cost_norm, kw, overwrite=not return_plan)
     del C

@@ -42,6 +42,8 @@ import warnings
 
 import torch
 
+from .utils import all_finite, scratch
+
 __all__ = ["SINKHORN_METHODS", "SinkhornWarning", "calibrate_eps", "entries_per_row", "sinkhorn", "sinkhorn_absorb",
            "sinkhorn_log", "sinkhorn_log_domain", "sinkhorn_semi_relaxed", "sinkhorn_unbalanced"]
 
@@ -115,15 +117,30 @@ class _Problem:
         self.Mr, self.loga, self.logb, self.a, self.b = Mr, loga, logb, a, b
         self.shift, self.eps, self.phi, self.phi_b = shift, eps, phi, phi_b
         self.tol, self.max_iter, self.check_every = tol, max_iter, check_every
-        self.work = torch.empty_like(Mr)
+        self.work = scratch("sinkhorn.work", Mr.shape, Mr.dtype, Mr.device)  # reused across calls (CPU)
 
-    def row_update(self, beta):
-        return self.phi * (self.loga - _lse_cols(self.Mr, beta, self.work))
+    def row_update(self, beta, kernel: bool = False):
+        """``alpha = phi (log a - log sum_j exp(Mr_ij + beta_j))``. With ``kernel`` the scratch is left holding
+        ``K = exp(Mr + alpha + beta)`` of the updated potentials: for exact rows (``phi = 1``) that is the
+        row-max-shifted ``exp`` the log-sum-exp already computed, times ``a_i / (its row sum)``, so one
+        in-place product instead of rebuilding ``K`` (two additions and an ``exp`` over ``N x M``)."""
+        if not kernel:
+            return self.phi * (self.loga - _lse_cols(self.Mr, beta, self.work))
+        if self.phi != 1.0:
+            alpha = self.phi * (self.loga - _lse_cols(self.Mr, beta, self.work))
+            _kernel(self.Mr, alpha, beta, self.work)
+            return alpha
+        work = torch.add(self.Mr, beta.unsqueeze(-2), out=self.work)
+        m = work.amax(-1, keepdim=True)
+        rows = work.sub_(m).exp_().sum(-1)  # sum_j exp(Mr_ij + beta_j - m_i), in [1, M]
+        alpha = self.loga - rows.log() - m.squeeze(-1)
+        work.mul_((self.a / rows).unsqueeze(-1))  # exp(alpha_i + m_i) = a_i / rows_i
+        return alpha
 
-    def log_step(self, alpha):
+    def log_step(self, alpha, kernel: bool = False):
         lse = _lse_rows(self.Mr, alpha, self.work)  # log column sums of exp(Mr + alpha), before the update
         beta = self.phi_b * (self.logb - lse)
-        return self.row_update(beta), beta, lse
+        return self.row_update(beta, kernel), beta, lse
 
     def checked_log_step(self, alpha, beta, n: int):
         """A log-domain iteration that also measures the column-marginal error (with the log-sum-exp the row update
@@ -157,18 +174,26 @@ def sinkhorn_log_domain(p: _Problem, alpha):
                              n_absorb=0, n_log_steps=n, n_fallback=0)
 
 
-def sinkhorn_absorb(p: _Problem, alpha, tau: float = 1e3):
+def sinkhorn_absorb(p: _Problem, alpha, tau: float = 1e3, beta=None):
     """``method="absorb"``: scaling form with absorption (module docstring). With ``phi < 1`` the row
-    scaling is ``u = ra * (K v)^(-phi)``, ``ra = a_eff^phi exp((phi - 1) alpha)`` fixed between absorptions."""
+    scaling is ``u = ra * (K v)^(-phi)``, ``ra = a_eff^phi exp((phi - 1) alpha)`` fixed between absorptions.
+
+    The kernel is first built by an exact log-domain row update, so no kernel row is all zeros: from the
+    bank-side potentials ``beta`` of a warm start (iteration 0, then the scaling iterations), otherwise
+    after one full log-domain iteration from ``alpha``."""
     n_absorb = n_fallback = 0
     err, tv, converged = float("inf"), float("inf"), False
-    alpha, beta, _ = p.log_step(alpha)  # iteration 1 in the log domain: no all-zero kernel row
-    n, n_log = 1, 1
+    if beta is not None:
+        alpha, n, n_log = p.row_update(beta, kernel=True), 0, 0
+    else:
+        alpha, beta, _ = p.log_step(alpha, kernel=True)  # iteration 1 in the log domain
+        n, n_log = 1, 1
     K = u = v = ra = None
+    fresh = True  # p.work holds the kernel of (alpha, beta)
     log_until = 0  # after a detected underflow, stay in log steps until this iteration
     log_tau = math.log(tau)
     while True:
-        check = n % p.check_every == 0 or n == p.max_iter
+        check = n > 0 and (n % p.check_every == 0 or n == p.max_iter)
         if n < log_until:
             if K is not None:
                 alpha, beta, K = alpha + u.log(), beta + v.log(), None
@@ -185,7 +210,8 @@ def sinkhorn_absorb(p: _Problem, alpha, tau: float = 1e3):
             n_log += 1
             continue
         if K is None:
-            K = _kernel(p.Mr, alpha, beta, p.work)
+            K = p.work if fresh else _kernel(p.Mr, alpha, beta, p.work)
+            fresh = False
             u, v = torch.ones_like(alpha), torch.ones_like(beta)
             ra = p.a if p.phi == 1.0 else torch.exp(p.phi * p.loga + (p.phi - 1.0) * alpha)
             rb = p.b if p.phi_b == 1.0 else torch.exp(p.phi_b * p.logb + (p.phi_b - 1.0) * beta)
@@ -233,18 +259,18 @@ def sinkhorn_absorb(p: _Problem, alpha, tau: float = 1e3):
                              n_absorb=n_absorb, n_log_steps=n_log, n_fallback=n_fallback)
 
 
-def sinkhorn_semi_relaxed(p: _Problem, alpha, tau: float = 1e3):
+def sinkhorn_semi_relaxed(p: _Problem, alpha, tau: float = 1e3, beta=None):
     """``method="semi_relaxed"``: KL-relaxed target marginal (``phi = rho / (rho + eps)``), exact bank
     marginal, absorb arithmetic. The plan's total mass is ``sum_j b_j``; its row sums are not ``a``."""
-    return sinkhorn_absorb(p, alpha, tau)
+    return sinkhorn_absorb(p, alpha, tau, beta)
 
 
-def sinkhorn_unbalanced(p: _Problem, alpha, tau: float = 1e3):
+def sinkhorn_unbalanced(p: _Problem, alpha, tau: float = 1e3, beta=None):
     """``method="unbalanced"``: both marginals KL-relaxed (``rho`` on the target side, ``rho_b`` on the bank
     side; POT ``sinkhorn_unbalanced`` with ``reg_m = (rho, rho_b)``), absorb arithmetic. Bank entries with no
     nearby target patch then carry little mass too. Stops when the column scaling changes by less than
     ``tol`` (relative) per iteration."""
-    return sinkhorn_absorb(p, alpha, tau)
+    return sinkhorn_absorb(p, alpha, tau, beta)
 
 
 SINKHORN_METHODS = {"log": sinkhorn_log_domain, "absorb": sinkhorn_absorb, "semi_relaxed": sinkhorn_semi_relaxed,
@@ -348,7 +374,7 @@ def _validate(C, eps, check_every, max_iter):
             f"empty cost matrix of shape {tuple(C.shape)} (N_tp={N} target patches, N_M={M} bank entries): "
             "is the target split, the minibatch or the memory bank empty?"
         )
-    if not torch.isfinite(C).all():
+    if not all_finite(C):
         if torch.isnan(C).any():
             raise ValueError(
                 "NaN in cost matrix: check the features for NaN (diverged adaptation? lower the learning rate)"
@@ -392,25 +418,29 @@ def _solve(C, eps, a, b, method, tol, max_iter, check_every, return_log, init, d
     loga, logb = a.log(), b.log()
     if phi != 1.0:  # the relaxed row update does not commute with the row shift: fold it into log a
         loga = loga - (1.0 - phi) / phi * shift / eps
-    spread = Mr.max().item()
+    spread = Mr.max()
     Mr.mul_(-1.0 / eps)  # the only copy of -C/eps; every update works on it
-    if not torch.isfinite(Mr).all():
+    # Mr lies in [-spread/eps, 0] after the row shift: it overflowed exactly when the same scalar product did
+    if not torch.isfinite(spread.mul(-1.0 / eps)):
+        spread = spread.item()
         raise ValueError(
             f"C/eps overflows {dtype}: eps={eps:g} is far too small for cost spreads up to {spread:.3g}; "
             "increase eps (relative to cost scale) or normalise the cost (normalize_cost)"
         )
     p = _Problem(Mr, loga, logb, a, b, shift, eps, phi, tol, max_iter, check_every, phi_b)
     f0, g0 = init if init is not None else (None, None)
+    beta0 = None
     if f0 is not None:
         alpha = (torch.as_tensor(f0).to(device=device, dtype=dtype).expand(batch + (N,)) - shift) / eps
     elif g0 is not None:  # bank-side potentials only (a new minibatch against the same bank): row update first
-        alpha = p.row_update(torch.as_tensor(g0).to(device=device, dtype=dtype).expand(batch + (M,)) / eps)
+        beta0 = torch.as_tensor(g0).to(device=device, dtype=dtype).expand(batch + (M,)) / eps
+        alpha = None if method != "log" else p.row_update(beta0)  # the absorb methods fuse it with their kernel
     else:
         alpha = torch.zeros(batch + (N,), dtype=dtype, device=device)
     if method == "log" and phi_b != 1.0:
         raise ValueError("the log method runs balanced OT only")
     runner = SINKHORN_METHODS[method]
-    alpha, beta, info = runner(p, alpha) if method == "log" else runner(p, alpha, tau)
+    alpha, beta, info = runner(p, alpha) if method == "log" else runner(p, alpha, tau, beta0)
     err, tv = info["marginal_error"], info["marginal_tv"]
     if not (torch.isfinite(alpha).all() and torch.isfinite(beta).all()) or not math.isfinite(err):
         raise ValueError(
@@ -423,7 +453,7 @@ def _solve(C, eps, a, b, method, tol, max_iter, check_every, return_log, init, d
             f"column mass is misplaced (marginal error {err:.3g} > tol {tol:g}) at eps={eps:g}: "
             "increase eps (relative to cost scale) or max_iter"
         )
-    out = torch.add(Mr, alpha.unsqueeze(-1), out=p.work).add_(beta.unsqueeze(-2))
+    out = Mr.add_(alpha.unsqueeze(-1)).add_(beta.unsqueeze(-2))  # in Mr's storage (the scratch is reused)
     del Mr, p
     if not return_log:
         out.exp_()

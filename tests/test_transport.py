@@ -192,18 +192,20 @@ def test_sinkhorn_warm_start_converges_faster():
 
 
 def test_sinkhorn_underflow_fallback_path(monkeypatch):
-    # force an all-zero kernel column on the first absorption: the step must be redone with logsumexp
-    real_kernel = sk._kernel
+    # force an all-zero kernel column on the first kernel (built by the fused row update): the step must be
+    # redone with logsumexp
+    real_update = sk._Problem.row_update
     calls = {"n": 0}
 
-    def broken_kernel(Mr, alpha, beta, work):
-        K = real_kernel(Mr, alpha, beta, work)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            K[..., 0] = 0.0
-        return K
+    def broken_update(self, beta, kernel=False):
+        alpha = real_update(self, beta, kernel)
+        if kernel:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                self.work[..., 0] = 0.0
+        return alpha
 
-    monkeypatch.setattr(sk, "_kernel", broken_kernel)
+    monkeypatch.setattr(sk._Problem, "row_update", broken_update)
     C = normalize_cost(pairwise_cost(*_problem(20, 15, seed=7)))[0]
     P, info = sinkhorn_log(C, 0.05, tol=1e-9, max_iter=5000)
     assert info["n_fallback"] >= 1 and info["converged"]
