@@ -75,3 +75,28 @@ def test_epoch_curve_starts_from_the_statistics_it_aligns_from(tmp_path):
     two = pd.concat([curve.assign(method="roda"), curve.assign(method="other", condition="noise")])
     fig = figures.epoch_curves(two)  # one panel per task x corruption
     assert sum(ax.axison for ax in fig.axes) == 2
+
+
+def test_epoch_curve_of_a_task_without_masks_is_numeric_and_plots(tmp_path, monkeypatch):
+    """A task without masks scores pixel AUROC as None (ELPV): the curve keeps numeric NaN columns, so its
+    plot and the per-epoch tables work (notebook 08 stopped at this plot on the default profile)."""
+    import math
+
+    from lib import backbones, figures, profiles, roda_runner
+
+    real_evaluate = roda_runner.evaluate
+
+    def maskless(*args, **kwargs):
+        return {**real_evaluate(*args, **kwargs), "pixel_auroc": None}
+
+    monkeypatch.setattr(roda_runner, "evaluate", maskless)
+    cfg = profiles.get_profile("smoke", device="cpu", out_dir=tmp_path)
+    extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device="cpu")
+    curve = roda_runner.epoch_curve(cfg, extractor, cfg["tasks"][0], "contrast", dict(method="roda"), seed=0,
+                                    epochs=1)
+    for col in ("image_auroc", "pixel_auroc", "source_pixel_auroc"):
+        assert curve[col].dtype.kind == "f", col
+    assert curve.pixel_auroc.isna().all() and not curve.image_auroc.isna().any()
+    assert not math.isnan(curve.nn_distance.iloc[-1])
+    fig = figures.epoch_curves(curve.assign(method="roda"))
+    assert sum(ax.axison for ax in fig.axes) == 1
