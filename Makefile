@@ -1,6 +1,7 @@
 # Two commands set up everything on a fresh machine (see README):
 #   make run    - create the venv if missing, run every notebook on the embedded default data
 #   make test   - create the venv if missing, lint (ruff) and run the test suite
+#   make elpv   - the same notebooks on ELPV at the larger scale of the elpv profile (hours, see README)
 #   make render - executed copies of the notebooks (default profile) in notebooks/rendered/default/
 #   make lab    - JupyterLab on notebooks/ (headless: make lab LAB_ARGS=--no-browser)
 PYTHON ?= python3.11
@@ -8,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint real smoke bench lab render
+.PHONY: setup run test lint elpv real smoke bench lab render
 
 setup: $(STAMP)
 
@@ -27,6 +28,9 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest
+
+elpv: setup
+	$(PY) scripts/run_notebooks.py --profile elpv
 
 real: setup
 	$(PY) scripts/run_notebooks.py --profile real

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from .alignment import ALIGNMENT_LOSSES, source_stats
 from .bn_stats import match_bn_stats, reestimate_bn_stats
 from .data import make_loader
-from .sinkhorn import calibrate_eps
+from .eps_calibration import calibrate_eps
 from .transport import pairwise_cost
 from .utils import all_finite, progress, torch_save
 
@@ -195,7 +195,7 @@ DATA_DRIVEN_KEYS = ("entries_per_row", "ot", "rho", "rho_std", "weights")
 def resolve_loss_options(options: dict, target: torch.Tensor, bank: torch.Tensor, bank_weights=None) -> dict:
     """Fix the data-driven OT options on the first (unlabeled) adaptation batch; returns loss kwargs.
 
-    - ``eps="auto"`` with ``entries_per_row=K``: ``eps`` in cost units from :func:`lib.sinkhorn.calibrate_eps`
+    - ``eps="auto"`` with ``entries_per_row=K``: ``eps`` in cost units from :func:`lib.eps_calibration.calibrate_eps`
       (rows of the plan spread over about ``K`` bank entries), with ``cost_norm="none"`` so it stays fixed;
     - ``ot="semi_relaxed"`` or ``"unbalanced"`` (both sides relaxed) with ``rho="auto"``:
       ``rho = rho_std * std_i(min_j C_ij)`` (the spread of the

@@ -176,7 +176,7 @@ def _bn_reference(bank, model) -> list:
 
 
 def _options(pairs) -> dict:
-    from .profiles import parse_assignments
+    from .settings import parse_assignments
 
     try:
         return parse_assignments(pairs)

@@ -250,7 +250,7 @@ def run_split(split: OpenSetSplit, cache: MapCache, method: str = "dpdl", model_
     scores = score_maps(model, test_maps, device=train.device)
     row = dict(split.summary(), method=label or method, base_method=method,
                auroc=image_auroc(split.test_labels, scores),
-               train_s=round(train_s, 2), score_s=round(time.perf_counter() - start, 3),
+               train_seconds=round(train_s, 2), score_seconds=round(time.perf_counter() - start, 3),
                final_loss=float(history["loss"].iloc[-5:].mean()) if len(history) else float("nan"))
     history = history.assign(method=label or method, seed=split.seed, n_anomalies=split.n_anomalies,
                              setting=split.setting, seen_class=split.seen_class or "all", task=split.name)

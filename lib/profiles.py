@@ -105,6 +105,57 @@ _BASE = dict(
     figures=dict(qualitative_rows=4),
 )
 
+#: a dict-valued setting that an override replaces as a whole (its keys are free, not settings)
+FREE_DICTS = ("geometry", "roda.variants", "dpdl.sensitivity", "dpdl.dpdl_kwargs")
+
+
+def _thaw(value):
+    """Plain dicts and lists (for JSON and for callers that want a mutable copy)."""
+    if isinstance(value, dict):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _merge(base: dict, over: dict, prefix: str = "") -> dict:
+    """``base`` with ``over`` applied: sections merge key by key, every other value (``None`` and the
+    free dicts of :data:`FREE_DICTS` included) replaces the old one. Returns plain dicts."""
+    out = _thaw(base)
+    for k, v in (over or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and key not in FREE_DICTS:
+            out[k] = _merge(out[k], v, prefix=f"{key}.")
+        else:
+            out[k] = _thaw(v)
+    return out
+
+
+# ELPV at the scale the default profile had up to v0.4 (hours on 2 cores: its v0.4 renders took 41 min for
+# notebook 04 and 31 min for 05): 3 seeds for the RoDA ablations, 5 for DPDL, every named RoDA variant;
+# its tables are the ELPV tables the README discusses
+_ELPV = dict(
+    tasks=("elpv",),
+    patchcore=dict(coreset_ratio=0.01, max_bank=2000, max_train=120, max_test=150, batch_size=16),
+    roda=dict(epochs=3),
+    figures=dict(qualitative_rows=2),
+    # notebook 08 on ELPV illustrates the diagnosis (one seed, two corruptions: about a quarter of an
+    # hour); the per-lead grid with 3 seeds and 4 corruptions belongs to the real profile
+    ablation=dict(seeds=(0, 1, 2), corruptions=("gaussian_noise", "brightness"), severities=(1, 3, 5),
+                  eps_grid=(0.02, 0.2), epochs_grid=(1, 5), lr_grid=(0.001,),
+                  choice_corruptions=("gaussian_noise",), extra_corruptions=True, table5_schedule="steps",
+                  diagnosis=dict(corruptions=("gaussian_noise", "brightness"), seeds=(0,),
+                                 curve_corruptions=("gaussian_noise",))),
+    # the paper's 50 x 20 schedule (batch 48) is cut to 10 x 20 (batch 48) on a frozen backbone;
+    # ELPV capped at 300 training normals and 400 test images so the cached maps take minutes; the hard
+    # setting (mono / poly) runs at M = 10 with 3 seeds (the real profile: 5), the ablations with 3 seeds
+    dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), image_size=224, epochs=10, iterations=20, batch_size=48,
+              max_train=300, max_test=400, hard=True, hard_n_anomalies=(10,), hard_seeds=(0, 1, 2),
+              ablation_seeds=(0, 1, 2), sensitivity_seeds=(0, 1),
+              sensitivity=dict(dpl_weight=(0.1, 1.0), dpl_margin=(0.3, 3.0))),
+)
+
+
 PROFILES = {
     "smoke": dict(
         tasks=("synthetic",),
@@ -125,26 +176,15 @@ PROFILES = {
                   pseudo_variants=1, rotation_variants=1,
                   sensitivity=dict(n_prototypes=(2, 4), eps=(1e-3, 1e-2), kappa=(1.0, 10.0), lam=(0.01, 0.1))),
     ),
-    "default": dict(
-        tasks=("elpv",),
-        patchcore=dict(coreset_ratio=0.01, max_bank=2000, max_train=120, max_test=150, batch_size=16),
-        roda=dict(epochs=3),
-        figures=dict(qualitative_rows=2),
-        # notebook 08 on ELPV illustrates the diagnosis (one seed, two corruptions: about a quarter of an
-        # hour); the per-lead grid with 3 seeds and 4 corruptions belongs to the real profile
-        ablation=dict(seeds=(0, 1, 2), corruptions=("gaussian_noise", "brightness"), severities=(1, 3, 5),
-                      eps_grid=(0.02, 0.2), epochs_grid=(1, 5), lr_grid=(0.001,),
-                      choice_corruptions=("gaussian_noise",), extra_corruptions=True, table5_schedule="steps",
-                      diagnosis=dict(corruptions=("gaussian_noise", "brightness"), seeds=(0,),
-                                     curve_corruptions=("gaussian_noise",))),
-        # the paper's 50 x 20 schedule (batch 48) is cut to 10 x 20 (batch 48) on a frozen backbone;
-        # ELPV capped at 300 training normals and 400 test images so the cached maps take minutes; the hard
-        # setting (mono / poly) runs at M = 10 with 3 seeds (the real profile: 5), the ablations with 3 seeds
-        dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), image_size=224, epochs=10, iterations=20, batch_size=48,
-                  max_train=300, max_test=400, hard=True, hard_n_anomalies=(10,), hard_seeds=(0, 1, 2),
-                  ablation_seeds=(0, 1, 2), sensitivity_seeds=(0, 1),
-                  sensitivity=dict(dpl_weight=(0.1, 1.0), dpl_margin=(0.3, 3.0))),
-    ),
+    # the main job (`make run`): every notebook on ELPV in under 20 minutes on 2 CPU cores: sizes of 01/02/07 as
+    # in `elpv`, RoDA 2 epochs, three of the named variants, one seed for the grids, DPDL 2 seeds at 5 x 20
+    "default": _merge(_ELPV, dict(
+        roda=dict(epochs=2, variants={k: _BASE["roda"]["variants"][k]
+                                      for k in ("adabn_matched", "roda_robust", "roda_robust_matched")}),
+        ablation=dict(seeds=(0,), severities=(1, 5), epochs_grid=(1, 3), lr_grid=(), extra_corruptions=False,
+                      diagnosis=dict(corruptions=("gaussian_noise",), curve_epochs=3)),
+        dpdl=dict(seeds=(0, 1), epochs=5, hard_seeds=(0,), ablation_seeds=(0,), sensitivity_seeds=(0,)))),
+    "elpv": _ELPV,
     "real": dict(
         data_root=str(SHARED_DATA),
         tasks=("mvtec/screw", "mvtec/bottle", "mvtec/tire", "ksdd"),
@@ -175,8 +215,6 @@ PROFILES = {
 
 OVERRIDES_ENV = "REPRO_PROFILE_OVERRIDES"
 
-#: a dict-valued setting that an override replaces as a whole (its keys are free, not settings)
-FREE_DICTS = ("geometry", "roda.variants", "dpdl.sensitivity", "dpdl.dpdl_kwargs")
 
 #: settings whose ``None`` means "the value of another setting" (filled in by :func:`get_profile`)
 DERIVED = {
@@ -190,28 +228,6 @@ DERIVED = {
 }
 
 
-def parse_assignments(items) -> dict:
-    """``["roda.epochs=5", "roda.variants={}"]`` -> nested dict; values are read as JSON when they parse
-    (``5``, ``0.1``, ``true``, ``null``, ``[0, 1]``, ``{}``), else kept as text (``roda.rule=and``)."""
-    out: dict = {}
-    for item in items or ():
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise SettingsError(f"--set takes KEY=VALUE (e.g. roda.epochs=5), got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise SettingsError(f"--set {item!r}: {part} was already given a value, not a section")
-        node[leaf] = value
-    return out
-
-
 def env_overrides() -> dict:
     """Overrides handed to notebook kernels by ``scripts/run_notebooks.py --set`` (a JSON dict)."""
     raw = os.environ.get(OVERRIDES_ENV)
@@ -223,15 +239,6 @@ def _freeze(value):
         return Section({k: _freeze(v) for k, v in value.items()})
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
-    return value
-
-
-def _thaw(value):
-    """Plain dicts and lists (for JSON and for callers that want a mutable copy)."""
-    if isinstance(value, dict):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_thaw(v) for v in value]
     return value
 
 
@@ -299,19 +306,6 @@ def _undot(changes: dict) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return out
-
-
-def _merge(base: dict, over: dict, prefix: str = "") -> dict:
-    """``base`` with ``over`` applied: sections merge key by key, every other value (``None`` and the
-    free dicts of :data:`FREE_DICTS` included) replaces the old one. Returns plain dicts."""
-    out = _thaw(base)
-    for k, v in (over or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and key not in FREE_DICTS:
-            out[k] = _merge(out[k], v, prefix=f"{key}.")
-        else:
-            out[k] = _thaw(v)
     return out
 
 

@@ -423,7 +423,7 @@ def first_batch_diagnostics(cfg, model, task, corruption, specs: dict, seed: int
     kept and, where masks exist, the share of anomalous vs. normal target patches kept (masks are read to
     report, never to choose)."""
     from .adaptation import resolve_loss_options
-    from .sinkhorn import entries_per_row
+    from .eps_calibration import entries_per_row
 
     severity = cfg["corruption"]["severity"]
     a_split, _ = target_split(task, cfg["corruption"]["adapt_fraction"], seed)

@@ -314,3 +314,25 @@ def unknown_key_message(key: str, known) -> str:
         return f"{key}: unknown setting; did you mean {' or '.join(close)}?"
     sections = sorted({k.split(".", 1)[0] for k in known})
     return f"{key}: unknown setting; the known settings start with one of {', '.join(sections)}"
+
+
+def parse_assignments(items) -> dict:
+    """``["roda.epochs=5", "roda.variants={}"]`` -> nested dict; values are read as JSON when they parse
+    (``5``, ``0.1``, ``true``, ``null``, ``[0, 1]``, ``{}``), else kept as text (``roda.rule=and``)."""
+    out: dict = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"--set takes KEY=VALUE (e.g. roda.epochs=5), got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SettingsError(f"--set {item!r}: {part} was already given a value, not a section")
+        node[leaf] = value
+    return out

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     import nbformat
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="default", choices=["smoke", "default", "real", "full"])
+    ap.add_argument("--profile", default="default", choices=run_notebooks.PROFILE_NAMES)
     ap.add_argument("--only", nargs="*", help="two-digit notebook numbers (default: all)")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--categories", default=None)

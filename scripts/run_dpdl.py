@@ -3,11 +3,11 @@ real-data DPDL measurements quoted in the README (``results/real/05_new_*.csv``)
 
     OMP_NUM_THREADS=1 python scripts/run_dpdl.py TASK OUT_PREFIX SEEDS M_VALUES METHODS [EPOCHS] [SETTING]
 
-e.g. ``scripts/run_dpdl.py elpv results/default/05_pilot 0 10 dpdl,dra,"w/o DPL"``;
+e.g. ``scripts/run_dpdl.py elpv results/elpv/05_pilot 0 10 dpdl,dra,"w/o DPL"``;
 ``scripts/run_dpdl.py --merge OUT.csv A_runs.csv B_runs.csv ...`` concatenates runs files into one table. With ``TAIL=1
 TAIL_LAYER=features.18`` every method fine-tunes that backbone block on cached ``TAIL_INPUT`` (default
 ``features.17``) activations. Method names: any of
-lib.openset_baselines.METHODS, or the DPDL variants below. Settings are the profile's (``default`` for elpv,
+lib.openset_baselines.METHODS, or the DPDL variants below. Settings are the profile's (``elpv`` for elpv,
 ``real`` otherwise; ``PROFILE=real`` for the uncapped ELPV) unless given.
 """
 
@@ -32,7 +32,7 @@ VARIANTS = {"w/o DPL": dict(use_dpl=False), "w/o DFL": dict(use_dfl=False), "M_r
 
 def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="general"):
     torch.set_num_threads(1)
-    cfg = profiles.get_profile(os.environ.get("PROFILE") or ("default" if task_name == "elpv" else "real"))
+    cfg = profiles.get_profile(os.environ.get("PROFILE") or ("elpv" if task_name == "elpv" else "real"))
     dp = cfg.dpdl
     seeds = [int(s) for s in seeds.split(",")]
     m_values = [int(m) for m in m_values.split(",")]

@@ -23,6 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
+#: the profiles of lib/profiles.py (kept equal by tests/test_inputs.py; the script parses its arguments before
+#: it imports lib)
+PROFILE_NAMES = ("smoke", "default", "elpv", "real", "full")
 
 
 def notebooks(only=None) -> list[Path]:
@@ -56,8 +59,8 @@ def check_arguments(ap: argparse.ArgumentParser, args) -> None:
     through the environment), the resolved profile (keys, types, ranges), ``--data-root``, and that every
     output folder is writable. Problems end the run here with an argparse error (exit code 2)."""
     sys.path.insert(0, str(REPO))
-    from lib.profiles import OVERRIDES_ENV, get_profile, parse_assignments
-    from lib.settings import SettingsError
+    from lib.profiles import OVERRIDES_ENV, get_profile
+    from lib.settings import SettingsError, parse_assignments
     from lib.utils import OutputError, ensure_writable
 
     try:
@@ -75,7 +78,7 @@ def check_arguments(ap: argparse.ArgumentParser, args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="default", choices=["smoke", "default", "real", "full"])
+    ap.add_argument("--profile", default="default", choices=PROFILE_NAMES)
     ap.add_argument("--only", nargs="*", help="two-digit notebook numbers to run (default: all)")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--categories", default=None, help="comma-separated, e.g. screw,bottle or ksdd")

@@ -28,8 +28,6 @@ GOLDEN = REPO / "tests" / "golden" / "smoke"
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
-#: wall-clock columns that write_csv keeps in the table (``seconds`` / ``*_seconds`` go to ``*_timings.csv``)
-DPDL_TIMES = ("train_s", "score_s")
 RTOL, ATOL = 1e-3, 1e-6
 
 
@@ -47,7 +45,7 @@ def compare(ours: Path, golden: Path) -> tuple[str, str]:
     if ours.read_bytes() == golden.read_bytes():
         return "identical", ""
     a, b = pd.read_csv(ours), pd.read_csv(golden)
-    a, b = (df.drop(columns=[c for c in df.columns if is_timing_column(c) or c in DPDL_TIMES]) for df in (a, b))
+    a, b = (df.drop(columns=[c for c in df.columns if is_timing_column(c)]) for df in (a, b))
     if list(a.columns) != list(b.columns) or a.shape != b.shape:
         return "different", f"columns/shape {list(a.columns)} {a.shape} vs {list(b.columns)} {b.shape}"
     worst = 0.0

@@ -23,6 +23,7 @@ from lib.data import (
     load_task,
     preprocess,
 )
+from lib.settings import parse_assignments
 from lib.synthetic import make_synthetic_mvtec
 from lib.utils import OutputError, write_csv
 
@@ -37,7 +38,7 @@ SettingsError = profiles.SettingsError
 def env_set(monkeypatch):
     """``--set`` as run_notebooks hands it to a kernel."""
     def apply(*items):
-        monkeypatch.setenv(profiles.OVERRIDES_ENV, json.dumps(profiles.parse_assignments(items)))
+        monkeypatch.setenv(profiles.OVERRIDES_ENV, json.dumps(parse_assignments(items)))
     monkeypatch.delenv(profiles.OVERRIDES_ENV, raising=False)
     return apply
 
@@ -126,6 +127,10 @@ def test_resolved_configuration_is_saved_next_to_the_results(tmp_path, env_set):
     env_set("patchcore.coreset_ratio=0.3")
     with pytest.warns(UserWarning, match="patchcore.coreset_ratio"):
         profiles.get_profile("smoke", device="cpu", out_dir=tmp_path)
+
+
+def test_the_runner_offers_every_profile():
+    assert set(run_notebooks.PROFILE_NAMES) == set(profiles.PROFILES)
 
 
 def test_run_notebooks_refuses_bad_settings_before_any_kernel(tmp_path, monkeypatch, capsys):

@@ -30,8 +30,8 @@ MAX_LINES = 500
 LAYERS = {
     "base": ("utils", "data", "synthetic", "corruptions", "backbones", "metrics", "registry", "cache", "download",
              "folders", "openset", "backbone_registry", "weight_ports"),
-    "algorithms": ("patchcore", "transport", "sinkhorn", "alignment", "bn_stats", "adaptation", "stream", "dpdl",
-                   "prototypes",
+    "algorithms": ("patchcore", "transport", "sinkhorn", "eps_calibration", "alignment", "bn_stats", "adaptation",
+                   "stream", "dpdl", "prototypes",
                    "openset_training", "openset_maps", "openset_baselines"),
     "runners": ("pipeline", "roda_runner", "openset_runner", "line", "grid", "cli"),
     "reporting": ("figures", "claims", "fidelity"),

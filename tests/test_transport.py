@@ -414,7 +414,7 @@ def test_semi_relaxed_gives_planted_outliers_little_mass():
     C = pairwise_cost(target, bank)
     rho = float(C.min(1).values[~outlier].std())
     eps = tr.calibrate_eps(C, 8.0) if hasattr(tr, "calibrate_eps") else None
-    from lib.sinkhorn import calibrate_eps
+    from lib.eps_calibration import calibrate_eps
     eps = calibrate_eps(C, 8.0)
     P, info = tr.sinkhorn(C, eps, method="semi_relaxed", rho=rho, tol=1e-9, max_iter=20000)
     row = P.sum(1) * C.shape[0]  # row mass relative to the uniform 1/N
@@ -432,7 +432,7 @@ def test_semi_relaxed_gives_planted_outliers_little_mass():
 
 
 def test_calibrated_eps_gives_a_peaked_plan_and_mean_scaled_eps_does_not():
-    from lib.sinkhorn import calibrate_eps, entries_per_row
+    from lib.eps_calibration import calibrate_eps, entries_per_row
 
     target, bank, _ = _planted(n_out=0, d=32)
     C = pairwise_cost(target, bank)
@@ -446,7 +446,7 @@ def test_calibrated_eps_gives_a_peaked_plan_and_mean_scaled_eps_does_not():
 
 
 def test_calibrate_eps_errors_name_the_fix():
-    from lib.sinkhorn import calibrate_eps
+    from lib.eps_calibration import calibrate_eps
 
     C = pairwise_cost(*_problem(30, 10, seed=11))
     with pytest.raises(ValueError, match="between 1 and the bank size"):
