@@ -496,3 +496,49 @@ def test_column_argmax_matches_torch_with_ties_to_the_first_row():
     x = torch.randint(0, 3, (2500, 37), generator=g).float()  # many ties, across blocks
     first = torch.stack([torch.nonzero(col == col.max())[0, 0] for col in x.T])
     assert torch.equal(column_argmax(x, chunk=100), first)
+
+
+def test_all_finite_agrees_with_isfinite():
+    from lib.utils import all_finite
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 70, generator=g)
+    assert all_finite(x) and all_finite(torch.empty(0)) and all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[123, 45] = bad
+        assert not all_finite(y) and all_finite(y) == bool(torch.isfinite(y).all())
+
+
+def test_plans_do_not_share_the_reused_scratch():
+    """Sinkhorn and the RoDA loss reuse one scratch buffer per name across calls: a returned plan must not
+    live in it (a later call would overwrite it), and repeated calls give the same answer."""
+    from lib.alignment import roda_loss
+    from lib.utils import scratch
+
+    a1 = scratch("test.buffer", (4, 5))
+    a2 = scratch("test.buffer", (2, 3))
+    assert a1.data_ptr() == a2.data_ptr() and scratch("test.other", (4, 5)).data_ptr() != a1.data_ptr()
+    x, y = _problem(60, 40, seed=3)
+    C1, C2 = pairwise_cost(x, y), pairwise_cost(x.flip(0), y)
+    P1, _ = sinkhorn_log(C1, 0.1)
+    kept = P1.clone()
+    sinkhorn_log(C2, 0.1, overwrite=True)
+    assert torch.equal(P1, kept)
+    loss1, info1 = roda_loss(x, y, return_plan=True)
+    plan = info1["plan"].clone()
+    roda_loss(x.flip(0) + 1.0, y)
+    assert torch.equal(info1["plan"], plan)
+    loss2, info2 = roda_loss(x, y)
+    assert torch.equal(loss1, loss2) and info1["n_pairs"] == info2["n_pairs"]
+
+
+def test_pairwise_cost_into_a_buffer_equals_the_plain_cost():
+    x, y = _problem(50, 30, seed=4)
+    out = torch.empty(50, 30, dtype=x.dtype)
+    for kind in ("l2", "sqeuclidean"):
+        got = pairwise_cost(x, y, kind, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(got, pairwise_cost(x, y, kind))
+    with pytest.raises(ValueError, match="out="):
+        pairwise_cost(x, y, "cosine", out=out)
