@@ -117,10 +117,9 @@ def library_step(model, bank, images, optimizer, generator, state: dict) -> int:
     return info["sinkhorn_iters"]
 
 
-def run_library(args):
-    """Seconds per library step (``--repeats`` steps after one warm-up, seeded deterministic mode as in every
-    run of the project) and the Sinkhorn iterations of each step."""
-    seed_everything(0)
+def setup(args):
+    """The network with trainable BatchNorm affine parameters, the target images, a random bank of clean patch
+    features of the same category, and the SGD optimiser of the RoDA runs."""
     ext = backbones.load_backbone("mobilenet_v2")
     model = PatchCore(ext, device="cpu")
     images, train = images_for(args)
@@ -128,8 +127,15 @@ def run_library(args):
         feats = model.embed(train).reshape(-1, model.target_dim)
     g = torch.Generator().manual_seed(1)
     bank = feats[torch.randperm(feats.shape[0], generator=g)[: args.bank]].contiguous()
-    params = ext.set_bn_affine_trainable(True)
-    opt = torch.optim.SGD(params, lr=0.003, momentum=0.9)
+    opt = torch.optim.SGD(ext.set_bn_affine_trainable(True), lr=0.003, momentum=0.9)
+    return ext, model, images, bank, opt
+
+
+def run_library(args):
+    """Seconds per library step (``--repeats`` steps after one warm-up, seeded deterministic mode as in every
+    run of the project) and the Sinkhorn iterations of each step."""
+    seed_everything(0)
+    ext, model, images, bank, opt = setup(args)
     generator = torch.Generator().manual_seed(0)
     state: dict = {}
     batches = images.split(args.images)  # the loop cycles through the target split's batches, as adapt does
@@ -145,16 +151,8 @@ def run_library(args):
 
 def run(args, legacy: bool):
     torch.manual_seed(0)
-    ext = backbones.load_backbone("mobilenet_v2")
-    model = PatchCore(ext, device="cpu")
-    images, train = images_for(args)
+    ext, model, images, bank, opt = setup(args)
     images = images[: args.images]
-    with torch.no_grad():
-        feats = model.embed(train).reshape(-1, model.target_dim)
-    g = torch.Generator().manual_seed(1)
-    bank = feats[torch.randperm(feats.shape[0], generator=g)[: args.bank]].contiguous()
-    params = ext.set_bn_affine_trainable(True)
-    opt = torch.optim.SGD(params, lr=0.003, momentum=0.9)
     state: dict = {}
     step(model, bank, images, opt, {}, args.eps, legacy, state)  # warm-up
     times: dict = {}
