@@ -189,8 +189,7 @@ def sinkhorn_absorb(p: _Problem, alpha, tau: float = 1e3, beta=None):
     else:
         alpha, beta, _ = p.log_step(alpha, kernel=True)  # iteration 1 in the log domain
         n, n_log = 1, 1
-    K = u = v = ra = None
-    fresh = True  # p.work holds the kernel of (alpha, beta)
+    K = u = v = ra = None  # until the first absorption (n_absorb == 0) p.work holds the kernel of (alpha, beta)
     log_until = 0  # after a detected underflow, stay in log steps until this iteration
     log_tau = math.log(tau)
     while True:
@@ -211,8 +210,7 @@ def sinkhorn_absorb(p: _Problem, alpha, tau: float = 1e3, beta=None):
             n_log += 1
             continue
         if K is None:
-            K = p.work if fresh else _kernel(p.Mr, alpha, beta, p.work)
-            fresh = False
+            K = p.work if n_absorb == 0 else _kernel(p.Mr, alpha, beta, p.work)
             u, v = torch.ones_like(alpha), torch.ones_like(beta)
             ra = p.a if p.phi == 1.0 else torch.exp(p.phi * p.loga + (p.phi - 1.0) * alpha)
             rb = p.b if p.phi_b == 1.0 else torch.exp(p.phi_b * p.logb + (p.phi_b - 1.0) * beta)

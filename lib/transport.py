@@ -100,7 +100,7 @@ def pairwise_cost(x: torch.Tensor, y: torch.Tensor, kind: str = "l2", chunk: int
         # + target norms, clamp, sqrt)
         xx, yy = (x * x).sum(-1, keepdim=True), (y * y).sum(-1).unsqueeze(-2)
         if x.dim() == 2 and y.dim() == 2:
-            d2 = torch.addmm(yy, x, y.T, alpha=-2.0, **({} if out is None else {"out": out}))
+            d2 = torch.addmm(yy, x, y.T, alpha=-2.0, out=out)
         else:
             d2 = torch.matmul(x, y.transpose(-1, -2)).mul_(-2.0).add_(yy)
         d2.add_(xx).clamp_min_(0.0)

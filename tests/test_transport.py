@@ -413,7 +413,6 @@ def test_semi_relaxed_gives_planted_outliers_little_mass():
     target, bank, outlier = _planted()
     C = pairwise_cost(target, bank)
     rho = float(C.min(1).values[~outlier].std())
-    eps = tr.calibrate_eps(C, 8.0) if hasattr(tr, "calibrate_eps") else None
     from lib.eps_calibration import calibrate_eps
     eps = calibrate_eps(C, 8.0)
     P, info = tr.sinkhorn(C, eps, method="semi_relaxed", rho=rho, tol=1e-9, max_iter=20000)
