@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Regenerate the README's result tables from the CSVs they come from, or check that they are current.
+"""Regenerate the README's result tables and prose numbers from the CSVs they come from, or check that they are
+current.
 
 A table in the README sits between two markers; the first names the CSV (relative to the README's folder)
 and how to show it, options separated by ``|``::
@@ -24,6 +25,20 @@ Options (all optional):
   ``col`` (in the order of its ``where`` list, else of appearance), each cell ``mean ± std (n)`` with ``n``
   the group's row count when ``count`` is set.
 
+A number in prose sits between two inline markers on one line; the first names the CSV, the rows
+(``where=``, as above), the column and how the rows reduce to one number::
+
+    PatchCore falls to <!-- value: results/real/02_patchcore.csv | where=condition:contrast | column=pixel_auroc
+    | agg=mean | percent=pixel_auroc | digits=1 -->72.9<!-- /value --> under contrast
+
+- ``column=name`` (required): the column read; ``agg=``: ``mean`` (default), ``std`` (ddof 1), ``min``, ``max``,
+  ``median``, ``sum``, ``count``, ``only`` (the rows must hold exactly one value: an error otherwise), or
+  ``pm`` (``mean ± std``); ``percent=name`` and ``digits=N`` as for tables; ``sign=1`` prints ``+`` before a
+  positive number; ``absolute=1`` prints its absolute value (for prose that says "below" or "lost");
+  ``minus=col:value`` subtracts the same number computed with ``where=col:value`` in place of the marker's
+  own ``where`` on ``col`` (a difference such as "RoDA minus PatchCore": ``where=method:roda |
+  minus=method:patchcore``).
+
 ``python scripts/render_readme.py`` rewrites the README in place (atomically); ``--check`` writes nothing and
 exits 1 naming each table that differs from its CSV (for the test command). A missing CSV or column is an
 error naming the marker's line.
@@ -42,14 +57,18 @@ import pandas as pd
 
 START = re.compile(r"<!--\s*table:\s*(?P<spec>.*?)\s*-->", re.S)
 END = "<!-- /table -->"
+VALUE = re.compile(r"<!--\s*value:\s*(?P<spec>[^>]*?)\s*-->(?P<body>[^<\n]*)<!-- /value -->")
+TABLE_KEYS = ("columns", "where", "by", "count", "percent", "digits", "sort", "rename", "pivot")
+VALUE_KEYS = ("where", "column", "agg", "percent", "digits", "sign", "absolute", "minus")
+AGGREGATES = ("mean", "std", "min", "max", "median", "sum", "count", "only", "pm")
 
 
 class ReadmeError(ValueError):
     pass
 
 
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """(csv path, options) of a marker's text ``path | key=value | ...``."""
+def parse_spec(spec: str, keys=TABLE_KEYS) -> tuple[str, dict]:
+    """(csv path, options) of a marker's text ``path | key=value | ...`` (``keys``: the options allowed)."""
     parts = [p.strip() for p in " ".join(spec.split()).split("|")]
     path, options = parts[0], {"where": []}
     for part in parts[1:]:
@@ -57,16 +76,18 @@ def parse_spec(spec: str) -> tuple[str, dict]:
             continue
         key, sep, value = part.partition("=")
         key = key.strip()
-        if not sep or key not in ("columns", "where", "by", "count", "percent", "digits", "sort", "rename", "pivot"):
-            raise ReadmeError(f"bad option {part!r}: use columns=, where=, by=, count=, percent=, digits=, sort=, "
-                              "rename=, pivot=")
+        if not sep or key not in keys:
+            raise ReadmeError(f"bad option {part!r}: use " + ", ".join(f"{k}=" for k in keys))
         if key == "where":
             column, _, values = value.partition(":")
             options["where"].append((column.strip(), [v.strip() for v in values.split(",")]))
-        elif key in ("count", "pivot"):
+        elif key in ("count", "pivot", "column", "agg"):
             options[key] = value.strip()
-        elif key == "digits":
-            options["digits"] = int(value)
+        elif key == "minus":
+            column, _, other = value.partition(":")
+            options["minus"] = (column.strip(), other.strip())
+        elif key in ("digits", "sign", "absolute"):
+            options[key] = int(value)
         elif key == "rename":
             pairs = [p.split(":", 1) for p in value.split(",") if ":" in p]
             options["rename"] = {old.strip(): new.strip() for old, new in pairs}
@@ -128,6 +149,57 @@ def render_table(df: pd.DataFrame, options: dict) -> str:
     return "\n".join(lines)
 
 
+def render_value(df: pd.DataFrame, options: dict) -> str:
+    """One number of ``df`` reduced by ``options`` (module docstring: inline markers)."""
+    agg, digits = options.get("agg", "mean"), options.get("digits", 2)
+    if options.get("minus"):
+        if agg not in ("mean", "median", "min", "max", "sum", "only"):
+            raise ReadmeError(f"minus= needs one number per side: agg={agg} is not allowed with it")
+        name, other = options["minus"]
+        where = [(c, v) for c, v in options.get("where", []) if c != name]
+        x = _reduce(df, options) - _reduce(df, dict(options, where=where + [(name, [other])]))
+    else:
+        x = _reduce(df, options)
+    if isinstance(x, str):
+        return x
+    if options.get("absolute"):
+        x = abs(x)
+    text = f"{x:.{digits}f}"
+    return f"+{text}" if options.get("sign") and x > 0 else text
+
+
+def _reduce(df: pd.DataFrame, options: dict):
+    """The marker's rows of ``df`` reduced to a float (or the finished text of ``count`` and ``pm``)."""
+    column, agg, digits = options.get("column"), options.get("agg", "mean"), options.get("digits", 2)
+    if not column:
+        raise ReadmeError("a value marker needs column=NAME")
+    if agg not in AGGREGATES:
+        raise ReadmeError(f"agg={agg!r}: use one of {', '.join(AGGREGATES)}")
+    if column not in df.columns:
+        raise ReadmeError(f"no column {column!r}; the CSV has {list(df.columns)}")
+    for name, values in options.get("where", []):
+        if name not in df.columns:
+            raise ReadmeError(f"where: no column {name!r}; the CSV has {list(df.columns)}")
+        df = df[df[name].astype(str).isin(values)]
+    v = pd.to_numeric(df[column], errors="coerce").dropna()
+    if agg == "count":
+        return str(len(v))
+    if v.empty:
+        raise ReadmeError(f"no number in column {column!r} of the rows selected by where=: check the filters")
+    if agg == "only" and len(v) != 1:
+        raise ReadmeError(f"agg=only but {len(v)} rows match: narrow where= or choose another agg")
+    if column in options.get("percent", []):
+        v = v.astype(float) * 100
+    if agg == "pm":
+        std = v.std(ddof=1) if len(v) > 1 else 0.0
+        return f"{v.mean():.{digits}f} ± {std:.{digits}f}"
+    if agg == "std":
+        return float(v.std(ddof=1))
+    if agg == "only":
+        return float(v.iloc[0])
+    return float(getattr(v, agg)())
+
+
 def _pivot(df: pd.DataFrame, options: dict, columns: list, count) -> tuple[pd.DataFrame, list]:
     """The grouped ``df`` with one column per value of ``options["pivot"]`` (module docstring)."""
     pivot, by = options["pivot"], options.get("by") or []
@@ -140,6 +212,8 @@ def _pivot(df: pd.DataFrame, options: dict, columns: list, count) -> tuple[pd.Da
     if count:
         cell = cell + " (" + df[count].astype(str) + ")"
     wide = df.assign(_cell=cell).pivot(index=index, columns=pivot, values="_cell")
+    rows = list(dict.fromkeys(map(tuple, df[index].to_numpy().tolist())))  # rows in order of appearance
+    wide = wide.reindex(pd.MultiIndex.from_tuples(rows, names=index) if len(index) > 1 else [r[0] for r in rows])
     wide = wide.reindex(columns=[o for o in order if o in wide.columns]).fillna("").reset_index()
     wide.columns.name = None
     return wide, list(wide.columns)
@@ -169,7 +243,30 @@ def render(text: str, root: Path) -> tuple[str, list[str]]:
         out += [text[pos:match.end()], new]
         pos = end
     out.append(text[pos:])
-    return "".join(out), changed
+    return _render_values("".join(out), root, changed)
+
+
+def _render_values(text: str, root: Path, changed: list) -> tuple[str, list[str]]:
+    """Every inline value marker of ``text`` regenerated (module docstring); appends to ``changed``."""
+    frames = {}
+
+    def one(match):
+        line = text.count("\n", 0, match.start()) + 1
+        path, options = parse_spec(match.group("spec"), VALUE_KEYS)
+        csv = root / path
+        if not csv.is_file():
+            raise ReadmeError(f"line {line}: {csv} does not exist (run the notebook that writes it)")
+        if path not in frames:
+            frames[path] = pd.read_csv(csv)
+        try:
+            value = render_value(frames[path], options)
+        except ReadmeError as err:
+            raise ReadmeError(f"line {line} ({path}): {err}") from None
+        if match.group("body") != value:
+            changed.append(f"line {line}: value from {path}")
+        return match.group(0)[: match.start("body") - match.start()] + value + "<!-- /value -->"
+
+    return VALUE.sub(one, text), changed
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -196,13 +293,13 @@ def main(argv=None) -> int:
         return 2
     if args.check:
         for item in changed:
-            print(f"{readme}: table out of date, {item}", file=sys.stderr)
+            print(f"{readme}: out of date, {item}", file=sys.stderr)
         if changed:
             print("run: python scripts/render_readme.py", file=sys.stderr)
         return 1 if changed else 0
     if changed:
         _write_atomic(readme, text)
-    print(f"{readme}: {len(changed)} table(s) regenerated")
+    print(f"{readme}: {len(changed)} table(s) or value(s) regenerated")
     return 0
 
 

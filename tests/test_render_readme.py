@@ -91,3 +91,52 @@ def test_the_readme_tables_match_their_csvs():
     """Numbers in the README's marked tables are read from the CSVs: rerun scripts/render_readme.py after a run."""
     repo = Path(__file__).resolve().parent.parent
     assert rr.main(["--check", str(repo / "README.md")]) == 0
+
+
+def test_inline_values_are_read_from_the_csv(readme):
+    text = ("A <!-- value: results/x.csv | where=method:a | column=auroc | percent=auroc | digits=1 -->0<!-- /value -->, "
+            "B <!-- value: results/x.csv | where=method:a | column=auroc | agg=pm | percent=auroc | digits=1 -->?"
+            "<!-- /value -->, n <!-- value: results/x.csv | where=method:b,c | column=auroc | agg=count -->9<!-- /value -->"
+            ", d <!-- value: results/x.csv | where=method:c | column=auroc | agg=max | digits=2 | sign=1 -->x"
+            "<!-- /value -->.\n")
+    readme.write_text(readme.read_text() + text)
+    assert rr.main([str(readme)]) == 0
+    out = readme.read_text()
+    assert "-->81.0<!-- /value -->" in out and "-->81.0 ± 1.4<!-- /value -->" in out
+    assert "-->4<!-- /value -->" in out and "-->+0.50<!-- /value -->" in out
+    assert rr.main([str(readme), "--check"]) == 0
+    csv = readme.parent / "results" / "x.csv"
+    df = pd.read_csv(csv)
+    df.loc[df.method == "c", "auroc"] = -0.25
+    df.to_csv(csv, index=False)
+    assert rr.main([str(readme), "--check"]) == 1
+    rr.main([str(readme)])
+    assert "-->-0.25<!-- /value -->" in readme.read_text()
+
+
+def test_inline_value_errors_name_the_fix():
+    df = pd.DataFrame(dict(m=["a", "a", "b"], v=[1.0, 2.0, 3.0]))
+    with pytest.raises(rr.ReadmeError, match="column=NAME"):
+        rr.render_value(df, dict(where=[]))
+    with pytest.raises(rr.ReadmeError, match="2 rows match: narrow where="):
+        rr.render_value(df, dict(column="v", agg="only", where=[("m", ["a"])]))
+    assert rr.render_value(df, dict(column="v", agg="only", where=[("m", ["b"])], digits=0)) == "3"
+    with pytest.raises(rr.ReadmeError, match="check the filters"):
+        rr.render_value(df, dict(column="v", where=[("m", ["z"])]))
+    with pytest.raises(rr.ReadmeError, match="agg="):
+        rr.render_value(df, dict(column="v", agg="avg", where=[]))
+    with pytest.raises(rr.ReadmeError, match="bad option"):
+        rr.parse_spec("a.csv | columns=v", rr.VALUE_KEYS)
+    assert rr.render_value(df, dict(column="v", agg="min", absolute=1, where=[], digits=1)) == "1.0"
+
+
+def test_inline_difference_between_two_row_sets():
+    df = pd.DataFrame(dict(method=["roda", "roda", "pc", "pc"], cond=["n", "b", "n", "b"], v=[0.70, 0.40, 0.55, 0.60]))
+    _, opts = rr.parse_spec("x.csv | where=method:roda | where=cond:n | column=v | agg=only | minus=method:pc "
+                            "| percent=v | digits=1 | sign=1", rr.VALUE_KEYS)
+    assert rr.render_value(df, opts) == "+15.0"
+    _, opts = rr.parse_spec("x.csv | where=method:roda | column=v | minus=method:pc | percent=v | digits=1",
+                            rr.VALUE_KEYS)
+    assert rr.render_value(df, opts) == "-2.5"  # mean 55.0 minus mean 57.5
+    with pytest.raises(rr.ReadmeError, match="not allowed"):
+        rr.render_value(df, dict(opts, agg="count"))
