@@ -94,9 +94,11 @@ def test_the_readme_tables_match_their_csvs():
 
 
 def test_inline_values_are_read_from_the_csv(readme):
-    text = ("A <!-- value: results/x.csv | where=method:a | column=auroc | percent=auroc | digits=1 -->0<!-- /value -->, "
+    text = ("A <!-- value: results/x.csv | where=method:a | column=auroc | percent=auroc | digits=1 -->0"
+            "<!-- /value -->, "
             "B <!-- value: results/x.csv | where=method:a | column=auroc | agg=pm | percent=auroc | digits=1 -->?"
-            "<!-- /value -->, n <!-- value: results/x.csv | where=method:b,c | column=auroc | agg=count -->9<!-- /value -->"
+            "<!-- /value -->, n <!-- value: results/x.csv | where=method:b,c | column=auroc | agg=count -->9"
+            "<!-- /value -->"
             ", d <!-- value: results/x.csv | where=method:c | column=auroc | agg=max | digits=2 | sign=1 -->x"
             "<!-- /value -->.\n")
     readme.write_text(readme.read_text() + text)

@@ -100,3 +100,25 @@ def test_epoch_curve_of_a_task_without_masks_is_numeric_and_plots(tmp_path, monk
     assert not math.isnan(curve.nn_distance.iloc[-1])
     fig = figures.epoch_curves(curve.assign(method="roda"))
     assert sum(ax.axison for ax in fig.axes) == 1
+
+
+def test_slow_variants_are_one_change_away_from_their_parents(tmp_path):
+    """`*_slow` differs from its parent only in the step size (and, for the robust one, the paper's fixed
+    epochs instead of the stop rule); `roda_matched_slow` from the paper's `roda` only in lr and bn_init."""
+    from dataclasses import asdict
+
+    from lib.profiles import SLOW_LR, get_profile
+    from lib.roda_runner import config_for, method_specs
+
+    cfg = get_profile("elpv", out_dir=tmp_path)
+    specs = method_specs(cfg)
+
+    def diff(a, b):
+        x, y = asdict(config_for(cfg, specs[a], 0)), asdict(config_for(cfg, specs[b], 0))
+        return {k: (x[k], y[k]) for k in x if x[k] != y[k]}
+
+    stop = {"rel_tol": 0.01, "min_epochs": 2}
+    assert diff("roda_robust_matched_slow", "roda_robust_matched") == {"lr": (SLOW_LR, 0.003), "stop": (None, stop)}
+    assert diff("roda_matched_slow", "roda") == {"lr": (SLOW_LR, 0.003), "bn_init": ("matched", "source")}
+    assert diff("roda_slow", "roda") == {"lr": (SLOW_LR, 0.003)}
+    assert config_for(cfg, specs["roda_robust_matched_slow"], 0).epochs == cfg["roda"]["epochs"]  # no stop rule
