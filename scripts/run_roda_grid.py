@@ -37,7 +37,9 @@ def main(argv=None):
     p.add_argument("--note", default="")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--summary", default=None,
-                   help="versus-PatchCore table of the whole --out file (default: <out>_vs_patchcore.csv)")
+                   help="versus-reference table of the whole --out file (default: <out>_vs_<reference>.csv)")
+    p.add_argument("--reference", default="patchcore",
+                   help="the method every other is compared with, cell by cell, in the summary (default: patchcore)")
     p.add_argument("--summary-only", action="store_true", help="only (re)write the summary of --out")
     p.add_argument("--curves", action="store_true",
                    help="per-epoch curves instead (lib.roda_runner.epoch_curve, stop rule off, --epochs passes): "
@@ -60,8 +62,8 @@ def main(argv=None):
                              [int(s) for s in args.seeds.split(",")], args.out, history_csv=args.history,
                              bank_seed=None if args.bank_seed < 0 else args.bank_seed, note=args.note)
     out = Path(args.out)
-    summary = Path(args.summary) if args.summary else out.with_name(f"{out.stem}_vs_patchcore.csv")
-    write_csv(roda_runner.versus_reference(pd.read_csv(out), margin=0.05), summary)
+    summary = Path(args.summary) if args.summary else out.with_name(f"{out.stem}_vs_{args.reference}.csv")
+    write_csv(roda_runner.versus_reference(pd.read_csv(out), reference=args.reference, margin=0.05), summary)
     print(f"summary: {summary}")
 
 
