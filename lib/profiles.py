@@ -53,11 +53,9 @@ ROBUST_RODA = dict(method="roda", drop_last=True, stop=dict(rel_tol=0.01, min_ep
                    loss=dict(eps="auto", entries_per_row=8, ot="semi_relaxed", rho="auto", rho_std=1.0,
                              weights="coverage", rule="mass", mass_fraction=0.5))
 
-#: the step size of the ``*_slow`` variants: a tenth of the paper's SGD lr 0.003 (set for WRN-50 features).
-#: At 0.003 the objective being descended, the adaptation batches' mean nearest-bank distance, *rose* between
-#: epochs in 35 of 40 ``roda_robust_matched`` runs of the grid (up to 3x its first-epoch value; which is why
-#: their stop rule fired at epoch 2): the step overshoots. The one value tried, chosen from that unlabeled trace
-#: (docs/choices.md, RoDA section)
+#: lr of the ``*_slow`` variants, a tenth of the paper's 0.003: at 0.003 the objective descended (the batches'
+#: mean nearest-bank distance) rose between epochs in 35 of 40 ``roda_robust_matched`` grid runs, i.e. the step
+#: overshoots. The one value tried, chosen from that unlabeled trace (docs/choices.md, RoDA section)
 SLOW_LR = 0.0003
 
 _BASE = dict(
@@ -88,8 +86,7 @@ _BASE = dict(
                         # alone and before the robust alignment
                         "adabn_matched": dict(method="patchcore", bn_init="matched"),
                         "roda_robust_matched": dict(copy.deepcopy(ROBUST_RODA), bn_init="matched"),
-                        # the same with a tenth of the paper's step and its fixed 10 epochs (no stop rule): the
-                        # alignment then descends its objective smoothly instead of overshooting (SLOW_LR)
+                        # the same at a tenth of the step (SLOW_LR) and the paper's fixed epochs (no stop rule)
                         "roda_robust_matched_slow": dict(copy.deepcopy(ROBUST_RODA), bn_init="matched",
                                                          lr=SLOW_LR, stop=None),
                         # one change at a time from the paper's RoDA: the matched statistics and the small step
