@@ -25,7 +25,7 @@ Options (all optional):
   ``col`` (in the order of its ``where`` list, else of appearance), each cell ``mean ± std (n)`` with ``n``
   the group's row count when ``count`` is set.
 
-A number in prose sits between two inline markers on one line; the first names the CSV, the rows
+A number in prose sits between two inline markers (the number itself on one line); the first names the CSV, the rows
 (``where=``, as above), the column and how the rows reduce to one number::
 
     PatchCore falls to <!-- value: results/real/02_patchcore.csv | where=condition:contrast | column=pixel_auroc
@@ -102,13 +102,19 @@ def _number(value, digits: int) -> str:
     return str(value)
 
 
-def render_table(df: pd.DataFrame, options: dict) -> str:
-    """The Markdown table of ``df`` shaped by ``options`` (see the module docstring)."""
-    digits = options.get("digits", 2)
-    for column, values in options.get("where", []):
+def _select(df: pd.DataFrame, where) -> pd.DataFrame:
+    """The rows of ``df`` whose column ``c`` is one of the values, for every ``(c, values)`` of ``where``."""
+    for column, values in where:
         if column not in df.columns:
             raise ReadmeError(f"where: no column {column!r}; the CSV has {list(df.columns)}")
         df = df[df[column].astype(str).isin(values)]
+    return df
+
+
+def render_table(df: pd.DataFrame, options: dict) -> str:
+    """The Markdown table of ``df`` shaped by ``options`` (see the module docstring)."""
+    digits = options.get("digits", 2)
+    df = _select(df, options.get("where", []))
     columns = options.get("columns") or list(df.columns)
     count = options.get("count") if options.get("by") else None
     missing = [c for c in columns + options.get("by", []) + options.get("percent", []) + options.get("sort", [])
@@ -177,11 +183,7 @@ def _reduce(df: pd.DataFrame, options: dict):
         raise ReadmeError(f"agg={agg!r}: use one of {', '.join(AGGREGATES)}")
     if column not in df.columns:
         raise ReadmeError(f"no column {column!r}; the CSV has {list(df.columns)}")
-    for name, values in options.get("where", []):
-        if name not in df.columns:
-            raise ReadmeError(f"where: no column {name!r}; the CSV has {list(df.columns)}")
-        df = df[df[name].astype(str).isin(values)]
-    v = pd.to_numeric(df[column], errors="coerce").dropna()
+    v = pd.to_numeric(_select(df, options.get("where", []))[column], errors="coerce").dropna()
     if agg == "count":
         return str(len(v))
     if v.empty:

@@ -142,3 +142,9 @@ def test_inline_difference_between_two_row_sets():
     assert rr.render_value(df, opts) == "-2.5"  # mean 55.0 minus mean 57.5
     with pytest.raises(rr.ReadmeError, match="not allowed"):
         rr.render_value(df, dict(opts, agg="count"))
+
+
+def test_pivot_rows_keep_the_order_of_appearance():
+    df = pd.DataFrame(dict(task=["z", "z", "a"], method=["m", "n", "m"], auroc=[0.1, 0.2, 0.3]))
+    _, options = rr.parse_spec("x.csv | columns=task,method,auroc | by=task,method | pivot=method | digits=1")
+    assert [line.split(" | ")[0] for line in rr.render_table(df, options).splitlines()[2:]] == ["| z", "| a"]
