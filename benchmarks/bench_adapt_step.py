@@ -58,9 +58,17 @@ def images_for(args):
             torch.stack([train[i]["image"] for i in range(len(train))]))
 
 
+def sync():
+    """Wait for queued GPU work, so that a wall-clock interval covers it (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, times, key):
+    sync()
     t0 = time.perf_counter()
     out = fn()
+    sync()
     times[key] = times.get(key, 0.0) + time.perf_counter() - t0
     return out
 
@@ -120,9 +128,9 @@ def library_step(model, bank, images, optimizer, generator, state: dict) -> int:
 def setup(args):
     """The network with trainable BatchNorm affine parameters, the target images, a random bank of clean patch
     features of the same category, and the SGD optimiser of the RoDA runs."""
-    ext = backbones.load_backbone("mobilenet_v2")
-    model = PatchCore(ext, device="cpu")
-    images, train = images_for(args)
+    ext = backbones.load_backbone("mobilenet_v2", device=args.device)
+    model = PatchCore(ext, device=args.device)
+    images, train = (t.to(args.device) for t in images_for(args))
     with torch.no_grad():
         feats = model.embed(train).reshape(-1, model.target_dim)
     g = torch.Generator().manual_seed(1)
@@ -142,8 +150,10 @@ def run_library(args):
     library_step(model, bank, batches[0], opt, generator, state)  # warm-up (cold Sinkhorn start)
     seconds, iters = [], []
     for k in range(args.repeats):
+        sync()
         t0 = time.perf_counter()
         iters.append(library_step(model, bank, batches[(k + 1) % len(batches)], opt, generator, state))
+        sync()
         seconds.append(time.perf_counter() - t0)
     ext.set_bn_affine_trainable(False)
     return seconds, iters
@@ -184,11 +194,14 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="an MVTec root (default: random images)")
     p.add_argument("--category", default="screw")
     p.add_argument("--compare", action="store_true", help="also time the cold-start, tol 1e-6 settings")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when present)")
     args = p.parse_args(argv)
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.set_num_threads(args.threads)
     seconds, iters = run_library(args)
     print(f"library step (lib.adaptation.adapt's loop body: {args.images} images + {args.images} augmented views "
-          f"vs {args.bank} bank entries, {args.threads} threads, deterministic mode, warm-started Sinkhorn):")
+          f"vs {args.bank} bank entries, {args.device}, {args.threads} threads, deterministic mode, "
+          "warm-started Sinkhorn):")
     print(f"  {statistics.mean(seconds):.3f} s per step (mean of {args.repeats}; median "
           f"{statistics.median(seconds):.3f}, min {min(seconds):.3f}, max {max(seconds):.3f}); "
           f"Sinkhorn iterations per step {iters}")

@@ -96,6 +96,7 @@ __all__ = [
     "bundled_weights_path",
     "file_sha256",
     "imagenet_class_names",
+    "input_to_tap",
     "load_backbone",
 ]
 
@@ -308,6 +309,47 @@ class FeatureExtractor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, layers={self.layers}, channels={self.channels}, strides={self.strides}"
+
+
+def input_to_tap(extractor: FeatureExtractor, tap: str | None = None, check_size: int = 128) -> nn.Sequential:
+    """The network from its (normalised) input up to and including the extractor's tap ``tap`` (default: its
+    last), as one ``nn.Sequential`` of the model's children, for fine-tuning end to end on cached normalised
+    images (``lib.openset_maps.NormalizedInput``).
+
+    Built by walking the dotted name: the children registered before ``tap``'s ancestor at each level, then that
+    ancestor (descending into it). That is the network only where ``forward`` applies the children in order
+    (every backbone of the table above up to its deep tap), so the result is checked against the extractor's
+    own output on a random ``check_size`` px image, and a network whose forward does more before ``tap`` (an
+    auxiliary head in the path, functional ops between children) is refused. The modules are
+    the extractor's own (no copy): callers that train them copy first (``lib.openset_training.Trunk`` does).
+    """
+    tap = tap or extractor.layers[-1]
+    if tap not in extractor.layers:
+        raise ValueError(f"{tap!r} is not a tap of this extractor ({extractor.layers}): load the backbone with "
+                         f"layers=[{tap!r}]")
+    module, parts, layers = extractor.model, tap.split("."), []
+    for part in parts:
+        children = dict(module.named_children())
+        for name, child in children.items():
+            if name == part:
+                break
+            layers.append(child)
+        module = children[part]
+    layers.append(module)
+    net = nn.Sequential(*layers)
+    x = torch.rand(2, 3, check_size, check_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(extractor.mean.device)
+    with torch.no_grad():
+        want = extractor(x)[extractor.layers.index(tap)]
+        try:
+            got = net(extractor.normalize(x))
+        except RuntimeError:  # a child that expects another input (e.g. a classifier head) sits in between
+            got = None
+    if got is None or got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        raise ValueError(f"{extractor.name}: its forward is not the sequence of its children up to {tap!r}, so "
+                         "it cannot be fine-tuned end to end on cached inputs; fine-tune a later block instead "
+                         "(a tail on cached activations)")
+    return net
 
 
 def load_backbone(name: str, weights=None, layers=None, device="cpu", *, same_padding: bool = True,

@@ -174,7 +174,8 @@ class DPDLNet(OpenSetModel):
         self.head_n = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
         self.head_r = nn.Conv2d(feature_dim * (2 if residual_quadratic else 1), 1, 1)
         self.prototypes: GaussianPrototypes | None = None
-        self.map_size: tuple[int, int] | None = None
+        self.map_size: tuple[int, int] | None = None  # of the trunk's output
+        self.input_size: tuple[int, int] | None = None  # of the cached maps it takes
 
     # -- setup
 
@@ -185,7 +186,9 @@ class DPDLNet(OpenSetModel):
                              f"features (one per image): lower n_prototypes to at most {len(normal_maps)} "
                              "(profile key dpdl.n_prototypes) or add training normals")
         self.trunk.fit_stats(normal_maps)
-        self.map_size = tuple(int(v) for v in normal_maps.shape[-2:])
+        self.input_size = tuple(int(v) for v in normal_maps.shape[-2:])
+        with torch.no_grad():  # the trunk's map size (a fine-tuned tail may change it: images -> stride 32)
+            self.map_size = tuple(int(v) for v in self.trunk(normal_maps[:1].float()).shape[-2:])
         dim = self.feature_dim * self.map_size[0] * self.map_size[1]
         s0 = 1.0 if self.s_init == "data" else float(self.s_init)
         self.prototypes = GaussianPrototypes(self.n_prototypes, dim, self.eps, s0, self.s_min).to(normal_maps.device)
@@ -196,9 +199,9 @@ class DPDLNet(OpenSetModel):
     def _check(self, maps: torch.Tensor) -> None:
         if self.prototypes is None:
             raise RuntimeError("DPDLNet.prepare(normal_maps) must run before training or scoring")
-        if tuple(maps.shape[-2:]) != self.map_size:
-            raise ValueError(f"feature maps are {tuple(maps.shape[-2:])} but the prototypes were built for "
-                             f"{self.map_size}: use one image size for training and testing")
+        if tuple(maps.shape[-2:]) != self.input_size:
+            raise ValueError(f"inputs are {tuple(maps.shape[-2:])} but the prototypes were built for "
+                             f"{self.input_size}: use one image size for training and testing")
 
     def lower_bound(self) -> float:
         """The smallest value :meth:`loss` can take: ``dpl_weight/2 log(2 pi eps s_min) - lam kappa`` (docstring)."""

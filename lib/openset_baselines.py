@@ -238,7 +238,9 @@ def run_split(split: OpenSetSplit, cache: MapCache, method: str = "dpdl", model_
     in_channels = normal.shape[1]
     if (model_kwargs or {}).get("tail") is not None:  # partial fine-tuning: the trunk sees the tail's output
         with torch.no_grad():
-            in_channels = copy.deepcopy(model_kwargs["tail"]).eval()(normal[:1].float()).shape[1]
+            tail = copy.deepcopy(model_kwargs["tail"]).eval()
+            device = next(tail.parameters(), normal).device
+            in_channels = tail(normal[:1].float().to(device)).shape[1]
     model = build_model(method, in_channels, **(model_kwargs or {}))
     pseudo = cache.pseudo_maps(split.train_normal, pseudo_variants) if model.uses_pseudo and pseudo_variants else None
     rotated = cache.rotated_maps(split.train_normal, rotation_variants) if rotation_variants else None

@@ -27,7 +27,8 @@ import torchvision.transforms.functional as TF
 from .data import AnomalyDataset
 from .utils import progress, stable_hash, torch_save
 
-__all__ = ["AUGMENTATIONS", "MapCache", "augment_image", "cutmix_pseudo_anomaly", "random_rotation"]
+__all__ = ["AUGMENTATIONS", "MapCache", "NormalizedInput", "augment_image", "cutmix_pseudo_anomaly",
+           "random_rotation"]
 
 AUGMENTATIONS = ("cutmix", "rotate")
 
@@ -72,6 +73,20 @@ def augment_image(image: torch.Tensor, kind: str, generator: torch.Generator, ma
     if kind == "cutmix":
         image = cutmix_pseudo_anomaly(image, generator)
     return random_rotation(image, generator, max_angle) if max_angle > 0 else image
+
+
+class NormalizedInput(torch.nn.Module):
+    """A stand-in extractor whose one "map" is the normalised image itself, for end-to-end fine-tuning: a
+    :class:`MapCache` over it caches the (augmented) inputs, and the network up to the deep tap
+    (:func:`lib.backbones.input_to_tap`) becomes the trainable tail of :class:`lib.openset_training.Trunk`."""
+
+    def __init__(self, extractor):
+        super().__init__()
+        self.extractor = extractor
+        self.normalization = dict(extractor.normalization, layers=["input"])
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.extractor.normalize(images.to(self.extractor.mean.device)).contiguous()]
 
 
 class MapCache:

@@ -4,9 +4,14 @@ real-data DPDL measurements quoted in the README (``results/real/05_new_*.csv``)
     OMP_NUM_THREADS=1 python scripts/run_dpdl.py TASK OUT_PREFIX SEEDS M_VALUES METHODS [EPOCHS] [SETTING]
 
 e.g. ``scripts/run_dpdl.py elpv results/elpv/05_pilot 0 10 dpdl,dra,"w/o DPL"``;
-``scripts/run_dpdl.py --merge OUT.csv A_runs.csv B_runs.csv ...`` concatenates runs files into one table. With ``TAIL=1
-TAIL_LAYER=features.18`` every method fine-tunes that backbone block on cached ``TAIL_INPUT`` (default
-``features.17``) activations. Method names: any of
+``scripts/run_dpdl.py --merge OUT.csv A_runs.csv B_runs.csv ...`` concatenates runs files into one table;
+``--compare OUT.csv A_runs.csv ...`` joins runs of different configurations (fine-tuning, size, device).
+
+Environment: ``TAIL=1 TAIL_LAYER=features.18`` fine-tunes that backbone block on cached ``TAIL_INPUT``
+(default ``features.17``) activations; ``TAIL=1 TAIL_INPUT=input`` fine-tunes the whole network up to the
+deep tap end to end on cached normalised images; ``DEVICE=cuda`` trains and caches on the GPU; ``THREADS``
+sets the CPU threads (1); ``DATA_ROOT`` replaces the profile's data root; ``IMAGE_SIZE`` overrides the
+profile's ``dpdl.image_size``. Method names: any of
 lib.openset_baselines.METHODS, or the DPDL variants below. Settings are the profile's (``elpv`` for elpv,
 ``real`` otherwise; ``PROFILE=real`` for the uncapped ELPV) unless given.
 """
@@ -17,11 +22,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import backbones, data, dpdl, openset, openset_baselines, profiles
+from lib import backbones, data, dpdl, openset, openset_baselines, openset_maps, profiles
 from lib.utils import write_csv
 
 VARIANTS = {"w/o DPL": dict(use_dpl=False), "w/o DFL": dict(use_dfl=False), "M_r": dict(heads=("r",)),
@@ -31,9 +37,10 @@ VARIANTS = {"w/o DPL": dict(use_dpl=False), "w/o DFL": dict(use_dfl=False), "M_r
 
 
 def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="general"):
-    torch.set_num_threads(1)
-    cfg = profiles.get_profile(os.environ.get("PROFILE") or ("elpv" if task_name == "elpv" else "real"))
-    dp = cfg.dpdl
+    torch.set_num_threads(int(os.environ.get("THREADS", 1)))
+    cfg = profiles.get_profile(os.environ.get("PROFILE") or ("elpv" if task_name == "elpv" else "real"),
+                               data_root=os.environ.get("DATA_ROOT"))
+    dp = dict(cfg.dpdl, image_size=int(os.environ.get("IMAGE_SIZE", cfg.dpdl["image_size"])))
     seeds = [int(s) for s in seeds.split(",")]
     m_values = [int(m) for m in m_values.split(",")]
     task = openset.load_openset_task(task_name, profiles.task_root(cfg, task_name), image_size=dp["image_size"])
@@ -41,14 +48,21 @@ def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="gene
                    test=tuple(data.subsample(task.test, dp.get("max_test"), 0)))
     splits = openset.split_plan(task, (setting,), m_values, seeds)
     deep_tap = backbones.BACKBONES[cfg.backbone].deep_tap
-    # TAIL=1: partial fine-tuning, cache the activations before the last block and train that block
-    tail_name = os.environ.get("TAIL_LAYER") if os.environ.get("TAIL") else None
-    tap = os.environ.get("TAIL_INPUT", "features.17") if tail_name else deep_tap
-    extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, layers=[tap], device="cpu")
-    tail = extractor.model.get_submodule(tail_name) if tail_name else None
+    device = os.environ.get("DEVICE", "cpu")
+    # TAIL=1: partial fine-tuning, cache the activations before the last block and train that block;
+    # TAIL_INPUT=input: end to end, cache the normalised images and train the whole network up to the deep tap
+    end_to_end = bool(os.environ.get("TAIL")) and os.environ.get("TAIL_INPUT") == "input"
+    tail_name = (os.environ.get("TAIL_LAYER") or "features.18") if os.environ.get("TAIL") else None
+    tap = deep_tap if end_to_end or not tail_name else os.environ.get("TAIL_INPUT", "features.17")
+    extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, layers=[tap], device=device)
+    if end_to_end:
+        tail, tap = backbones.input_to_tap(extractor), "input"
+        extractor = openset_maps.NormalizedInput(extractor)
+    else:
+        tail = extractor.model.get_submodule(tail_name) if tail_name else None
     path = f"{cfg.cache_dir}/05_maps_{task_name.replace('/', '_')}_{cfg.backbone}_{dp['image_size']}" + \
         (f"_{tap}.pt" if tail_name else ".pt")
-    cache = dpdl.MapCache(extractor, **task.geometry(), batch_size=32, path=path)
+    cache = dpdl.MapCache(extractor, **task.geometry(), batch_size=32, path=path, device=device)
     n0 = len(cache)
     cache.maps(list(task.train) + list(task.test))
     cache.pseudo_maps(task.train, dp.get("pseudo_variants", 1))
@@ -67,12 +81,22 @@ def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="gene
         else:
             specs[m] = (m, dict(base_kw))
     train = dpdl.TrainConfig(epochs=int(epochs or dp["epochs"]), iterations=dp["iterations"],
-                             batch_size=dp["batch_size"])
+                             batch_size=dp["batch_size"], device=device)
     start = time.time()
-    runs, _ = openset_baselines.run_openset(splits, cache, specs, train, dp.get("pseudo_variants", 1),
-                                               show_progress=False, rotation_variants=dp.get("rotation_variants", 0))
-    runs["schedule"] = f"{train.epochs}x{train.iterations}x{train.batch_size}"
-    write_csv(runs, f"{prefix}_runs.csv")
+    finetune = "end_to_end" if end_to_end else (f"tail:{tail_name}" if tail_name else "frozen")
+    print(f"{finetune}, {dp['image_size']} px, {device}", flush=True)
+    done = []
+    for split in splits:  # one split at a time, the runs file rewritten after each (a stopped job keeps them)
+        part, _ = openset_baselines.run_openset([split], cache, specs, train, dp.get("pseudo_variants", 1),
+                                                show_progress=False,
+                                                rotation_variants=dp.get("rotation_variants", 0))
+        done.append(part)
+        runs = pd.concat(done, ignore_index=True)
+        runs["schedule"] = f"{train.epochs}x{train.iterations}x{train.batch_size}"
+        runs["image_size"], runs["finetune"], runs["device"] = dp["image_size"], finetune, str(device)
+        write_csv(runs, f"{prefix}_runs.csv")
+        print(f"seed {split.seed}: " + ", ".join(f"{m} {a:.3f}" for m, a in zip(part["method"], part["auroc"])),
+              f"({time.time() - start:.0f} s)", flush=True)
     table = openset.aggregate_runs(runs, ["task", "setting", "n_anomalies", "method"])
     write_csv(table, f"{prefix}.csv")
     print(table.to_string(), f"\n{time.time() - start:.0f} s")
@@ -104,8 +128,24 @@ def merge(out, *files):
     print(f"{paired} (and _seeds): DPDL minus each baseline, paired by seed")
 
 
+def compare(out, *files):
+    """One runs table over several runs files that differ in configuration, with a ``config`` column naming
+    each (fine-tuning, image size, device; files written before those columns existed hold frozen 224 px CPU
+    runs), and the mean and std of the AUROC per task, M, method and configuration printed."""
+    runs = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    for column, default in (("finetune", "frozen"), ("image_size", 224), ("device", "cpu")):
+        runs[column] = runs[column].fillna(default) if column in runs else default
+    runs["image_size"] = runs["image_size"].astype(int)
+    runs["config"] = runs["finetune"] + " " + runs["image_size"].astype(str) + " px (" + runs["device"] + ")"
+    write_csv(runs, out)
+    table = runs.groupby(["task", "setting", "n_anomalies", "method", "config", "schedule"], sort=False)["auroc"]
+    print(table.agg(["mean", "std", "count"]).round(3).to_string())
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--merge"]:
         merge(*sys.argv[2:])
+    elif sys.argv[1:2] == ["--compare"]:
+        compare(*sys.argv[2:])
     else:
         main(*sys.argv[1:])

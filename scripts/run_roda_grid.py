@@ -53,6 +53,10 @@ def main(argv=None):
         import json
 
         specs.update(json.loads(args.variants))
+    unknown = [m for m in args.methods.split(",") if m not in specs]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}: the profile's are {sorted(specs)}; others (e.g. hungarian, "
+                         "continuous_ot) through --variants '{\"hungarian\": {\"method\": \"hungarian\"}}'")
     methods = {m: specs[m] for m in args.methods.split(",")}
     if args.curves:
         return curves(cfg, args, methods)

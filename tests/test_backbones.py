@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lib import backbones as bb
-from lib.backbones import BACKBONES, BackboneError, FeatureExtractor, load_backbone
+from lib.backbones import BACKBONES, BackboneError, FeatureExtractor, input_to_tap, load_backbone
 
 torch.set_num_threads(1)
 
@@ -291,3 +291,27 @@ def test_channels_last_gives_the_same_taps_in_the_usual_layout():
         assert a.is_contiguous() and a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert fast.normalization == plain.normalization  # banks built either way stay interchangeable
+
+
+def test_input_to_tap_is_the_network_up_to_the_tap():
+    """The Sequential of children reproduces the extractor's tap (the check inside it), its modules are the
+    extractor's own, and a network whose forward is not its children in order is refused."""
+    ext = load_backbone("mobilenet_v2", weights="random", layers=["features.18"])
+    net = input_to_tap(ext)
+    assert len(net) == 19 and net[18] is ext.model.features[18]
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(net(ext.normalize(x)), ext(x)[0], atol=1e-4, rtol=1e-4)
+
+    class Doubling(torch.nn.Module):  # applies its children with an extra step in between
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.b(2 * self.a(x))
+
+    with pytest.raises(ValueError, match="not the sequence of its children"):
+        input_to_tap(FeatureExtractor(Doubling(), "doubling", ["b"]))
+    with pytest.raises(ValueError, match="not a tap"):
+        input_to_tap(ext, "features.6")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lib.backbones import input_to_tap, load_backbone
 from lib.data import DataError, Sample
 from lib.dpdl import (
     DPDLNet,
@@ -25,6 +26,7 @@ from lib.dpdl import (
 from lib.metrics import image_auroc
 from lib.openset import make_split
 from lib.openset_baselines import DeviationLoss, build_model, focal_loss, run_openset, run_split
+from lib.openset_maps import NormalizedInput
 
 
 def _toy_prototypes(eps=0.5):
@@ -383,3 +385,21 @@ def test_partial_fine_tuning_trains_a_private_copy_of_the_tail(toy_task):
     assert all(torch.equal(a, b) for a, b in zip(before, tail.parameters()))  # the caller's module is untouched
     assert not torch.equal(model.trunk.tail[0].weight, before[0])  # the copy was trained
     assert run_split(split, cache, "dpdl", kw, cfg)[0]["auroc"] == row["auroc"]
+
+
+def test_end_to_end_fine_tuning_on_cached_inputs(toy_task):
+    """End to end: the cache holds normalised images and the tail is the whole network up to the deep tap;
+    the tail changes the map size (32 px -> 4 x 4), which the prototypes must be built for."""
+    samples, _ = toy_task
+    stand_in = load_backbone("mobilenet_v2", weights="random", layers=["features.4"])
+    cache = MapCache(NormalizedInput(stand_in), resize=(32, 32), crop=None)
+    tail = input_to_tap(stand_in)
+    split = make_split(samples[:12], samples[12:], n_anomalies=3, seed=0, name="toy")
+    cfg = TrainConfig(epochs=1, iterations=3, batch_size=9, lr=5e-3)
+    row, model, _ = run_split(split, cache, "dpdl", dict(feature_dim=8, n_prototypes=4, hidden=16, tail=tail), cfg)
+    assert cache.maps(samples[:1]).shape == (1, 3, 32, 32)  # the cached "maps" are the inputs
+    assert model.input_size == (32, 32) and model.map_size == (4, 4)
+    assert np.isfinite(row["auroc"])
+    assert not torch.equal(model.trunk.tail[0][0].weight, tail[0][0].weight)  # the whole network was trained
+    with pytest.raises(ValueError, match="one image size"):
+        model.score(cache.maps(samples[:1])[..., :16, :16].float())

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The checks a CUDA machine adds to the CPU test suite, as one script (about 8 minutes on one H200):
+#   1. one RoDA adaptation step timed on the GPU (benchmarks/bench_adapt_step.py --device cuda);
+#   2. notebook 03's methods and the named RoDA variants on the smoke data with device=auto (CUDA), to
+#      compare with the same grid on CPU (the same code path, no device-specific branch);
+#   3. DPDL and DRA fine-tuned end to end at 448 px (the papers' setting) on HeadCT and BrainMRI, M = 10,
+#      seeds 0-4, beside the frozen backbone at 448 px, four jobs sharing the GPU.
+# Every result is written as it is produced into $WORK (a stopped job keeps what finished); at the end $OUT
+# receives log.txt and results.tgz (the CSVs and the benchmark transcript).
+#
+#   OUT=/tmp/gpu_check DATA_ROOT=../shared/data bash benchmarks/gpu_check.sh
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+DATA=${DATA_ROOT:-../shared/data}
+PY=${PY:-python3}
+SECONDS_DPDL=${SECONDS_DPDL:-330}   # per DPDL job
+EPOCHS=${EPOCHS:-50}                # DPDL epochs of 20 iterations (the paper: 50)
+DEVICE=${DEVICE:-cuda}              # of the DPDL jobs (the other checks use device=auto)
+SEEDS=${SEEDS:-0,1,2,3,4}
+SIZE=${SIZE:-448}                    # DPDL image size (the papers: 448)
+WORK=${WORK:-/tmp/gpu_check_work}
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD" CUBLAS_WORKSPACE_CONFIG=:4096:8
+log() { echo "== $(date +%T) $*" >> "$OUT/log.txt"; }
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"; nproc; } >> "$OUT/log.txt" 2>&1
+
+log "1. one RoDA adaptation step on the GPU"
+timeout "${SECONDS_BENCH:-90}" $PY benchmarks/bench_adapt_step.py --device auto --repeats 9 --threads 4 > "$WORK/bench_adapt_step.txt" 2>&1
+log "bench rc=$?"
+
+log "3. DPDL / DRA at 448 px: end to end and frozen, HeadCT and BrainMRI (four jobs on one GPU)"
+pids=()
+for task in headct brainmri; do
+  for mode in input frozen; do
+    if [ "$mode" = input ]; then ft="TAIL=1 TAIL_INPUT=input"; else ft=""; fi
+    env $ft DEVICE="$DEVICE" IMAGE_SIZE="$SIZE" DATA_ROOT="$DATA" THREADS=3 timeout "$SECONDS_DPDL" \
+      $PY scripts/run_dpdl.py "$task" "$WORK/dpdl448_${mode}_${task}" "$SEEDS" 10 dpdl,dra "$EPOCHS" \
+      > "$WORK/dpdl448_${mode}_${task}.log" 2>&1 &
+    pids+=($!)
+  done
+done
+
+log "2. RoDA methods on the smoke data, device auto (beside the DPDL jobs)"
+timeout "${SECONDS_GRID:-240}" $PY scripts/run_roda_grid.py --profile smoke --tasks synthetic \
+  --corruptions gaussian_noise,defocus_blur,brightness,contrast \
+  --methods patchcore,ttt++,ttac,roda,hungarian,continuous_ot,roda_robust,roda_robust_matched_slow \
+  --variants '{"hungarian": {"method": "hungarian"}, "continuous_ot": {"method": "continuous_ot"}}' \
+  --seeds 0 --threads 2 --out "$WORK/roda_smoke_cuda.csv" > "$WORK/roda_smoke.log" 2>&1
+log "grid rc=$?"
+grep -v "it/s\]" "$WORK/roda_smoke.log" | tail -20 >> "$OUT/log.txt"
+
+for pid in "${pids[@]}"; do wait "$pid"; done
+log "DPDL jobs done"
+for f in "$WORK"/dpdl448_*.log; do echo "-- $f" >> "$OUT/log.txt"; grep -v "it/s\]" "$f" | tail -15 >> "$OUT/log.txt"; done
+ls -la "$WORK" >> "$OUT/log.txt"
+tar czf "$OUT/results.tgz" -C "$WORK" --exclude='*.pt' .
