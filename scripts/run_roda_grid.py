@@ -4,6 +4,12 @@
         --methods patchcore,roda,roda_robust --out results/real/08_roda_runs.csv
     python scripts/run_roda_grid.py --curves --tasks mvtec/bottle --methods roda_robust_matched \
         --out results/real/08_epoch_curves.csv     # AUROC after every epoch, the stop rule off
+    python scripts/run_roda_grid.py --out results/real/08_roda_grid.csv --merge A.csv B.csv \
+        --history results/real/08_roda_grid_histories.csv --merge-history A_hist.csv B_hist.csv
+
+Parallel jobs must not share an output file, so each writes its own; ``--merge`` folds their rows (and each
+one's ``*_timings.csv``) into ``--out`` (a later file's row replaces an earlier one's for the same task, method,
+corruption and seed), ``--merge-history`` their per-step histories into ``--history``, atomically.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from lib.utils import write_csv
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="real")
-    p.add_argument("--tasks", required=True)
+    p.add_argument("--tasks", default=None, help="comma-separated (required unless merging)")
+    p.add_argument("--merge", nargs="+", default=None, help="grid CSVs of parallel jobs to fold into --out")
+    p.add_argument("--merge-history", nargs="+", default=None, help="their histories, folded into --history")
     p.add_argument("--corruptions", default=",".join(profiles.CORRUPTIONS))
     p.add_argument("--methods", default="patchcore,ttt++,ttac,roda,roda_robust")
     p.add_argument("--seeds", default="0")
@@ -46,6 +54,10 @@ def main(argv=None):
                         "one curve per task x corruption x seed x method appended to --out, finished ones skipped")
     p.add_argument("--epochs", type=int, default=None, help="with --curves: epochs per curve (default: profile)")
     args = p.parse_args(argv)
+    if args.merge or args.merge_history:
+        return merge(args)
+    if not args.tasks:
+        p.error("--tasks is required")
     torch.set_num_threads(args.threads)
     cfg = profiles.get_profile(args.profile)
     specs = roda_runner.method_specs(cfg)
@@ -69,6 +81,42 @@ def main(argv=None):
     summary = Path(args.summary) if args.summary else out.with_name(f"{out.stem}_vs_{args.reference}.csv")
     write_csv(roda_runner.versus_reference(pd.read_csv(out), reference=args.reference, margin=0.05), summary)
     print(f"summary: {summary}")
+
+
+KEYS = ["task", "method", "condition", "seed"]
+
+
+def _fold(target: Path, sources, keys) -> int:
+    """``target`` with the rows of ``sources`` appended, a source row replacing the target's rows of the same
+    ``keys`` (all rows of that key, so a history's steps are replaced as a whole); written atomically."""
+    from lib.utils import atomic_path
+
+    frames = [pd.read_csv(target)] if target.is_file() else []
+    for source in sources:
+        new = pd.read_csv(source)
+        if frames:
+            old = pd.concat(frames, ignore_index=True)
+            hit = old[keys].merge(new[keys].drop_duplicates(), on=keys, how="left", indicator=True)["_merge"]
+            frames = [old[(hit == "left_only").to_numpy()]]
+        frames.append(new)
+    merged = pd.concat(frames, ignore_index=True)
+    with atomic_path(target) as tmp:
+        merged.to_csv(tmp, index=False)
+    return len(merged)
+
+
+def merge(args) -> None:
+    out = Path(args.out)
+    for source in args.merge or ():
+        source = Path(source)
+        print(f"{out}: {_fold(out, [source], KEYS)} rows after {source}")
+        timings = source.with_name(f"{source.stem}_timings.csv")
+        if timings.is_file():
+            _fold(out.with_name(f"{out.stem}_timings.csv"), [timings], KEYS)
+    if args.merge_history:
+        if not args.history:
+            raise SystemExit("--merge-history needs --history (the table to fold them into)")
+        print(f"{args.history}: {_fold(Path(args.history), args.merge_history, KEYS)} rows")
 
 
 def curves(cfg, args, methods):
