@@ -72,11 +72,11 @@ def _readable(items, args, what: str) -> list:
     return good
 
 
-def _loader(items, geometry: dict, batch_size: int, shuffle: bool = False, seed: int = 0):
+def _loader(items, geometry: dict, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False):
     from .data import make_loader
 
     return make_loader(FolderDataset(items, geometry.get("resize", 256), geometry.get("crop", 224)), batch_size,
-                       shuffle=shuffle, seed=seed)
+                       shuffle=shuffle, seed=seed, drop_last=drop_last)
 
 
 def _size(text: str):
@@ -153,9 +153,11 @@ def cmd_fit(args) -> int:
     t0 = time.perf_counter()
     with recording_bn_moments(extractor) as recorder:  # the reference of `adapt --bn-init matched`
         model.fit(_loader(items, geometry, args.batch_size),
-                  preprocessing=dict(geometry, backbone=args.backbone, weights=args.weights))
+                  preprocessing=dict(geometry, backbone=args.backbone, weights=args.weights), coverage=True)
     model.save(args.output)
-    torch_save(dict(moments=recorder.moments(), bank_head=model.bank[:4].cpu()), _reference_path(args.output))
+    # beside the bank: what `adapt --bn-init matched` and `--option weights=coverage` need from the training images
+    torch_save(dict(moments=recorder.moments(), coverage=model.coverage.cpu(), bank_head=model.bank[:4].cpu()),
+               _reference_path(args.output))
     print(f"bank {args.output}: {model.bank.shape[0]} x {model.bank.shape[1]} from {len(items)} images "
           f"({model.n_train_patches} patches, {args.backbone}) in {time.perf_counter() - t0:.1f} s")
     return EXIT_OK
@@ -166,13 +168,47 @@ def _reference_path(bank) -> Path:
     return Path(bank).with_suffix(".bnref.pt")
 
 
-def _bn_reference(bank, model) -> list:
+def _bn_reference(bank, model, key: str = "moments", needed_by: str = "--bn-init matched",
+                  instead: str = "use --bn-init target"):
+    """``key`` of the training images' record that `fit` keeps beside the bank (checked against the bank)."""
     path = _reference_path(bank)
     blob = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
-    if blob is None or not torch.allclose(blob["bank_head"], model.bank[:4].cpu()):
-        raise CliError(f"--bn-init matched needs {path}, written by `roda fit` beside the bank it belongs to: "
-                       "rebuild the bank with `roda fit`, or use --bn-init target", EXIT_USAGE)
-    return blob["moments"]
+    if blob is None or key not in blob or not torch.allclose(blob["bank_head"], model.bank[:4].cpu()):
+        raise CliError(f"{needed_by} needs {path} (with its {key!r}), written by `roda fit` beside the bank it "
+                       f"belongs to: rebuild the bank with `roda fit`, or {instead}", EXIT_USAGE)
+    return blob[key]
+
+
+#: what `adapt --variant` takes from a named variant (lib.profiles); anything else is refused
+VARIANT_KEYS = ("method", "loss", "bn_init", "lr", "epochs", "drop_last", "stop")
+
+
+def _apply_variant(args, r: dict) -> None:
+    """Fill the adapt options the user did not give from ``--variant`` (a named variant of the profiles), then
+    from the profiles' defaults; explicit flags win. A variant's ``stop`` rule is not run by the CLI (it
+    adapts for the fixed --epochs) and says so."""
+    spec = {}
+    if args.variant:
+        variants = r.get("variants") or {}
+        if args.variant not in variants:
+            raise CliError(f"unknown variant {args.variant!r}: choose one of {sorted(variants)}", EXIT_USAGE)
+        spec = dict(variants[args.variant])
+        unsupported = sorted(set(spec) - set(VARIANT_KEYS))
+        if unsupported:
+            raise CliError(f"variant {args.variant!r} sets {unsupported}, which `roda adapt` does not offer: run "
+                           "it through lib.roda_runner instead", EXIT_USAGE)
+        if spec.get("stop") and not args.quiet:
+            print(f"note: variant {args.variant!r} has a stop rule {spec['stop']}; the CLI adapts for the "
+                  "fixed --epochs", file=sys.stderr)
+    method = spec.get("method", "roda")
+    args.method = args.method or method
+    if args.method == "patchcore":  # a statistics-only variant (e.g. adabn_matched): no alignment steps
+        args.method, args.epochs = "roda", 0 if args.epochs is None else args.epochs
+    args.variant_loss = dict(spec.get("loss", {})) if args.method == method else {}
+    args.bn_init = args.bn_init or spec.get("bn_init", "source")
+    args.lr = args.lr if args.lr is not None else spec.get("lr", r["lr"])
+    args.epochs = args.epochs if args.epochs is not None else spec.get("epochs", r["epochs"])
+    args.drop_last = bool(spec.get("drop_last", False))
 
 
 def _options(pairs) -> dict:
@@ -189,20 +225,29 @@ def cmd_adapt(args) -> int:
     from .bn_stats import match_bn_stats, reestimate_bn_stats
     from .stream import OnlineAdapter, default_loss_options
 
+    defaults = _roda_defaults()
+    _apply_variant(args, defaults)
     model, prep = _load_bank(args.bank, args.device)
     folder = _existing(args.folder, "folder")
     items = _readable(list_images(folder), args, str(folder))
-    defaults = _roda_defaults()
     options = default_loss_options(args.method, defaults)
+    options.update(args.variant_loss)
     options.update(_options(args.option))
+    weights = None
+    if options.get("weights") == "coverage":
+        weights = _bn_reference(args.bank, model, "coverage", "--option weights=coverage",
+                                "use --option weights=uniform")
     if args.bn_init == "target":  # AdaBN first: the folder's own BatchNorm statistics (no labels)
         reestimate_bn_stats(model, _loader(items, prep, args.batch_size, shuffle=False, seed=args.seed))
     elif args.bn_init == "matched":  # the same, referenced to the training images' statistics
         match_bn_stats(model, _loader(items, prep, args.batch_size, shuffle=False, seed=args.seed),
                        _bn_reference(args.bank, model))
     adapter = OnlineAdapter(model, args.method, options, lr=args.lr, momentum=args.momentum, augment=args.augment,
-                            normalize_loss=args.normalize_loss, seed=args.seed)
-    loader = _loader(items, prep, args.batch_size, shuffle=True, seed=args.seed)
+                            normalize_loss=args.normalize_loss, seed=args.seed, bank_weights=weights)
+    loader = _loader(items, prep, args.batch_size, shuffle=True, seed=args.seed, drop_last=args.drop_last)
+    if args.drop_last and len(loader) == 0 and args.epochs:
+        raise CliError(f"the folder has {len(items)} images, fewer than one batch of {args.batch_size} (variant "
+                       f"{args.variant!r} drops incomplete batches): lower --batch-size", EXIT_USAGE)
     total = args.steps or args.epochs * len(loader)
     bar = progress(total=total, desc=f"adapt {args.method}", disable=args.quiet, mininterval=0.5)
     losses, t0 = [], time.perf_counter()
@@ -220,7 +265,8 @@ def cmd_adapt(args) -> int:
                 bar.update(1)
     finally:
         bar.close()
-    info = dict(method=args.method, options={k: v for k, v in options.items() if k != "stats"}, lr=args.lr,
+    info = dict(method=args.method, variant=args.variant,
+                options={k: v for k, v in options.items() if k != "stats"}, lr=args.lr,
                 momentum=args.momentum, augment=args.augment, steps=len(losses), n_images=len(items),
                 batch_size=args.batch_size, seed=args.seed, bn_init=args.bn_init,
                 first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
@@ -377,16 +423,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank", help="bank file from `roda fit`")
     p.add_argument("folder", help="folder of unlabeled images from the new condition (camera, lens, light)")
     p.add_argument("-o", "--output", required=True, help="adapted state file to write (e.g. adapted.pt)")
-    p.add_argument("--method", default="roda", choices=sorted(ALIGNMENT_LOSSES), help="alignment loss")
+    p.add_argument("--variant", default=None, choices=sorted(r.get("variants") or {}), metavar="NAME",
+                   help="a named variant of the profiles (method, loss options, --bn-init, --lr, --epochs), e.g. "
+                        "roda_robust_matched_slow, the README's recommendation; explicit flags override it")
+    p.add_argument("--method", default=None, choices=sorted(ALIGNMENT_LOSSES),
+                   help="alignment loss (default: the variant's, else roda)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="loss option, e.g. --option eps=0.1 --option rule=and (roda: eps, rule, cost, cost_norm)")
-    p.add_argument("--bn-init", choices=BN_INITS, default="source",
+    p.add_argument("--bn-init", choices=BN_INITS, default=None,
                    help="target: re-estimate the BatchNorm statistics on the folder first (AdaBN), then adapt; "
                         "matched: the same, referenced to the training images' statistics (kept by `fit`)")
-    p.add_argument("--epochs", type=int, default=r["epochs"],
-                   help="passes over the folder (0: only the BatchNorm statistics of --bn-init, no alignment)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"passes over the folder (default: the variant's, else {r['epochs']}; 0: only the "
+                        "BatchNorm statistics of --bn-init, no alignment)")
     p.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead of --epochs")
-    p.add_argument("--lr", type=float, default=r["lr"], help="SGD learning rate")
+    p.add_argument("--lr", type=float, default=None, help=f"SGD learning rate (default: the variant's, else {r['lr']})")
     p.add_argument("--momentum", type=float, default=r["momentum"], help="SGD momentum")
     p.add_argument("--augment", choices=("flip_rot90", "none"), default="flip_rot90",
                    help="add one flipped / rotated view of each image to its batch")

@@ -484,8 +484,8 @@ class AnomalyDataset(torch.utils.data.Dataset):
         )
 
 
-def make_loader(dataset, batch_size: int = 16, shuffle: bool = False, seed: int = 0):
+def make_loader(dataset, batch_size: int = 16, shuffle: bool = False, seed: int = 0, drop_last: bool = False):
     """DataLoader in the main process (2-core machines gain nothing from workers), seeded shuffling."""
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0,
-                                       generator=generator)
+                                       generator=generator, drop_last=drop_last)

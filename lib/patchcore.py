@@ -213,6 +213,15 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int | No
     return torch.cat(dists), torch.cat(idx)
 
 
+
+def coverage_counts(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """How many of ``features`` (the training patches) have each bank entry as nearest neighbour, at least 1.
+
+    A greedy coreset spreads its entries evenly over the feature space, not by frequency; these counts are
+    the mass each entry stands for (the column marginal of the robust RoDA's ``loss.weights="coverage"``)."""
+    _, idx = nearest_distances(features, bank)
+    return torch.bincount(idx.cpu(), minlength=bank.shape[0]).clamp_min(1).float()
+
 def greedy_coreset(
     features: torch.Tensor,
     n: int,
@@ -320,6 +329,7 @@ class PatchCore:
         self.grid: tuple[int, int] | None = None
         self.preprocessing: dict = {}
         self.n_train_patches = 0
+        self.coverage: torch.Tensor | None = None  # training patches per bank entry (fit(coverage=True))
 
     # -- features ------------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -334,8 +344,10 @@ class PatchCore:
         return torch.cat(out)
 
     # -- fitting -------------------------------------------------------------------------------------
-    def fit(self, loader, preprocessing: dict | None = None) -> PatchCore:
-        """Build the bank from normal images: all patch features, then the coreset."""
+    def fit(self, loader, preprocessing: dict | None = None, coverage: bool = False) -> PatchCore:
+        """Build the bank from normal images: all patch features, then the coreset. ``coverage``: also keep
+        :func:`coverage_counts` of the training patches in ``self.coverage`` (the column marginal of the
+        robust RoDA's ``weights="coverage"``; one nearest-neighbour pass more)."""
         feats = self.embed_loader(loader, desc="bank features")
         feats = feats.reshape(-1, feats.shape[-1])
         if feats.shape[0] == 0:
@@ -347,6 +359,7 @@ class PatchCore:
         idx = greedy_coreset(feats.to(self.device), n, self.proj_dim, self.n_starts, seed=self.seed,
                              show_progress=True)
         self.bank = feats[idx.cpu()].to(self.device).contiguous()
+        self.coverage = coverage_counts(feats.to(self.device), self.bank) if coverage else None
         self.preprocessing = dict(preprocessing or {})
         return self
 

@@ -30,7 +30,7 @@ from .adaptation import (
 from .alignment import roda_loss
 from .bn_stats import bn_input_moments
 from .data import DataError, make_loader
-from .patchcore import nearest_distances
+from .patchcore import coverage_counts
 from .pipeline import (
     bank_path,
     dataset,
@@ -105,15 +105,6 @@ def config_for(cfg, spec: dict, seed: int) -> AdaptConfig:
 # ----------------------------------------------------------------------------------------------------
 # bank coverage weights
 # ----------------------------------------------------------------------------------------------------
-
-
-def coverage_counts(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """How many of ``features`` (the training patches) have each bank entry as nearest neighbour, at least 1.
-
-    A greedy coreset spreads its entries evenly over the feature space, not by frequency; these counts are
-    the mass each entry stands for (the column marginal of ``loss.weights="coverage"``)."""
-    _, idx = nearest_distances(features, bank)
-    return torch.bincount(idx.cpu(), minlength=bank.shape[0]).clamp_min(1).float()
 
 
 def _beside_bank(cfg, task, model, seed: int, suffix: str, compute, use_cache: bool = True):

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .adaptation import bn_state, restore_bn_state
+from .adaptation import DATA_DRIVEN_KEYS, bn_state, resolve_loss_options, restore_bn_state
 from .alignment import ALIGNMENT_LOSSES
 from .patchcore import nearest_distances
 
@@ -95,7 +95,7 @@ class OnlineAdapter:
 
     def __init__(self, model, method: str = "roda", loss: dict | None = None, lr: float = 0.003,
                  momentum: float = 0.9, augment: str = "flip_rot90", normalize_loss: bool | None = None,
-                 seed: int = 0):
+                 seed: int = 0, bank_weights=None):
         if method not in ALIGNMENT_LOSSES:
             raise StreamError(f"unknown method {method!r}: choose one of {sorted(ALIGNMENT_LOSSES)}")
         if augment not in AUGMENTATIONS:
@@ -104,12 +104,19 @@ class OnlineAdapter:
             raise StreamError("the memory bank is empty: fit PatchCore (or load a bank) first")
         self.model, self.method, self.augment = model, method, augment
         self.loss_fn = ALIGNMENT_LOSSES[method]
-        accepted = inspect.signature(self.loss_fn).parameters
+        accepted = set(inspect.signature(self.loss_fn).parameters)
+        if method == "roda":  # the robust RoDA's data-driven options, fixed on the first batch (no labels)
+            accepted |= set(DATA_DRIVEN_KEYS)
         self.options = default_loss_options(method) if loss is None else dict(loss)
-        unknown = sorted(set(self.options) - set(accepted))
+        unknown = sorted(set(self.options) - accepted)
         if unknown:
             raise StreamError(f"{method} takes no option(s) {unknown}; its options: "
-                              f"{[p for p in accepted if p not in ('target', 'bank')]}")
+                              f"{sorted(p for p in accepted if p not in ('target', 'bank'))}")
+        self.data_driven = any(k in self.options for k in DATA_DRIVEN_KEYS) or self.options.get("eps") == "auto"
+        if self.options.get("weights") == "coverage" and bank_weights is None:
+            raise StreamError("weights='coverage' needs the bank's coverage counts (training patches per entry): "
+                              "pass bank_weights (PatchCore.fit(..., coverage=True) keeps them in .coverage)")
+        self.bank_weights, self.resolved = bank_weights, None
         if "stats" in accepted:  # Gaussian baselines: source statistics from the bank, once
             from .alignment import source_stats
 
@@ -124,9 +131,11 @@ class OnlineAdapter:
         self.restart()
 
     def restart(self) -> None:
-        """Fresh optimiser (no momentum carried over) and loss scale, e.g. after a reset."""
+        """Fresh optimiser (no momentum carried over) and loss scale, e.g. after a reset; data-driven loss
+        options (``eps="auto"``, ``rho="auto"``, ...) are fixed again on the next batch."""
         self.optimizer = torch.optim.SGD(self.params, lr=self.lr, momentum=self.momentum)
         self.loss_scale = None
+        self.resolved = None
 
     def step(self, images: torch.Tensor) -> dict:
         """One update on ``images`` (B, 3, H, W); returns the loss and the loss's scalar diagnostics."""
@@ -142,7 +151,12 @@ class OnlineAdapter:
             if target.shape[1] != model.bank.shape[1]:
                 raise StreamError(f"features are {target.shape[1]}-d but the bank is {model.bank.shape[1]}-d: "
                                   "the bank was built with another backbone; rebuild it")
-            loss, info = self.loss_fn(target, model.bank, **self.options)
+            if self.resolved is None:
+                self.resolved = resolve_loss_options(self.options, target, model.bank, self.bank_weights) \
+                    if self.data_driven else dict(self.options, resolved={})
+            options = {k: v for k, v in self.resolved.items() if k != "resolved"}
+            loss, info = self.loss_fn(target, model.bank, **options)
+            info = dict(info, **self.resolved["resolved"])
             value = float(loss.detach())
             if not np.isfinite(value):
                 return dict(loss=value, finite=False)

@@ -238,3 +238,31 @@ def test_adapt_bn_init_matched_needs_the_reference_that_fit_writes(data, tmp_pat
                  "--bn-init", "matched", "--device", "cpu", "-q"]) == EXIT_USAGE
     assert "roda fit" in capsys.readouterr().err
     assert not (tmp_path / "s.pt").exists()
+
+
+def test_adapt_runs_a_named_variant_and_flags_override_it(data, tmp_path, capsys):
+    """--variant roda_robust_matched_slow (the README's recommendation): coverage weights and matched statistics
+    from what `fit` kept beside the bank, the variant's lr; an explicit --lr wins; without the side file the
+    error names the fix."""
+    import torch
+
+    from lib.profiles import SLOW_LR
+
+    target = data["category"] / "test"
+    state = tmp_path / "v.pt"
+    assert main(["adapt", str(data["bank"]), str(target), "-o", str(state), "--variant", "roda_robust_matched_slow",
+                 "--epochs", "1", "--batch-size", "4", "--device", "cpu", "-q"]) == EXIT_OK
+    info = torch.load(state, weights_only=False)["info"]
+    assert info["variant"] == "roda_robust_matched_slow" and info["bn_init"] == "matched"
+    assert info["lr"] == SLOW_LR and info["options"]["weights"] == "coverage" and info["steps"] == 2
+    assert main(["adapt", str(data["bank"]), str(target), "-o", str(state), "--variant", "roda_robust_matched_slow",
+                 "--epochs", "1", "--batch-size", "4", "--lr", "0.01", "--device", "cpu", "-q"]) == EXIT_OK
+    assert torch.load(state, weights_only=False)["info"]["lr"] == 0.01
+    lonely = tmp_path / "lonely.pt"
+    shutil.copy(data["bank"], lonely)  # a bank without the record `fit` writes beside it
+    assert main(["adapt", str(lonely), str(target), "-o", str(state), "--variant", "roda_robust_matched_slow",
+                 "-q"]) == EXIT_USAGE
+    assert "rebuild the bank with `roda fit`" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["adapt", str(data["bank"]), str(target), "-o", str(state), "--variant", "nope"])
+    assert exc.value.code == EXIT_USAGE

@@ -213,3 +213,17 @@ def test_adaptive_mean_gradient(length, size):
     pooled = F.adaptive_avg_pool1d(ref.transpose(1, 2).reshape(-1, 1, length), size).reshape(1, 2, size).transpose(1, 2)
     (pooled * w).sum().backward()
     torch.testing.assert_close(x.grad, ref.grad)
+
+
+def test_coverage_counts_every_training_patch_once():
+    """fit(coverage=True): each training patch counted at its nearest bank entry, so the counts sum to the
+    number of training patches (the entries are training patches, each its own nearest: none is clamped)."""
+    from lib.backbones import load_backbone
+    from lib.patchcore import PatchCore
+
+    g = torch.Generator().manual_seed(0)
+    model = PatchCore(load_backbone("mobilenet_v2", weights="random"), coreset_ratio=0.1, device="cpu")
+    model.fit([dict(image=torch.rand(2, 3, 64, 64, generator=g))], coverage=True)
+    assert model.coverage.shape == (model.bank.shape[0],) and (model.coverage >= 1).all()
+    assert int(model.coverage.sum()) == model.n_train_patches
+    assert PatchCore(model.extractor).fit([dict(image=torch.rand(1, 3, 64, 64, generator=g))]).coverage is None

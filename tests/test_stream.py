@@ -130,3 +130,24 @@ def test_source_check_goes_back_to_source_when_it_fits_better(model):
         assert stream.distance_ref < rows[2]["distance"]  # re-referenced on the source state's signals
     finally:
         stream.reset()
+
+
+def test_the_robust_options_are_fixed_on_the_first_batch_and_again_after_a_restart(model):
+    """eps='auto', the semi-relaxed plan and coverage weights resolve from the batch itself (no labels): the
+    same batch gives the same eps, another batch another, and restart() resolves afresh."""
+    from lib.adaptation import restore_bn_state
+    from lib.profiles import ROBUST_RODA
+
+    source = bn_state(model.extractor)
+    weights = torch.ones(model.bank.shape[0])
+    with pytest.raises(StreamError, match="coverage counts"):
+        OnlineAdapter(model, "roda", loss=ROBUST_RODA["loss"])
+    adapter = OnlineAdapter(model, "roda", loss=ROBUST_RODA["loss"], lr=0.0, augment="none", bank_weights=weights)
+    first = adapter.step(_textures(2, 40))
+    again = adapter.step(_textures(2, 41))  # fixed on the first batch: the same eps for the next one
+    assert first["finite"] and first["eps_cost"] > 0 and "rho_cost" in first
+    assert again["eps_cost"] == first["eps_cost"]
+    adapter.restart()
+    other = adapter.step(_textures(2, 41))
+    assert other["eps_cost"] != first["eps_cost"]
+    restore_bn_state(model.extractor, source)
