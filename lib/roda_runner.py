@@ -315,8 +315,8 @@ def summarise(table: pd.DataFrame, shortcut: pd.DataFrame | None = None, thresho
 def versus_reference(table: pd.DataFrame, reference: str = "patchcore", margin: float = 0.0) -> pd.DataFrame:
     """Per method, against ``reference`` (no adaptation) over the (task, condition) cells both ran: how many
     cells, in how many the difference of pixel / image AUROC (paired by seed, then averaged over the seeds
-    both ran) is above ``margin``, how many below ``-margin``, the mean and the worst cell's difference. The
-    counts a README sentence cites."""
+    both ran) is above ``margin``, how many below ``-margin``, the mean, std over cells and the worst cell's
+    difference. The counts a README sentence cites."""
     keys = ["task", "condition", "seed"]
     ref = table[table.method == reference].groupby(keys)[["image_auroc", "pixel_auroc"]].mean()
     rows = []
@@ -328,7 +328,8 @@ def versus_reference(table: pd.DataFrame, reference: str = "patchcore", margin: 
             d = cell[metric] - cell[f"{metric}_ref"]
             name = metric.split("_")[0]
             row.update({f"{name}_above": int((d > margin).sum()), f"{name}_below": int((d < -margin).sum()),
-                        f"{name}_mean_diff": float(d.mean()), f"{name}_worst_diff": float(d.min())})
+                        f"{name}_mean_diff": float(d.mean()), f"{name}_std_diff": float(d.std(ddof=1)),
+                        f"{name}_worst_diff": float(d.min())})
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -56,23 +56,24 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.merge or args.merge_history:
         return merge(args)
-    if not args.tasks:
-        p.error("--tasks is required")
-    torch.set_num_threads(args.threads)
-    cfg = profiles.get_profile(args.profile)
-    specs = roda_runner.method_specs(cfg)
-    if args.variants:
-        import json
-
-        specs.update(json.loads(args.variants))
-    unknown = [m for m in args.methods.split(",") if m not in specs]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}: the profile's are {sorted(specs)}; others (e.g. hungarian, "
-                         "continuous_ot) through --variants '{\"hungarian\": {\"method\": \"hungarian\"}}'")
-    methods = {m: specs[m] for m in args.methods.split(",")}
-    if args.curves:
-        return curves(cfg, args, methods)
     if not args.summary_only:
+        if not args.tasks:
+            p.error("--tasks is required (unless --summary-only or --merge)")
+        torch.set_num_threads(args.threads)
+        cfg = profiles.get_profile(args.profile)
+        specs = roda_runner.method_specs(cfg)
+        if args.variants:
+            import json
+
+            specs.update(json.loads(args.variants))
+        unknown = [m for m in args.methods.split(",") if m not in specs]
+        if unknown:
+            raise SystemExit(f"unknown methods {unknown}: the profile's are {sorted(specs)}; others (e.g. "
+                             "hungarian, continuous_ot) through --variants "
+                             "'{\"hungarian\": {\"method\": \"hungarian\"}}'")
+        methods = {m: specs[m] for m in args.methods.split(",")}
+        if args.curves:
+            return curves(cfg, args, methods)
         extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device=cfg.device)
         roda_runner.run_grid(cfg, extractor, args.tasks.split(","), args.corruptions.split(","), methods,
                              [int(s) for s in args.seeds.split(",")], args.out, history_csv=args.history,

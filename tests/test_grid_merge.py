@@ -13,8 +13,8 @@ import run_roda_grid  # noqa: E402
 
 
 def _rows(method, seeds, value, **extra):
-    return pd.DataFrame([dict(task="t", method=method, condition="blur", seed=s, pixel_auroc=value, **extra)
-                         for s in seeds])
+    return pd.DataFrame([dict(task="t", method=method, condition="blur", seed=s, pixel_auroc=value,
+                              image_auroc=value, **extra) for s in seeds])
 
 
 def test_merge_folds_parallel_grid_files(tmp_path):
@@ -42,6 +42,8 @@ def test_merge_folds_parallel_grid_files(tmp_path):
     assert (h["seed"] == 1).sum() == 2 and set(h.loc[h["seed"] == 1, "pixel_auroc"]) == {0.2}  # replaced whole
     assert (h["seed"] == 0).sum() == 1
     assert not list(tmp_path.glob(".*"))  # nothing half-written left behind
+    run_roda_grid.main(["--out", str(out), "--summary-only", "--reference", "ttac"])  # needs no --tasks
+    assert pd.read_csv(tmp_path / "grid_vs_ttac.csv").set_index("method").loc["roda", "cells"] == 1
 
 
 def test_merge_history_needs_its_target(tmp_path):

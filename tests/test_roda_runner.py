@@ -15,6 +15,7 @@ def test_versus_reference_counts_cells_above_and_below():
     assert out.cells == 3 and out.pixel_above == 1 and out.pixel_below == 1  # contrast is inside the margin
     assert abs(out.pixel_mean_diff - ((0.19 - 0.21 + 0.0) / 3)) < 1e-9
     assert abs(out.pixel_worst_diff + 0.21) < 1e-9  # blur: (0.6 + 0.58) / 2 - 0.8
+    assert abs(out.pixel_std_diff - pd.Series([0.19, -0.21, 0.0]).std()) < 1e-9  # over the cells
 
 
 def test_files_beside_the_bank_are_reused_only_for_the_same_bank(tmp_path, monkeypatch):
