@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 
 from .data import DataError
-from .folders import FolderDataset, labelled_items, list_images, prepare, scan
-from .utils import atomic_path, progress, seed_everything, write_csv, write_json
+from .folders import FolderDataset, labelled_items, list_images, scan, write_overlays
+from .utils import progress, seed_everything, write_csv, write_json
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -281,17 +281,6 @@ def cmd_adapt(args) -> int:
     return EXIT_OK
 
 
-def _overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float, alpha: float = 0.5) -> np.ndarray:
-    """The image beside the image blended with the jet-coloured map (scaled to [lo, hi])."""
-    from matplotlib import colormaps
-
-    unit = np.clip((amap - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-    heat = (colormaps["jet"](unit)[..., :3] * 255.0).astype(np.float32)
-    blend = ((1 - alpha) * image.astype(np.float32) + alpha * heat).round().astype(np.uint8)
-    gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate([image, gap, blend], axis=1)
-
-
 def _score(model, items, prep, args, desc: str):
     """Patch scores of every item (B, h, w) and image scores."""
     patch, scores = [], []
@@ -300,23 +289,6 @@ def _score(model, items, prep, args, desc: str):
         patch.append(ps)
         scores.append(ps.flatten(1).max(1).values)
     return torch.cat(patch), torch.cat(scores).numpy()
-
-
-def _write_maps(model, items, patch, prep, out_dir: Path, folder: Path, map_range, quiet: bool) -> list[str]:
-    from PIL import Image
-
-    lo, hi = map_range if map_range else (float(patch.min()), float(patch.max()))
-    names = []
-    for item, ps in progress(list(zip(items, patch)), desc="maps", disable=quiet, mininterval=0.5):
-        image, _ = prepare(item.path if hasattr(item, "path") else item, prep.get("resize", 256), prep.get("crop", 224))
-        amap = model.anomaly_maps(ps[None], image.shape[:2])[0]
-        rel = Path(item.path if hasattr(item, "path") else item).resolve().relative_to(folder.resolve())
-        # a.png stays maps/a.png; a.jpg becomes maps/a.jpg.png (so a.jpg and a.png never share a map)
-        target = out_dir / "maps" / (rel if rel.suffix.lower() == ".png" else rel.with_name(rel.name + ".png"))
-        with atomic_path(target, suffix=".png") as tmp:
-            Image.fromarray(_overlay(image, amap, lo, hi)).save(tmp, format="PNG")
-        names.append(str(target.relative_to(out_dir)))
-    return names
 
 
 def cmd_score(args) -> int:
@@ -330,7 +302,7 @@ def cmd_score(args) -> int:
     if args.threshold is not None:
         table["anomalous"] = table["score"] > args.threshold
     if not args.no_maps:
-        table["map"] = _write_maps(model, items, patch, prep, out_dir, folder, args.map_range, args.quiet)
+        table["map"] = write_overlays(model, items, patch, prep, out_dir, folder, args.map_range, args.quiet)
     write_csv(table, out_dir / "scores.csv")
     write_json(dict(bank=str(args.bank), state=args.state, adapted_with=_state_label(state) if state else None,
                     n_images=len(items),

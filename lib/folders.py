@@ -9,6 +9,7 @@
   ``image`` (3, H, W) in [0, 1], ``mask``, ``label`` and ``path`` like :class:`lib.data.AnomalyDataset`.
 - :func:`labelled_items` finds labels for ``roda evaluate``: the MVTec AD layout, ``labels.csv``, or
   ``good/`` against the other sub-folders.
+- :func:`write_overlays` writes ``roda score``'s maps: each image beside its anomaly map, mirroring the folder.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from .data import MIN_SIDE, DataError, center_crop, labelled_folder_samples, mvtec_samples, resize_size
+from .utils import atomic_path, progress
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -186,3 +188,32 @@ def labelled_items(folder) -> tuple[list[Item], str]:
         f"no labels found in {folder}: evaluate needs an MVTec AD category (test/good, test/<defect>), "
         "a labels.csv (columns image,label,defect,mask) or a good/ folder beside folders of anomalous images"
     )
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float, alpha: float = 0.5) -> np.ndarray:
+    """The image beside the image blended with the jet-coloured map (scaled to [lo, hi])."""
+    from matplotlib import colormaps
+
+    unit = np.clip((amap - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    heat = (colormaps["jet"](unit)[..., :3] * 255.0).astype(np.float32)
+    blend = ((1 - alpha) * image.astype(np.float32) + alpha * heat).round().astype(np.uint8)
+    gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([image, gap, blend], axis=1)
+
+
+def write_overlays(model, items, patch, prep, out_dir: Path, folder: Path, map_range, quiet: bool) -> list[str]:
+    """One PNG per item under ``out_dir/maps/`` mirroring ``folder``: the image beside its anomaly map
+    (``model.anomaly_maps`` of the patch scores ``patch``), on one colour scale for all (``map_range`` or the
+    scores' own range); written atomically. Returns the paths relative to ``out_dir``."""
+    lo, hi = map_range if map_range else (float(patch.min()), float(patch.max()))
+    names = []
+    for item, ps in progress(list(zip(items, patch)), desc="maps", disable=quiet, mininterval=0.5):
+        image, _ = prepare(item.path if hasattr(item, "path") else item, prep.get("resize", 256), prep.get("crop", 224))
+        amap = model.anomaly_maps(ps[None], image.shape[:2])[0]
+        rel = Path(item.path if hasattr(item, "path") else item).resolve().relative_to(folder.resolve())
+        # a.png stays maps/a.png; a.jpg becomes maps/a.jpg.png (so a.jpg and a.png never share a map)
+        target = out_dir / "maps" / (rel if rel.suffix.lower() == ".png" else rel.with_name(rel.name + ".png"))
+        with atomic_path(target, suffix=".png") as tmp:
+            Image.fromarray(overlay(image, amap, lo, hi)).save(tmp, format="PNG")
+        names.append(str(target.relative_to(out_dir)))
+    return names
