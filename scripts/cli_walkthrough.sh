@@ -9,11 +9,13 @@
 # RoDA; adapt with --bn-init matched --epochs 0 (the statistics alone); score; evaluate clean, shifted with
 # the source encoder, and shifted after each adaptation. The transcript (commands, times, AUROCs) goes to
 # OUT_TXT (default benchmarks/results/cli_walkthrough_<category>_<corruption><severity>.txt).
+# VARIANTS="roda_robust_matched_slow ..." adds `adapt --variant NAME` runs (and their evaluation);
+# LITERAL=0 leaves out the default RoDA adapt.
 set -euo pipefail
 CAT=${1:?category folder (MVTec layout)}; CORR=${2:-gaussian_noise}; SEV=${3:-3}
 NAME=$(basename "$CAT")
 OUT=${4:-benchmarks/results/cli_walkthrough_${NAME}_${CORR}${SEV}.txt}
-RODA=${RODA:-.venv/bin/roda}; PY=${PY:-.venv/bin/python}
+RODA=${RODA:-.venv/bin/roda}; PY=${PY:-.venv/bin/python}; VARIANTS=${VARIANTS:-}; LITERAL=${LITERAL:-1}
 WORK=$(mktemp -d); TMP_OUT="$OUT.partial"; trap 'rm -rf "$WORK" "$TMP_OUT"' EXIT
 NEW="$WORK/$NAME"
 "$PY" - "$CAT" "$NEW" "$CORR" "$SEV" <<'PYEOF'
@@ -38,12 +40,14 @@ step() {  # step LABEL CMD...: run, append the command, its last lines and its w
 }
 echo "# $(date -u +%F) $(git rev-parse --short HEAD) $NAME: NEW = test images under $CORR severity $SEV" >> "$TMP_OUT"
 step fit            "$RODA" fit "$CAT/train/good" -o "$WORK/bank.pt"
-step adapt_roda     "$RODA" adapt "$WORK/bank.pt" "$NEW/test" -o "$WORK/roda.pt"
+[ "$LITERAL" = 1 ] && step adapt_roda "$RODA" adapt "$WORK/bank.pt" "$NEW/test" -o "$WORK/roda.pt"
+for v in $VARIANTS; do step "adapt_$v" "$RODA" adapt "$WORK/bank.pt" "$NEW/test" --variant "$v" -o "$WORK/$v.pt"; done
 step adapt_matched  "$RODA" adapt "$WORK/bank.pt" "$NEW/test" --bn-init matched --epochs 0 -o "$WORK/matched.pt"
 step score          "$RODA" score "$WORK/bank.pt" "$NEW/test" --state "$WORK/matched.pt" -o "$WORK/scores"
 echo "# scores.csv rows: $(($(wc -l < "$WORK/scores/scores.csv") - 1)), maps: $(find "$WORK/scores/maps" -name '*.png' | wc -l)" >> "$TMP_OUT"
 step eval_clean     "$RODA" evaluate "$WORK/bank.pt" "$CAT"
 step eval_source    "$RODA" evaluate "$WORK/bank.pt" "$NEW"
-step eval_roda      "$RODA" evaluate "$WORK/bank.pt" "$NEW" --state "$WORK/roda.pt"
+[ "$LITERAL" = 1 ] && step eval_roda "$RODA" evaluate "$WORK/bank.pt" "$NEW" --state "$WORK/roda.pt"
+for v in $VARIANTS; do step "eval_$v" "$RODA" evaluate "$WORK/bank.pt" "$NEW" --state "$WORK/$v.pt"; done
 step eval_matched   "$RODA" evaluate "$WORK/bank.pt" "$NEW" --state "$WORK/matched.pt"
 mv "$TMP_OUT" "$OUT"; echo "$OUT"
