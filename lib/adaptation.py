@@ -192,6 +192,11 @@ LOSS_INPUTS = {
 DATA_DRIVEN_KEYS = ("entries_per_row", "ot", "rho", "rho_std", "weights")
 
 
+def is_data_driven(options: dict) -> bool:
+    """Whether ``options`` hold anything :func:`resolve_loss_options` must fix on the first batch."""
+    return any(k in options for k in DATA_DRIVEN_KEYS) or options.get("eps") == "auto"
+
+
 def resolve_loss_options(options: dict, target: torch.Tensor, bank: torch.Tensor, bank_weights=None) -> dict:
     """Fix the data-driven OT options on the first (unlabeled) adaptation batch; returns loss kwargs.
 
@@ -294,7 +299,7 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_
     static = dict(config.loss)
     if "stats" in inputs:
         static["stats"] = source_stats(bank)
-    needs_resolve = any(k in static for k in DATA_DRIVEN_KEYS) or static.get("eps") == "auto"
+    needs_resolve = is_data_driven(static)
     generator = torch.Generator().manual_seed(config.seed)
     loader = make_loader(dataset, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     per_epoch = len(dataset) // config.batch_size if config.drop_last else len(loader)

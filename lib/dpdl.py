@@ -187,13 +187,14 @@ class DPDLNet(OpenSetModel):
                              "(profile key dpdl.n_prototypes) or add training normals")
         self.trunk.fit_stats(normal_maps)
         self.input_size = tuple(int(v) for v in normal_maps.shape[-2:])
-        with torch.no_grad():  # the trunk's map size (a fine-tuned tail may change it: images -> stride 32)
-            self.map_size = tuple(int(v) for v in self.trunk(normal_maps[:1].float()).shape[-2:])
+        with torch.no_grad():
+            embedded = [self.embed(chunk.float()) for chunk in normal_maps.split(256)]
+        # the trunk's map size, not the input's: a fine-tuned tail may change it (images -> stride 32)
+        self.map_size = tuple(int(v) for v in embedded[0][0].shape[-2:])
         dim = self.feature_dim * self.map_size[0] * self.map_size[1]
         s0 = 1.0 if self.s_init == "data" else float(self.s_init)
         self.prototypes = GaussianPrototypes(self.n_prototypes, dim, self.eps, s0, self.s_min).to(normal_maps.device)
-        with torch.no_grad():
-            x = torch.cat([self.embed(chunk.float())[1] for chunk in normal_maps.split(256)])
+        x = torch.cat([unit for _, unit in embedded])
         self.prototypes.init_means(x, seed=seed, iters=self.kmeans_iters, spread=self.s_init == "data")
 
     def _check(self, maps: torch.Tensor) -> None:

@@ -213,7 +213,6 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int | No
     return torch.cat(dists), torch.cat(idx)
 
 
-
 def coverage_counts(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """How many of ``features`` (the training patches) have each bank entry as nearest neighbour, at least 1.
 
@@ -221,6 +220,7 @@ def coverage_counts(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     the mass each entry stands for (the column marginal of the robust RoDA's ``loss.weights="coverage"``)."""
     _, idx = nearest_distances(features, bank)
     return torch.bincount(idx.cpu(), minlength=bank.shape[0]).clamp_min(1).float()
+
 
 def greedy_coreset(
     features: torch.Tensor,

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .adaptation import DATA_DRIVEN_KEYS, bn_state, resolve_loss_options, restore_bn_state
+from .adaptation import DATA_DRIVEN_KEYS, bn_state, is_data_driven, resolve_loss_options, restore_bn_state
 from .alignment import ALIGNMENT_LOSSES
 from .patchcore import nearest_distances
 
@@ -112,11 +112,10 @@ class OnlineAdapter:
         if unknown:
             raise StreamError(f"{method} takes no option(s) {unknown}; its options: "
                               f"{sorted(p for p in accepted if p not in ('target', 'bank'))}")
-        self.data_driven = any(k in self.options for k in DATA_DRIVEN_KEYS) or self.options.get("eps") == "auto"
         if self.options.get("weights") == "coverage" and bank_weights is None:
             raise StreamError("weights='coverage' needs the bank's coverage counts (training patches per entry): "
                               "pass bank_weights (PatchCore.fit(..., coverage=True) keeps them in .coverage)")
-        self.bank_weights, self.resolved = bank_weights, None
+        self.bank_weights = bank_weights
         if "stats" in accepted:  # Gaussian baselines: source statistics from the bank, once
             from .alignment import source_stats
 
@@ -135,7 +134,7 @@ class OnlineAdapter:
         options (``eps="auto"``, ``rho="auto"``, ...) are fixed again on the next batch."""
         self.optimizer = torch.optim.SGD(self.params, lr=self.lr, momentum=self.momentum)
         self.loss_scale = None
-        self.resolved = None
+        self.loss_options, self.resolved = None, {}  # the options the loss takes, fixed on the next batch
 
     def step(self, images: torch.Tensor) -> dict:
         """One update on ``images`` (B, 3, H, W); returns the loss and the loss's scalar diagnostics."""
@@ -151,12 +150,13 @@ class OnlineAdapter:
             if target.shape[1] != model.bank.shape[1]:
                 raise StreamError(f"features are {target.shape[1]}-d but the bank is {model.bank.shape[1]}-d: "
                                   "the bank was built with another backbone; rebuild it")
-            if self.resolved is None:
-                self.resolved = resolve_loss_options(self.options, target, model.bank, self.bank_weights) \
-                    if self.data_driven else dict(self.options, resolved={})
-            options = {k: v for k, v in self.resolved.items() if k != "resolved"}
-            loss, info = self.loss_fn(target, model.bank, **options)
-            info = dict(info, **self.resolved["resolved"])
+            if self.loss_options is None:
+                self.loss_options = dict(self.options)
+                if is_data_driven(self.options):
+                    self.loss_options = resolve_loss_options(self.options, target, model.bank, self.bank_weights)
+                    self.resolved = self.loss_options.pop("resolved")
+            loss, info = self.loss_fn(target, model.bank, **self.loss_options)
+            info = dict(info, **self.resolved)
             value = float(loss.detach())
             if not np.isfinite(value):
                 return dict(loss=value, finite=False)

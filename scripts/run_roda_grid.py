@@ -108,12 +108,12 @@ def _fold(target: Path, sources, keys) -> int:
 
 def merge(args) -> None:
     out = Path(args.out)
-    for source in args.merge or ():
-        source = Path(source)
-        print(f"{out}: {_fold(out, [source], KEYS)} rows after {source}")
-        timings = source.with_name(f"{source.stem}_timings.csv")
-        if timings.is_file():
-            _fold(out.with_name(f"{out.stem}_timings.csv"), [timings], KEYS)
+    if args.merge:
+        sources = [Path(source) for source in args.merge]
+        print(f"{out}: {_fold(out, sources, KEYS)} rows after folding {len(sources)} file(s)")
+        timings = [t for t in (s.with_name(f"{s.stem}_timings.csv") for s in sources) if t.is_file()]
+        if timings:
+            _fold(out.with_name(f"{out.stem}_timings.csv"), timings, KEYS)
     if args.merge_history:
         if not args.history:
             raise SystemExit("--merge-history needs --history (the table to fold them into)")
