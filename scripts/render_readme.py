@@ -37,7 +37,11 @@ A number in prose sits between two inline markers (the number itself on one line
   positive number; ``absolute=1`` prints its absolute value (for prose that says "below" or "lost");
   ``minus=col:value`` subtracts the same number computed with ``where=col:value`` in place of the marker's
   own ``where`` on ``col`` (a difference such as "RoDA minus PatchCore": ``where=method:roda |
-  minus=method:patchcore``).
+  minus=method:patchcore``);
+- ``by=a,b``: the rows first reduce to one mean per group (e.g. the seeds of each table row), then ``agg``
+  runs over those means (``by=row | agg=min``: the lowest row mean, as in a range "37-52" of a table's rows);
+- ``agg=spearman | against=other``: the Spearman rank correlation of ``column`` with the column ``other``
+  over the selected rows (after ``by``, over the group means).
 
 ``python scripts/render_readme.py`` rewrites the README in place (atomically); ``--check`` writes nothing and
 exits 1 naming each table that differs from its CSV (for the test command). A missing CSV or column is an
@@ -59,8 +63,8 @@ START = re.compile(r"<!--\s*table:\s*(?P<spec>.*?)\s*-->", re.S)
 END = "<!-- /table -->"
 VALUE = re.compile(r"<!--\s*value:\s*(?P<spec>[^>]*?)\s*-->(?P<body>[^<\n]*)<!-- /value -->")
 TABLE_KEYS = ("columns", "where", "by", "count", "percent", "digits", "sort", "rename", "pivot")
-VALUE_KEYS = ("where", "column", "agg", "percent", "digits", "sign", "absolute", "minus")
-AGGREGATES = ("mean", "std", "min", "max", "median", "sum", "count", "only", "pm")
+VALUE_KEYS = ("where", "column", "agg", "percent", "digits", "sign", "absolute", "minus", "by", "against")
+AGGREGATES = ("mean", "std", "min", "max", "median", "sum", "count", "only", "pm", "spearman")
 
 
 class ReadmeError(ValueError):
@@ -81,7 +85,7 @@ def parse_spec(spec: str, keys=TABLE_KEYS) -> tuple[str, dict]:
         if key == "where":
             column, _, values = value.partition(":")
             options["where"].append((column.strip(), [v.strip() for v in values.split(",")]))
-        elif key in ("count", "pivot", "column", "agg"):
+        elif key in ("count", "pivot", "column", "agg", "against"):
             options[key] = value.strip()
         elif key == "minus":
             column, _, other = value.partition(":")
@@ -183,7 +187,25 @@ def _reduce(df: pd.DataFrame, options: dict):
         raise ReadmeError(f"agg={agg!r}: use one of {', '.join(AGGREGATES)}")
     if column not in df.columns:
         raise ReadmeError(f"no column {column!r}; the CSV has {list(df.columns)}")
-    v = pd.to_numeric(_select(df, options.get("where", []))[column], errors="coerce").dropna()
+    rows = _select(df, options.get("where", []))
+    other = options.get("against")
+    if (agg == "spearman") != bool(other):
+        raise ReadmeError("agg=spearman and against=COLUMN go together")
+    if other and other not in df.columns:
+        raise ReadmeError(f"against: no column {other!r}; the CSV has {list(df.columns)}")
+    if options.get("by"):
+        missing = [c for c in options["by"] if c not in df.columns]
+        if missing:
+            raise ReadmeError(f"by: no column {missing}; the CSV has {list(df.columns)}")
+        numeric = [c for c in (column, other) if c]
+        rows = rows.assign(**{c: pd.to_numeric(rows[c], errors="coerce") for c in numeric})
+        rows = rows.groupby(options["by"], sort=False)[numeric].mean().reset_index()
+    if agg == "spearman":
+        pair = rows[[column, other]].apply(pd.to_numeric, errors="coerce").dropna()
+        if len(pair) < 3:
+            raise ReadmeError(f"agg=spearman needs at least 3 rows with both columns, got {len(pair)}")
+        return float(pair[column].corr(pair[other], method="spearman"))
+    v = pd.to_numeric(rows[column], errors="coerce").dropna()
     if agg == "count":
         return str(len(v))
     if v.empty:

@@ -148,3 +148,22 @@ def test_pivot_rows_keep_the_order_of_appearance():
     df = pd.DataFrame(dict(task=["z", "z", "a"], method=["m", "n", "m"], auroc=[0.1, 0.2, 0.3]))
     _, options = rr.parse_spec("x.csv | columns=task,method,auroc | by=task,method | pivot=method | digits=1")
     assert [line.split(" | ")[0] for line in rr.render_table(df, options).splitlines()[2:]] == ["| z", "| a"]
+
+
+def test_inline_range_over_group_means_and_rank_correlation():
+    # two rows x two seeds: row means 0.3 and 0.8, while single seeds span 0.1-0.9
+    df = pd.DataFrame(dict(row=["a", "a", "b", "b"], seed=[0, 1, 0, 1], v=[0.1, 0.5, 0.7, 0.9], w=[1, 2, 3, 4]))
+    _, lo = rr.parse_spec("x.csv | by=row | column=v | agg=min | percent=v | digits=0", rr.VALUE_KEYS)
+    _, hi = rr.parse_spec("x.csv | by=row | column=v | agg=max | percent=v | digits=0", rr.VALUE_KEYS)
+    assert (rr.render_value(df, lo), rr.render_value(df, hi)) == ("30", "80")
+    assert rr.render_value(df, dict(lo, by=None)) == "10"  # without by= the single rows
+    _, rho = rr.parse_spec("x.csv | column=v | agg=spearman | against=w", rr.VALUE_KEYS)
+    assert rr.render_value(df, rho) == "1.00"
+    df2 = df.assign(w=[4, 1, 3, 2])  # ranks of v 1,2,3,4 against 4,1,3,2: rho = 1 - 6*14/60 = -0.4
+    assert rr.render_value(df2, rho) == "-0.40"
+    with pytest.raises(rr.ReadmeError, match="go together"):
+        rr.render_value(df, dict(rho, against=None))
+    with pytest.raises(rr.ReadmeError, match="at least 3 rows"):
+        rr.render_value(df, dict(rho, by=["row"]))
+    with pytest.raises(rr.ReadmeError, match="by: no column"):
+        rr.render_value(df, dict(lo, by=["task"]))
