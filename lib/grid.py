@@ -8,6 +8,9 @@ metrics (plain numbers or strings). Both pickle, so a cell can run in another pr
 
 * ``backend="ray"`` dispatches the cells as Ray tasks: a local Ray instance by default, or the cluster at
   ``address`` (``"auto"`` inside a cluster, ``"ray://head:10001"`` from outside);
+* ``backend="processes"`` runs them on ``workers`` local processes (``threads`` torch threads each): both
+  cores of a small machine without Ray, e.g. notebook 04's ablation runs on the ``real`` profile (a worker
+  that dies, rather than a cell that raises, breaks the pool: the unfinished cells are reported failed);
 * ``backend="serial"`` runs them one after the other in this process (also what ``"auto"`` falls back to
   when Ray is not installed).
 
@@ -125,7 +128,7 @@ def ray_available() -> bool:
 
 def run_grid(fn: Callable[[dict], dict], cells: list[dict], out_dir, backend: str = "auto", address: str | None = None,
              num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 3, init_kwargs: dict | None = None,
-             csv_name: str | None = "grid.csv") -> GridRun:
+             csv_name: str | None = "grid.csv", workers: int = 2, threads: int = 1, desc: str | None = None) -> GridRun:
     """Run ``fn`` on every cell without a result file under ``out_dir``; merge all results.
 
     ``backend``: ``"ray"``, ``"serial"``, or ``"auto"`` (Ray when installed, else serial). ``address``: a Ray
@@ -133,7 +136,9 @@ def run_grid(fn: Callable[[dict], dict], cells: list[dict], out_dir, backend: st
     Ray runs as many cells at once as the machines hold (``num_gpus=1`` puts one cell on each GPU; the cell's
     code then sees that GPU as ``cuda``). ``max_retries``: Ray's retries of a cell whose worker died (0: none).
     ``init_kwargs``: extra ``ray.init`` arguments, e.g. ``num_cpus`` of a local instance or
-    ``runtime_env={"working_dir": "."}`` to ship this repository to the cluster. A cell that raises or whose
+    ``runtime_env={"working_dir": "."}`` to ship this repository to the cluster. ``workers``/``threads``: the
+    ``"processes"`` backend's pool (``fn`` must be importable by name, e.g. a ``functools.partial`` of a
+    module-level function; ``desc`` labels its progress bar). A cell that raises or whose
     worker dies is reported in ``failed`` and leaves no file; the others are unaffected. The merged table is
     also written to ``<out_dir>/<csv_name>`` (atomically) unless ``csv_name`` is None.
     """
@@ -143,8 +148,8 @@ def run_grid(fn: Callable[[dict], dict], cells: list[dict], out_dir, backend: st
         raise ValueError("the grid lists the same cell twice: every cell dict must be unique")
     if backend == "auto":
         backend = "ray" if ray_available() else "serial"
-    if backend not in ("ray", "serial"):
-        raise ValueError(f"backend must be 'auto', 'ray' or 'serial', not {backend!r}")
+    if backend not in ("ray", "serial", "processes"):
+        raise ValueError(f"backend must be 'auto', 'ray', 'processes' or 'serial', not {backend!r}")
     out_dir = Path(out_dir)
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
     skipped = [c for c in cells if cell_path(out_dir, c).exists()]
@@ -157,6 +162,8 @@ def run_grid(fn: Callable[[dict], dict], cells: list[dict], out_dir, backend: st
                 result.ran.append(cell)
             except Exception as exc:  # noqa: BLE001 - one cell's failure must not stop the grid
                 result.failed.append((cell, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
+    elif pending and backend == "processes":
+        _run_processes(fn, pending, out_dir, result, workers, threads, desc)
     elif pending:
         _run_ray(fn, pending, out_dir, result, address, num_cpus, num_gpus, max_retries, init_kwargs or {})
     result.table = collect(out_dir, cells)
@@ -165,6 +172,32 @@ def run_grid(fn: Callable[[dict], dict], cells: list[dict], out_dir, backend: st
 
         write_csv(result.table, out_dir / csv_name)
     return result
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_processes(fn, pending, out_dir, result, workers, threads, desc):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from .utils import progress
+
+    if workers < 1 or threads < 1:
+        raise ValueError(f"workers and threads must be >= 1, got {workers} and {threads}")
+    # spawn, not fork: a forked child of a process whose torch thread pools have run can deadlock
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                initargs=(threads,)) as pool:
+        futures = {pool.submit(run_cell, fn, cell, str(out_dir)): cell for cell in pending}
+        for future in progress(cf.as_completed(futures), total=len(futures), desc=desc or "grid"):
+            try:
+                future.result()
+                result.ran.append(futures[future])
+            except Exception as exc:  # noqa: BLE001 - a cell's error or a dead worker: the cell is lost
+                result.failed.append((futures[future], f"{type(exc).__name__}: {exc}"))
 
 
 def _run_ray(fn, pending, out_dir, result, address, num_cpus, num_gpus, max_retries, init_kwargs):
@@ -245,6 +278,61 @@ def roda_cell(cell: dict) -> dict:
     return dict(backbone=extractor.name, image_auroc=float(res["image_auroc"]), pixel_auroc=float(res["pixel_auroc"]),
                 adapt_seconds=round(float(res["adapt_seconds"]), 1), steps=int(res["steps"]),
                 diverged=res["diverged"], bank_size=int(bank["bank_size"]), device=cfg["device"])
+
+
+_EXTRACTORS: dict = {}  # per process: a worker loads the backbone once for all the cells it runs
+
+
+def ablation_cell(cfg, cell: dict) -> dict:
+    """One adaptation run of notebook 04 (none for ``method="patchcore"``), scored on its seed's evaluation split.
+
+    ``cfg``: the notebook's resolved profile (bind it with ``functools.partial``); ``cell``: ``task``,
+    ``seed``, ``corruption``, ``severity``, ``method``, ``fraction`` (the adaptation share of the target
+    images; ``>= 1``: adapt on every target image and evaluate on the same images, Table 5's transductive
+    row) and ``overrides`` (:func:`lib.roda_runner.config_from_profile` keywords, e.g. ``augment``, ``steps``).
+    Returns image / pixel AUROC, steps, adaptation seconds and the last loss.
+    """
+    from . import pipeline, roda_runner
+    from .backbones import load_backbone
+
+    name = (cfg["backbone"], cfg.get("backbone_weights"), cfg["device"])
+    if name not in _EXTRACTORS:
+        _EXTRACTORS[name] = load_backbone(*name[:2], device=cfg["device"])
+    extractor, seed, fraction = _EXTRACTORS[name], int(cell["seed"]), float(cell["fraction"])
+    task = pipeline.resolve_task(cfg, cell["task"])
+    config = roda_runner.config_from_profile(cfg, cell["method"], seed=seed, **dict(cell.get("overrides") or {}))
+    model, _ = pipeline.fit_or_load_bank(cfg, task, extractor, seed=seed)
+    if fraction >= 1.0:
+        adapt_split = eval_split = list(task.test)
+    else:
+        adapt_split, eval_split = pipeline.target_split(task, fraction, seed)
+    res, hist = roda_runner.adapt_and_evaluate(model, task, adapt_split, eval_split, cell["corruption"],
+                                              int(cell["severity"]), config, eval_seed=seed,
+                                              batch_size=cfg["patchcore"]["batch_size"])
+    return dict(image_auroc=float(res["image_auroc"]), pixel_auroc=float(res["pixel_auroc"]), steps=int(res["steps"]),
+                adapt_seconds=float(res["adapt_seconds"]),
+                final_loss=float(hist.loss.iloc[-1]) if len(hist) else float("nan"))
+
+
+def run_cells(fn: Callable[[dict], dict], cells: list[dict], workers: int = 1, threads: int = 1,
+              desc: str | None = None) -> list[dict]:
+    """The metrics of ``fn`` on each cell, in order; identical cells run once. ``workers`` 1: in this process
+    (the caller's threads); more: a local process pool of ``threads`` threads each (the ``"processes"``
+    backend, result files in a temporary folder). Raises naming the first cell that failed."""
+    from .utils import progress
+
+    unique = {cell_key(_check_cell(c)): c for c in cells}
+    if workers <= 1:
+        found = {k: fn(dict(c)) for k, c in progress(list(unique.items()), desc=desc or "runs")}
+    else:
+        with tempfile.TemporaryDirectory(prefix="grid-") as tmp:
+            run = run_grid(fn, list(unique.values()), tmp, backend="processes", workers=workers, threads=threads,
+                           csv_name=None, desc=desc)
+            if run.failed:
+                cell, error = run.failed[0]
+                raise RuntimeError(f"{len(run.failed)} of {len(unique)} runs failed; first {cell}: {error}")
+            found = {k: json.loads(cell_path(tmp, c).read_text())["metrics"] for k, c in unique.items()}
+    return [dict(found[cell_key(c)]) for c in cells]
 
 
 def profile_cells(profile: str = "default", methods=None, seeds=None, **profile_kwargs) -> list[dict]:

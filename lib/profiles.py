@@ -5,8 +5,8 @@ profile    data                                                         cost
 =========  ===========================================================  ==========================
 smoke      a generated 128 px MVTec-layout set with masks               seconds (the tests)
 default    ELPV solar cells, shipped by the ``elpv-dataset`` package    minutes on 2 CPU cores
-real       ``../shared/data`` (MVTec screw, bottle, tire, KSDD, HeadCT,  a night on 2 CPU cores (04
-           BrainMRI, ELPV) or a user's MVTec AD root via ``data_root``   1.5 h, 05 at 50 x 20 ~4 h)
+real       ``../shared/data`` (MVTec screw, bottle, tire, KSDD, HeadCT,  a night on 2 CPU cores (05
+           BrainMRI, ELPV) or a user's MVTec AD root via ``data_root``   at 50 x 20 ~4 h)
 full       all 15 MVTec AD categories, the papers' backbones            GPU-sized (hours)
 =========  ===========================================================  ==========================
 
@@ -100,6 +100,7 @@ _BASE = dict(
     ablation=dict(tasks=None, corruptions=None, seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5),
                   eps_grid=(0.01, 0.05, 0.1, 0.5), epochs_grid=(1, 3, 10), lr_grid=(0.001, 0.01),
                   choice_corruptions=CORRUPTIONS, extra_corruptions=True, epochs=None, table5_schedule="epochs",
+                  workers=1,  # notebook 04's runs on this many local processes of one thread each (1: in the kernel)
                   # notebook 08 (RoDA diagnosis): None = the profile's tasks / corruptions / seeds / every lead
                   diagnosis=dict(tasks=None, corruptions=None, seeds=None, leads=None, curve_corruptions=None,
                                  curve_epochs=None, bank_seed=0)),
@@ -203,12 +204,11 @@ PROFILES = {
         tasks=("mvtec/screw", "mvtec/bottle", "mvtec/tire", "ksdd"),
         patchcore=dict(coreset_ratio=0.01, max_bank=2500, max_train=None, max_test=None, batch_size=16),
         roda=dict(epochs=10),
-        # sized for 2 CPU cores (about 1.5 h): 2 epochs (8 steps) per ablation run instead of notebook
-        # 03's 10, Table 5 at equal steps, the open choices under noise only; every-corruption sweep on
-        # the default profile only
+        # notebook 04 at the paper's 10 epochs (ablation.epochs None: roda.epochs) on MVTec screw, 3 seeds, its
+        # runs on both cores; Table 5 at equal steps, open choices under noise only, every corruption: default only
         ablation=dict(seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.02, 0.2), epochs_grid=(1, 10),
-                      lr_grid=(0.001,), choice_corruptions=("gaussian_noise",), extra_corruptions=False, epochs=2,
-                      table5_schedule="steps"),
+                      lr_grid=(0.001,), choice_corruptions=("gaussian_noise",), extra_corruptions=False,
+                      table5_schedule="steps", workers=2),
         dpdl=dict(tasks=("mvtec/screw", "headct", "brainmri", "ksdd_thirds", "elpv"), hard=True, seeds=(0, 1, 2, 3, 4),
                   hard_seeds=(0, 1, 2, 3, 4), image_size=224, epochs=50, iterations=20, batch_size=16),
     ),

@@ -229,6 +229,7 @@ SPEC: dict[str, Rule] = {
     "ablation.extra_corruptions": Rule("bool"),
     "ablation.epochs": _int(1, nullable=True),
     "ablation.table5_schedule": Rule("str", choices=("epochs", "steps")),
+    "ablation.workers": _int(1),
     "dpdl.tasks": _seq(_TASK),
     "dpdl.seeds": _seq(_SEED),
     "dpdl.n_anomalies": _seq(_COUNT),

@@ -1,5 +1,6 @@
 """lib.grid: a grid of cheap cells (no backbone), one of which dies on its first attempt. The other cells
-finish and keep their files; a rerun computes only the lost cell. Serially, and on a local Ray instance."""
+finish and keep their files; a rerun computes only the lost cell. Serially, on a local process pool and on a
+local Ray instance."""
 
 import json
 import os
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.grid import cell_key, cell_path, collect, expand, run_grid
+from lib.grid import cell_key, cell_path, collect, expand, run_cells, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,6 +22,9 @@ def cheap_cell(cell):
         if cell.get("hard_crash"):
             os._exit(1)  # the whole worker process goes, no exception reaches anyone
         raise RuntimeError("planned failure of this cell")
+    if cell.get("log"):  # one line per execution
+        with open(cell["log"], "a") as fh:
+            fh.write(f"{cell['seed']}\n")
     return {"auroc": cell["seed"] / 10 + cell["severity"] / 100, "pid": os.getpid()}
 
 
@@ -91,3 +95,30 @@ def test_ray_grid_loses_only_the_killed_cell(tmp_path, monkeypatch):
         ray.shutdown()
     _check_second_run(second, cells, crash, tmp_path)
     assert len(set(second.table["host"])) == 1  # one machine here; on a cluster, several
+
+
+def test_process_pool_grid_uses_two_processes_and_reruns_only_the_failed_cell(tmp_path):
+    cells, crash = _grid(tmp_path, hard_crash=False)
+    first = run_grid(cheap_cell, cells, tmp_path, backend="processes", workers=2)
+    assert "planned failure" in first.failed[0][1]
+    _check_first_run(first, cells, crash, tmp_path)
+    assert os.getpid() not in set(first.table["pid"])  # the cells ran in the pool, not here
+    second = run_grid(cheap_cell, cells, tmp_path, backend="processes", workers=2)
+    _check_second_run(second, cells, crash, tmp_path)
+    with pytest.raises(ValueError, match="workers and threads"):
+        run_grid(cheap_cell, [{"seed": 9, "severity": 1}], tmp_path / "x", backend="processes", workers=0)
+
+
+def test_run_cells_keeps_the_order_runs_duplicates_once_and_names_a_failure(tmp_path):
+    log = tmp_path / "log"
+    cells = [{"seed": s, "severity": 5, "log": str(log)} for s in (2, 0, 2, 1)]
+    serial = run_cells(cheap_cell, cells)
+    assert sorted(log.read_text().split()) == ["0", "1", "2"]  # the duplicate cell ran once
+    log.unlink()
+    pooled = run_cells(cheap_cell, cells, workers=2)
+    assert sorted(log.read_text().split()) == ["0", "1", "2"]
+    assert [r["auroc"] for r in pooled] == [r["auroc"] for r in serial] == pytest.approx([0.25, 0.05, 0.25, 0.15])
+    assert os.getpid() not in {r["pid"] for r in pooled} and serial[0]["pid"] == os.getpid()
+    bad = dict(seed=3, severity=5, crash_marker=str(tmp_path / "m"))
+    with pytest.raises(RuntimeError, match="1 of 2 runs failed.*'seed': 3.*planned failure"):
+        run_cells(cheap_cell, [cells[0], bad], workers=2)
