@@ -316,20 +316,24 @@ def versus_reference(table: pd.DataFrame, reference: str = "patchcore", margin: 
     """Per method, against ``reference`` (no adaptation) over the (task, condition) cells both ran: how many
     cells, in how many the difference of pixel / image AUROC (paired by seed, then averaged over the seeds
     both ran) is above ``margin``, how many below ``-margin``, the mean, std over cells and the worst cell's
-    difference. The counts a README sentence cites."""
+    difference; ``seeds`` and ``*_seed_std``: how many seeds, and the std over seeds of each seed's mean
+    difference over its cells (how much the mean effect moves with the seed). The counts a README sentence
+    cites."""
     keys = ["task", "condition", "seed"]
     ref = table[table.method == reference].groupby(keys)[["image_auroc", "pixel_auroc"]].mean()
     rows = []
     for method, g in table[table.method != reference].groupby("method", sort=False):
         g = g.groupby(keys)[["image_auroc", "pixel_auroc"]].mean().join(ref.add_suffix("_ref"), how="inner")
         cell = g.groupby(["task", "condition"]).mean()  # paired by seed, then averaged per cell
-        row = dict(method=method, reference=reference, cells=len(cell))
+        per_seed = g.groupby("seed").mean()  # each seed's mean over its cells
+        row = dict(method=method, reference=reference, cells=len(cell), seeds=len(per_seed))
         for metric in ("pixel_auroc", "image_auroc"):
             d = cell[metric] - cell[f"{metric}_ref"]
             name = metric.split("_")[0]
             row.update({f"{name}_above": int((d > margin).sum()), f"{name}_below": int((d < -margin).sum()),
                         f"{name}_mean_diff": float(d.mean()), f"{name}_std_diff": float(d.std(ddof=1)),
-                        f"{name}_worst_diff": float(d.min())})
+                        f"{name}_worst_diff": float(d.min()),
+                        f"{name}_seed_std": float((per_seed[metric] - per_seed[f"{metric}_ref"]).std(ddof=1))})
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -42,6 +42,7 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--history", default=None)
     p.add_argument("--variants", default=None, help="JSON dict of extra named variants (diagnosis leads)")
+    p.add_argument("--data-root", default=None, help="data root (default: the profile's)")
     p.add_argument("--note", default="")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--summary", default=None,
@@ -60,7 +61,7 @@ def main(argv=None):
         if not args.tasks:
             p.error("--tasks is required (unless --summary-only or --merge)")
         torch.set_num_threads(args.threads)
-        cfg = profiles.get_profile(args.profile)
+        cfg = profiles.get_profile(args.profile, data_root=args.data_root)
         specs = roda_runner.method_specs(cfg)
         if args.variants:
             import json

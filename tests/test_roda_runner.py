@@ -16,6 +16,8 @@ def test_versus_reference_counts_cells_above_and_below():
     assert abs(out.pixel_mean_diff - ((0.19 - 0.21 + 0.0) / 3)) < 1e-9
     assert abs(out.pixel_worst_diff + 0.21) < 1e-9  # blur: (0.6 + 0.58) / 2 - 0.8
     assert abs(out.pixel_std_diff - pd.Series([0.19, -0.21, 0.0]).std()) < 1e-9  # over the cells
+    # over the seeds: seed 0's mean difference (0.2 - 0.2 + 0.01) / 3, seed 1's (0.18 - 0.22 - 0.01) / 3
+    assert out.seeds == 2 and abs(out.pixel_seed_std - pd.Series([0.01 / 3, -0.05 / 3]).std()) < 1e-9
 
 
 def test_files_beside_the_bank_are_reused_only_for_the_same_bank(tmp_path, monkeypatch):
