@@ -252,6 +252,32 @@ def collect(out_dir, cells: list[dict] | None = None) -> pd.DataFrame:  # noqa: 
 # ----------------------------------------------------------------------------------------------------
 
 
+_EXTRACTORS: dict = {}  # per process: a worker loads the backbone once for all the cells it runs
+
+
+def _adapt_cell(cfg, cell: dict, fraction: float, overrides: dict):
+    """The run behind a RoDA cell: bank of (task, seed), split of ``fraction``, adaptation, evaluation.
+    Returns ``(result, history, bank metadata, extractor)`` of :func:`lib.roda_runner.adapt_and_evaluate`."""
+    from . import pipeline, roda_runner
+    from .backbones import load_backbone
+
+    name = (cfg["backbone"], cfg.get("backbone_weights"), cfg["device"])
+    if name not in _EXTRACTORS:
+        _EXTRACTORS[name] = load_backbone(*name[:2], device=cfg["device"])
+    extractor, seed = _EXTRACTORS[name], int(cell["seed"])
+    task = pipeline.resolve_task(cfg, cell["task"])
+    model, bank = pipeline.fit_or_load_bank(cfg, task, extractor, seed=seed)
+    if fraction >= 1.0:  # Table 5's transductive row: adapt on every target image, evaluate on the same
+        adapt_split = eval_split = list(task.test)
+    else:
+        adapt_split, eval_split = pipeline.target_split(task, fraction, seed)
+    config = roda_runner.config_from_profile(cfg, cell["method"], seed=seed, **overrides)
+    res, hist = roda_runner.adapt_and_evaluate(model, task, adapt_split, eval_split, cell["corruption"],
+                                              int(cell["severity"]), config, eval_seed=seed,
+                                              batch_size=cfg["patchcore"]["batch_size"])
+    return res, hist, bank, extractor
+
+
 def roda_cell(cell: dict) -> dict:
     """One row of notebook 03's table (``results/<profile>/03_roda.csv``) as a cell function.
 
@@ -260,27 +286,14 @@ def roda_cell(cell: dict) -> dict:
     ``"auto"``: the GPU Ray gave the worker, else CPU), ``out_dir`` (where the profile's cache of banks lives).
     The bank of (task, backbone, seed) is built once per machine and cached like the notebooks do.
     """
-    from . import pipeline, roda_runner
-    from .backbones import load_backbone
     from .profiles import get_profile
 
     cfg = get_profile(cell.get("profile", "default"), data_root=cell.get("data_root"),
                       device=cell.get("device", "auto"), out_dir=cell.get("out_dir"))
-    seed = int(cell["seed"])
-    extractor = load_backbone(cfg["backbone"], cfg.get("backbone_weights"), device=cfg["device"])
-    task = pipeline.resolve_task(cfg, cell["task"])
-    adapt_split, eval_split = pipeline.target_split(task, cfg["corruption"]["adapt_fraction"], seed)
-    model, bank = pipeline.fit_or_load_bank(cfg, task, extractor, seed=seed)
-    config = roda_runner.config_from_profile(cfg, cell["method"], seed=seed)
-    res, _ = roda_runner.adapt_and_evaluate(model, task, adapt_split, eval_split, cell["corruption"],
-                                           int(cell["severity"]), config, eval_seed=seed,
-                                           batch_size=cfg["patchcore"]["batch_size"])
+    res, _, bank, extractor = _adapt_cell(cfg, cell, cfg["corruption"]["adapt_fraction"], {})
     return dict(backbone=extractor.name, image_auroc=float(res["image_auroc"]), pixel_auroc=float(res["pixel_auroc"]),
                 adapt_seconds=round(float(res["adapt_seconds"]), 1), steps=int(res["steps"]),
                 diverged=res["diverged"], bank_size=int(bank["bank_size"]), device=cfg["device"])
-
-
-_EXTRACTORS: dict = {}  # per process: a worker loads the backbone once for all the cells it runs
 
 
 def ablation_cell(cfg, cell: dict) -> dict:
@@ -292,23 +305,7 @@ def ablation_cell(cfg, cell: dict) -> dict:
     row) and ``overrides`` (:func:`lib.roda_runner.config_from_profile` keywords, e.g. ``augment``, ``steps``).
     Returns image / pixel AUROC, steps, adaptation seconds and the last loss.
     """
-    from . import pipeline, roda_runner
-    from .backbones import load_backbone
-
-    name = (cfg["backbone"], cfg.get("backbone_weights"), cfg["device"])
-    if name not in _EXTRACTORS:
-        _EXTRACTORS[name] = load_backbone(*name[:2], device=cfg["device"])
-    extractor, seed, fraction = _EXTRACTORS[name], int(cell["seed"]), float(cell["fraction"])
-    task = pipeline.resolve_task(cfg, cell["task"])
-    config = roda_runner.config_from_profile(cfg, cell["method"], seed=seed, **dict(cell.get("overrides") or {}))
-    model, _ = pipeline.fit_or_load_bank(cfg, task, extractor, seed=seed)
-    if fraction >= 1.0:
-        adapt_split = eval_split = list(task.test)
-    else:
-        adapt_split, eval_split = pipeline.target_split(task, fraction, seed)
-    res, hist = roda_runner.adapt_and_evaluate(model, task, adapt_split, eval_split, cell["corruption"],
-                                              int(cell["severity"]), config, eval_seed=seed,
-                                              batch_size=cfg["patchcore"]["batch_size"])
+    res, hist, _, _ = _adapt_cell(cfg, cell, float(cell["fraction"]), dict(cell.get("overrides") or {}))
     return dict(image_auroc=float(res["image_auroc"]), pixel_auroc=float(res["pixel_auroc"]), steps=int(res["steps"]),
                 adapt_seconds=float(res["adapt_seconds"]),
                 final_loss=float(hist.loss.iloc[-1]) if len(hist) else float("nan"))
