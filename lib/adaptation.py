@@ -341,7 +341,10 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_
                     skw = dict(static.get("sinkhorn_kwargs") or {}, init=(None, warm))
                     extra["sinkhorn_kwargs"] = skw
                 call = {**static, **extra}
-                loss, info = loss_fn(target, bank, **call)
+                try:
+                    loss, info = loss_fn(target, bank, **call)
+                except FloatingPointError as err:
+                    raise AdaptationError(f"{err} at step {len(rows)}: the adaptation diverged; lower lr") from err
                 if "potentials" in info:
                     warm = info["potentials"][1]
                 if not torch.isfinite(loss):

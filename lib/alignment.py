@@ -24,6 +24,7 @@ images are not revisited); :func:`source_stats` precomputes them once per bank.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -75,6 +76,9 @@ def _plan(C, eps, cost_norm, sinkhorn_kwargs, overwrite=False):
     info, cost scale). The plan of ``(C / s, eps)`` is the plan of ``(C, eps * s)``: the cost is not copied to
     normalise it (potentials in ``info`` are in the units of ``C``)."""
     s = float(cost_scale(C.detach(), cost_norm).reshape(-1)[0])
+    if not math.isfinite(s):  # finite features whose squared distances overflow: the encoder has run away
+        raise FloatingPointError(f"the cost scale ({cost_norm}) is {s}: the features are too large (diverged "
+                                 "adaptation? lower lr)")
     kw = dict(sinkhorn_kwargs or {})
     kw["return_log"] = True  # argmaxes and the loss read the log plan (exact, no underflow)
     if kw.get("rho") is not None:

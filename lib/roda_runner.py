@@ -401,6 +401,10 @@ def choice_sweep(cfg, model, task, corruptions, seed: int = 0, choices: dict | N
             adapt(model, dataset(task, a_split, c, severity, seed), conf, show_progress=False)
             on_adapt = evaluate(model, task, a_split, c, severity, seed)
             on_eval = evaluate(model, task, e_split, c, severity, seed)
+        except AdaptationError as err:  # a diverged setting is a result (NaN), as in adapt_and_evaluate
+            if "diverged" not in str(err):
+                raise
+            on_adapt = on_eval = dict(image_auroc=float("nan"))
         finally:
             restore_bn_state(model.extractor, source)
         rows.append(dict(task=task.name, choice=name, condition=c, seed=seed,

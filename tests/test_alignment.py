@@ -182,3 +182,17 @@ def test_errors_are_clear():
         roda_loss(torch.full((4, 5), float("nan")), bank)
     with pytest.raises(ValueError, match="at least 2"):
         moment_matching_loss(_feats(1), bank)
+
+
+def test_a_runaway_cost_scale_is_a_divergence_not_an_eps_error():
+    # finite features whose squared distances overflow float32: the mean cost is inf, so eps x scale would be
+    # inf; the loss reports a diverged encoder instead (adapt turns it into AdaptationError "diverged")
+    import pytest
+    import torch
+
+    from lib.alignment import roda_loss
+
+    target = torch.full((6, 4), 1e20)
+    bank = torch.zeros(5, 4)
+    with pytest.raises(FloatingPointError, match="diverged adaptation"):
+        roda_loss(target, bank, cost="sqeuclidean")
