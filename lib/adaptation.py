@@ -59,6 +59,11 @@ class AdaptationError(ValueError):
     """Bad input to the adaptation loop; the message names the fix."""
 
 
+class AdaptationDiverged(AdaptationError):
+    """The encoder ran away during adaptation (non-finite features, cost scale or loss): a result of that
+    setting (runners record it as NaN), not bad input."""
+
+
 @dataclass
 class AdaptConfig:
     """Hyper-parameters of one adaptation run (paper values as defaults where the paper gives them)."""
@@ -328,7 +333,7 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_
                                           "the bank was built with another backbone or aggregation; rebuild it")
                 target = feats.reshape(-1, feats.shape[-1])
                 if not all_finite(target):
-                    raise AdaptationError("NaN/inf in target features: the adaptation diverged; lower lr")
+                    raise AdaptationDiverged("NaN/inf in target features: the adaptation diverged; lower lr")
                 if needs_resolve:  # data-driven options, fixed once on the first batch (no labels)
                     static = resolve_loss_options(static, target, bank, bank_weights)
                     resolved = static.pop("resolved")
@@ -344,12 +349,12 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_
                 try:
                     loss, info = loss_fn(target, bank, **call)
                 except FloatingPointError as err:
-                    raise AdaptationError(f"{err} at step {len(rows)}: the adaptation diverged; lower lr") from err
+                    raise AdaptationDiverged(f"{err} at step {len(rows)}: the adaptation diverged; lower lr") from err
                 if "potentials" in info:
                     warm = info["potentials"][1]
                 if not torch.isfinite(loss):
-                    raise AdaptationError(f"{config.method} loss is {float(loss)} at step {len(rows)}: the adaptation "
-                                          "diverged; lower lr or set normalize_loss=True")
+                    raise AdaptationDiverged(f"{config.method} loss is {float(loss)} at step {len(rows)}: the "
+                                             "adaptation diverged; lower lr or set normalize_loss=True")
                 if config.normalize_loss:
                     if loss_scale is None:
                         loss_scale = float(loss.detach()) or 1.0

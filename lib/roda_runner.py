@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .adaptation import (
-    AdaptationError,
+    AdaptationDiverged,
     AdaptConfig,
     adapt,
     anomalous_patches,
@@ -164,9 +164,7 @@ def adapt_and_evaluate(model, task, adapt_samples, eval_samples, corruption, sev
                 history = adapt(model, dataset(task, adapt_samples, corruption, severity, eval_seed), config,
                                 show_progress=False, bank_weights=weights, on_epoch_end=on_epoch_end,
                                 bn_reference=bn_reference)
-            except AdaptationError as err:
-                if "diverged" not in str(err):
-                    raise
+            except AdaptationDiverged as err:
                 # a diverged run is a result too: recorded as NaN with the reason, not silently dropped
                 return dict(image_auroc=float("nan"), pixel_auroc=float("nan"), diverged=str(err),
                             adapt_seconds=time.perf_counter() - t0, steps=0, epochs_run=0), history
@@ -401,9 +399,7 @@ def choice_sweep(cfg, model, task, corruptions, seed: int = 0, choices: dict | N
             adapt(model, dataset(task, a_split, c, severity, seed), conf, show_progress=False)
             on_adapt = evaluate(model, task, a_split, c, severity, seed)
             on_eval = evaluate(model, task, e_split, c, severity, seed)
-        except AdaptationError as err:  # a diverged setting is a result (NaN), as in adapt_and_evaluate
-            if "diverged" not in str(err):
-                raise
+        except AdaptationDiverged:  # a diverged setting is a result (NaN), as in adapt_and_evaluate
             on_adapt = on_eval = dict(image_auroc=float("nan"))
         finally:
             restore_bn_state(model.extractor, source)

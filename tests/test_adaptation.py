@@ -287,3 +287,18 @@ def test_bn_init_matched_on_the_real_encoder_keeps_an_unshifted_split_and_needs_
           bn_reference=reference)
     assert not torch.allclose(ext.bn_modules()[0].running_var, source["0.running_var"], rtol=0.1)
     restore_bn_state(ext, source)
+
+
+def test_a_runaway_cost_scale_stops_adaptation_as_diverged(fitted, monkeypatch):
+    # the encoder "ran away": the plan's cost scale is inf. adapt reports a divergence (a result the runners
+    # record as NaN), not the Sinkhorn eps error of bad input, and leaves the BatchNorm state restorable
+    from lib import alignment
+
+    source = bn_state(fitted.extractor)
+    monkeypatch.setattr(alignment, "cost_scale", lambda C, mode="mean": torch.full((1, 1), float("inf")))
+    data = TensorDataset(_textures(3, 16))
+    try:
+        with pytest.raises(adaptation.AdaptationDiverged, match="cost scale .* inf.*diverged"):
+            adapt(fitted, data, AdaptConfig(epochs=1, batch_size=3), show_progress=False)
+    finally:
+        restore_bn_state(fitted.extractor, source)
