@@ -107,10 +107,12 @@ def main(argv=None) -> int:
         except (SystemExit, KeyboardInterrupt):
             rows.append((nb.name, "FAILED", time.perf_counter() - t0, run_dir / nb.name))
             print_summary(rows, todo, args.profile, time.perf_counter() - started)
+            write_summary(rows, todo, run_dir / "summary.csv")
             raise
         rows.append((nb.name, "ok", seconds, run_dir / nb.name))
         print(f"[{args.profile}] {nb.name} done in {_clock(seconds)}", flush=True)
     print_summary(rows, todo, args.profile, time.perf_counter() - started)
+    print(f"summary: {write_summary(rows, todo, run_dir / 'summary.csv')}")
     print(f"figures: {out_root / 'figures' / args.profile}\ntables:  {out_root / 'results' / args.profile}")
     return 0
 
@@ -130,6 +132,23 @@ def print_summary(rows, todo, profile: str, total: float) -> None:
     for name, status, seconds, out in rows:
         print(f"  {name:<{width}}  {status:<7}  {_clock(seconds) if seconds is not None else '-':>8}  {out or '-'}")
     print(flush=True)
+
+
+def write_summary(rows, todo, path: Path) -> Path:
+    """The summary as ``runs/<profile>/summary.csv`` (notebook, status, minutes, executed copy), written
+    atomically: the record a timing in the README is transcribed from (``benchmarks/results/notebook_timings.csv``)."""
+    import csv
+
+    from lib.utils import atomic_path
+
+    done = {name for name, *_ in rows}
+    rows = list(rows) + [(nb.name, "not run", None, None) for nb in todo if nb.name not in done]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["notebook", "status", "minutes", "executed_copy"])
+        for name, status, seconds, copy in rows:
+            out.writerow([name, status, "" if seconds is None else f"{seconds / 60:.2f}", copy or ""])
+    return path
 
 
 if __name__ == "__main__":

@@ -146,6 +146,32 @@ def test_run_notebooks_refuses_bad_settings_before_any_kernel(tmp_path, monkeypa
     assert "did you mean roda.epochs" in err and "roda.epochs='abc'" in err and "no such folder" in err
     assert "cannot write to the results folder" in err
 
+def test_run_notebooks_writes_its_summary_even_when_a_notebook_fails(tmp_path, monkeypatch):
+    """runs/<profile>/summary.csv: one row per notebook with its status and minutes; a failure stops the
+    run, and the rows after it say "not run"."""
+    calls = []
+
+    def fake_run(nb, out, params, timeout, progress=False):
+        calls.append(nb.name)
+        if len(calls) == 2:
+            raise SystemExit(f"{nb.name} failed")
+        return 90.0
+
+    monkeypatch.setattr(run_notebooks, "run_one", fake_run)
+    monkeypatch.delenv(profiles.OVERRIDES_ENV, raising=False)
+    out = tmp_path / "out"
+    assert run_notebooks.main(["--profile", "smoke", "--device", "cpu", "--only", "01", "--out-dir", str(out)]) == 0
+    first = pd.read_csv(out / "runs" / "smoke" / "summary.csv")
+    assert first[["notebook", "status", "minutes"]].values.tolist() == [["01_corruptions.ipynb", "ok", 1.5]]
+    calls.clear()
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--profile", "smoke", "--device", "cpu", "--only", "01", "02", "03",
+                            "--out-dir", str(out)])
+    summary = pd.read_csv(out / "runs" / "smoke" / "summary.csv")
+    assert summary.status.tolist() == ["ok", "FAILED", "not run"]
+    assert summary.minutes.iloc[0] == 1.5 and summary.minutes.iloc[1] >= 0 and pd.isna(summary.minutes.iloc[2])
+
+
 
 # ------------------------------------------------------------------------------------------------- outputs
 
