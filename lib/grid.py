@@ -260,7 +260,12 @@ def _adapt_cell(cfg, cell: dict, fraction: float, overrides: dict):
     Returns ``(result, history, bank metadata, extractor)`` of :func:`lib.roda_runner.adapt_and_evaluate`."""
     from . import pipeline, roda_runner
     from .backbones import load_backbone
+    from .utils import seed_everything
 
+    # each cell from the same state, whatever ran before it in this process, with torch's deterministic
+    # kernels (a worker process or a notebook kernel that never seeded would otherwise accumulate the RoDA
+    # loss's gradient with unordered atomic adds on two or more threads)
+    seed_everything(int(cell["seed"]))
     name = (cfg["backbone"], cfg.get("backbone_weights"), cfg["device"])
     if name not in _EXTRACTORS:
         _EXTRACTORS[name] = load_backbone(*name[:2], device=cfg["device"])

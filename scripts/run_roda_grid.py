@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import backbones, profiles, roda_runner
-from lib.utils import write_csv
+from lib.utils import seed_everything, write_csv
 
 
 def main(argv=None):
@@ -61,6 +61,7 @@ def main(argv=None):
         if not args.tasks:
             p.error("--tasks is required (unless --summary-only or --merge)")
         torch.set_num_threads(args.threads)
+        seed_everything(0)  # deterministic kernels; every run seeds its own generators from its seed
         cfg = profiles.get_profile(args.profile, data_root=args.data_root)
         specs = roda_runner.method_specs(cfg)
         if args.variants:

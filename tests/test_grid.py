@@ -122,3 +122,30 @@ def test_run_cells_keeps_the_order_runs_duplicates_once_and_names_a_failure(tmp_
     bad = dict(seed=3, severity=5, crash_marker=str(tmp_path / "m"))
     with pytest.raises(RuntimeError, match="1 of 2 runs failed.*'seed': 3.*planned failure"):
         run_cells(cheap_cell, [cells[0], bad], workers=2)
+
+
+def test_an_ablation_cell_runs_deterministic_kernels_from_its_own_seed(tmp_path):
+    """A cell switches torch to its deterministic kernels (a worker or kernel that never seeded would sum the
+    RoDA gradient with unordered atomic adds on 2+ threads) and gives the same metrics whatever the global
+    generator's state before it."""
+    import torch
+
+    from lib import profiles
+    from lib.grid import ablation_cell
+
+    cfg = profiles.get_profile("smoke", device="cpu", out_dir=tmp_path)
+    cell = dict(task="synthetic", seed=1, corruption="gaussian_noise", severity=5, method="roda",
+                fraction=cfg.corruption["adapt_fraction"], overrides={})
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        first = ablation_cell(cfg, cell)
+        assert torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(False)
+        torch.manual_seed(12345)
+        torch.rand(1000)
+        second = ablation_cell(cfg, cell)
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=True)
+    first.pop("adapt_seconds"), second.pop("adapt_seconds")  # wall clock
+    assert first == second and first["steps"] > 0
