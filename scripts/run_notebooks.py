@@ -122,10 +122,15 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
+def _every_notebook(rows, todo) -> list:
+    """``rows`` (name, status, seconds, executed copy) followed by a "not run" row for each notebook not reached."""
+    done = {name for name, *_ in rows}
+    return list(rows) + [(nb.name, "not run", None, None) for nb in todo if nb.name not in done]
+
+
 def print_summary(rows, todo, profile: str, total: float) -> None:
     """One line per notebook: status, wall time, executed copy; notebooks not reached are listed too."""
-    done = {name for name, *_ in rows}
-    rows = list(rows) + [(nb.name, "not run", None, None) for nb in todo if nb.name not in done]
+    rows = _every_notebook(rows, todo)
     width = max(len(name) for name, *_ in rows)
     print(f"\nsummary ({profile} profile, total {_clock(total)})")
     print(f"  {'notebook':<{width}}  {'status':<7}  {'time':>8}  executed copy")
@@ -141,12 +146,10 @@ def write_summary(rows, todo, path: Path) -> Path:
 
     from lib.utils import atomic_path
 
-    done = {name for name, *_ in rows}
-    rows = list(rows) + [(nb.name, "not run", None, None) for nb in todo if nb.name not in done]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(["notebook", "status", "minutes", "executed_copy"])
-        for name, status, seconds, copy in rows:
+        for name, status, seconds, copy in _every_notebook(rows, todo):
             out.writerow([name, status, "" if seconds is None else f"{seconds / 60:.2f}", copy or ""])
     return path
 

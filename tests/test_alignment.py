@@ -186,7 +186,7 @@ def test_errors_are_clear():
 
 def test_a_runaway_cost_scale_is_a_divergence_not_an_eps_error():
     # finite features whose squared distances overflow float32: the mean cost is inf, so eps x scale would be
-    # inf; the loss reports a diverged encoder instead (adapt turns it into AdaptationError "diverged")
+    # inf; the loss reports a diverged encoder instead (adapt turns it into AdaptationDiverged)
     import pytest
     import torch
 

@@ -146,6 +146,7 @@ def test_run_notebooks_refuses_bad_settings_before_any_kernel(tmp_path, monkeypa
     assert "did you mean roda.epochs" in err and "roda.epochs='abc'" in err and "no such folder" in err
     assert "cannot write to the results folder" in err
 
+
 def test_run_notebooks_writes_its_summary_even_when_a_notebook_fails(tmp_path, monkeypatch):
     """runs/<profile>/summary.csv: one row per notebook with its status and minutes; a failure stops the
     run, and the rows after it say "not run"."""
@@ -170,7 +171,6 @@ def test_run_notebooks_writes_its_summary_even_when_a_notebook_fails(tmp_path, m
     summary = pd.read_csv(out / "runs" / "smoke" / "summary.csv")
     assert summary.status.tolist() == ["ok", "FAILED", "not run"]
     assert summary.minutes.iloc[0] == 1.5 and summary.minutes.iloc[1] >= 0 and pd.isna(summary.minutes.iloc[2])
-
 
 
 # ------------------------------------------------------------------------------------------------- outputs
