@@ -39,7 +39,7 @@ from .pipeline import (
     resolve_task,
     target_split,
 )
-from .utils import progress, torch_save, write_csv
+from .utils import progress, read_csv, torch_save, write_csv
 
 #: per-method defaults that the paper's baselines need (applied before the profile's overrides)
 METHOD_DEFAULTS = {
@@ -197,7 +197,7 @@ def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, 
         for f in (out_csv, history_csv):
             if f is not None and Path(f).exists():
                 Path(f).unlink()
-    done = pd.read_csv(out_csv) if out_csv.exists() else pd.DataFrame()
+    done = read_csv(out_csv) if out_csv.exists() else pd.DataFrame()  # with its finished rows' timings
     key = set(zip(done.task, done.method, done.condition, done.seed)) if len(done) else set()
     severity = cfg["corruption"]["severity"]
     rows = [done] if len(done) else []

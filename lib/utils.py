@@ -188,6 +188,27 @@ def write_csv(df, path) -> Path:
     return Path(path)
 
 
+def read_csv(path):
+    """A table written by :func:`write_csv`, with its timing columns joined back when its
+    ``<stem>_timings.csv`` still belongs to it (same rows, same keys, in order; otherwise without them).
+
+    A resumed run that rewrites a table from what it read keeps the wall-clock times of its finished rows."""
+    import pandas as pd
+
+    path = Path(path)
+    df = pd.read_csv(path)
+    tpath = path.with_name(f"{path.stem}_timings{path.suffix}")
+    if not tpath.is_file():
+        return df
+    times = pd.read_csv(tpath)
+    timing = [c for c in times.columns if is_timing_column(c) and c not in df.columns]
+    keys = [c for c in times.columns if c in df.columns]
+    if (not timing or len(times) != len(df) or not keys
+            or not df[keys].astype(str).reset_index(drop=True).equals(times[keys].astype(str))):
+        return df
+    return pd.concat([df, times[timing]], axis=1)
+
+
 def write_json(obj, path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))

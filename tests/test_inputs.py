@@ -25,7 +25,7 @@ from lib.data import (
 )
 from lib.settings import parse_assignments
 from lib.synthetic import make_synthetic_mvtec
-from lib.utils import OutputError, write_csv
+from lib.utils import OutputError, read_csv, write_csv
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -200,6 +200,23 @@ def test_timing_columns_go_to_a_separate_file(tmp_path):
     assert list(table.columns) == ["task", "image_auroc"]
     assert list(timings.columns) == ["task", "adapt_seconds", "seconds"]
     assert timings.adapt_seconds.tolist() == [1.23, 4.56]
+
+
+def test_read_csv_joins_the_timings_back_only_when_they_belong_to_the_table(tmp_path):
+    """A resumed grid rewrites its table from what it read: the finished rows keep their wall-clock times."""
+    df = pd.DataFrame(dict(task=["a", "b"], seed=[0, 1], diverged=["", ""], image_auroc=[0.5, 0.75],
+                           adapt_seconds=[1.23, 4.56]))
+    path = write_csv(df, tmp_path / "08_grid.csv")
+    back = read_csv(path)
+    assert back.adapt_seconds.tolist() == [1.23, 4.56] and back.image_auroc.tolist() == [0.5, 0.75]
+    write_csv(back, path)  # the rewrite of a resumed run
+    assert pd.read_csv(tmp_path / "08_grid_timings.csv").adapt_seconds.tolist() == [1.23, 4.56]
+    # a timings file of other rows (another run's, or out of order) is not glued on
+    write_csv(df.iloc[::-1].reset_index(drop=True), tmp_path / "other.csv")
+    (tmp_path / "other_timings.csv").replace(tmp_path / "08_grid_timings.csv")
+    assert "adapt_seconds" not in read_csv(path).columns
+    (tmp_path / "08_grid_timings.csv").unlink()
+    assert list(read_csv(path).columns) == ["task", "seed", "diverged", "image_auroc"]
 
 
 # -------------------------------------------------------------------------------------------------- caches
