@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import backbones, data, dpdl, openset, openset_baselines, openset_maps, profiles
-from lib.utils import write_csv
+from lib.utils import read_csv, write_csv
 
 VARIANTS = {"w/o DPL": dict(use_dpl=False), "w/o DFL": dict(use_dfl=False), "M_r": dict(heads=("r",)),
             "M_n + M_r": dict(heads=("n", "r")), "M_a + M_r": dict(heads=("a", "r")),
@@ -110,7 +110,7 @@ def merge(out, *files):
     import pandas as pd
 
     keys = ["task", "setting", "seen_class", "n_anomalies", "method", "seed"]
-    runs = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    runs = pd.concat([read_csv(f) for f in files], ignore_index=True)  # with their timings
     runs = runs.drop_duplicates(subset=[k for k in keys if k in runs], keep="last")
     write_csv(runs, out)
     print(f"{out}: {len(runs)} runs from {len(files)} files")
@@ -132,7 +132,7 @@ def compare(out, *files):
     """One runs table over several runs files that differ in configuration, with a ``config`` column naming
     each (fine-tuning, image size, device; files written before those columns existed hold frozen 224 px CPU
     runs), and the mean and std of the AUROC per task, M, method and configuration printed."""
-    runs = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    runs = pd.concat([read_csv(f) for f in files], ignore_index=True)  # with their timings
     for column, default in (("finetune", "frozen"), ("image_size", 224), ("device", "cpu")):
         runs[column] = runs[column].fillna(default) if column in runs else default
     runs["image_size"] = runs["image_size"].astype(int)

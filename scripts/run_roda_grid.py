@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import backbones, profiles, roda_runner
-from lib.utils import seed_everything, write_csv
+from lib.utils import read_csv, seed_everything, write_csv
 
 
 def main(argv=None):
@@ -125,7 +125,7 @@ def merge(args) -> None:
 def curves(cfg, args, methods):
     """Every (task, corruption, seed, method) curve, appended to ``--out`` (atomically) as it finishes."""
     out = Path(args.out)
-    done = pd.read_csv(out) if out.is_file() else pd.DataFrame()
+    done = read_csv(out) if out.is_file() else pd.DataFrame()  # with the finished curves' timings
     keys = set(done[["task", "condition", "seed", "method"]].itertuples(index=False, name=None)) if len(done) else set()
     extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device=cfg.device)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -49,3 +49,21 @@ def test_merge_folds_parallel_grid_files(tmp_path):
 def test_merge_history_needs_its_target(tmp_path):
     with pytest.raises(SystemExit, match="--history"):
         run_roda_grid.main(["--out", str(tmp_path / "g.csv"), "--merge-history", str(tmp_path / "h.csv")])
+
+
+def test_dpdl_merge_keeps_the_runs_timings(tmp_path):
+    """scripts/run_dpdl.py --merge reads per-dataset runs tables and writes one: the wall-clock times kept
+    beside each (``*_timings.csv``) go with their rows into the merged table's timings."""
+    import run_dpdl
+
+    from lib.utils import write_csv
+
+    files = []
+    for task, seconds in (("a", [1.5, 2.5]), ("b", [3.5, 4.5])):
+        runs = pd.DataFrame([dict(task=task, setting="general", seen_class="x", n_anomalies=10, method=m, seed=0,
+                                  auroc=0.5 + i / 10, seconds=s)
+                             for i, (m, s) in enumerate(zip(("dpdl", "dra"), seconds))])
+        files.append(write_csv(runs, tmp_path / f"{task}_runs.csv"))
+    run_dpdl.merge(tmp_path / "all_runs.csv", *files)
+    times = pd.read_csv(tmp_path / "all_runs_timings.csv")
+    assert times.seconds.tolist() == [1.5, 2.5, 3.5, 4.5]
