@@ -170,6 +170,12 @@ def is_timing_column(name) -> bool:
     return str(name) == "seconds" or str(name).endswith("_seconds")
 
 
+def timings_path(path) -> Path:
+    """Where :func:`write_csv` keeps the timing columns of the table at ``path``: ``<stem>_timings.csv``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_timings{path.suffix}")
+
+
 def write_csv(df, path) -> Path:
     """Write a pandas DataFrame atomically, without its timing columns.
 
@@ -179,8 +185,7 @@ def write_csv(df, path) -> Path:
     timing = [c for c in df.columns if is_timing_column(c)]
     if timing:
         keys = [c for c in df.columns if c not in timing and df[c].dtype.kind not in "fc"]
-        path = Path(path)
-        with atomic_path(path.with_name(f"{path.stem}_timings{path.suffix}")) as tmp:
+        with atomic_path(timings_path(path)) as tmp:
             df[keys + timing].to_csv(tmp, index=False)
         df = df.drop(columns=timing)
     with atomic_path(path) as tmp:
@@ -195,9 +200,8 @@ def read_csv(path):
     A resumed run that rewrites a table from what it read keeps the wall-clock times of its finished rows."""
     import pandas as pd
 
-    path = Path(path)
     df = pd.read_csv(path)
-    tpath = path.with_name(f"{path.stem}_timings{path.suffix}")
+    tpath = timings_path(path)
     if not tpath.is_file():
         return df
     times = pd.read_csv(tpath)

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import backbones, profiles, roda_runner
-from lib.utils import read_csv, seed_everything, write_csv
+from lib.utils import read_csv, seed_everything, timings_path, write_csv
 
 
 def main(argv=None):
@@ -113,9 +113,9 @@ def merge(args) -> None:
     if args.merge:
         sources = [Path(source) for source in args.merge]
         print(f"{out}: {_fold(out, sources, KEYS)} rows after folding {len(sources)} file(s)")
-        timings = [t for t in (s.with_name(f"{s.stem}_timings.csv") for s in sources) if t.is_file()]
+        timings = [t for t in map(timings_path, sources) if t.is_file()]
         if timings:
-            _fold(out.with_name(f"{out.stem}_timings.csv"), timings, KEYS)
+            _fold(timings_path(out), timings, KEYS)
     if args.merge_history:
         if not args.history:
             raise SystemExit("--merge-history needs --history (the table to fold them into)")
