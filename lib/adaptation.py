@@ -27,7 +27,9 @@ Open choices (the paper is silent; each is a parameter, measured in notebooks 03
   ``method="patchcore"`` the re-estimation alone is run (the "AdaBN" row). ``"matched"`` re-estimates them
   *referenced to the training images* (:func:`lib.bn_stats.match_bn_stats`): the target is normalised to the
   moments the clean training images have under the source statistics, not to zero mean and unit variance,
-  so an unshifted target keeps the source state and the bank's feature space.
+  so an unshifted target keeps the source state and the bank's feature space. ``"gated"`` keeps the matched
+  statistics only if they bring the split nearer the bank (mean nearest-bank distance, no labels;
+  :func:`lib.bn_stats.gate_bn_stats`), else the source state; the history records which (``bn_start``).
 * ``augment``: ``"none"``, ``"copy"`` (the batch twice: the "direct copy" ablation) or ``"flip_rot90"``
   (the batch plus one random flip/90-degree-rotation view of each image; non-square images such as
   KolektorSDD strips are turned by 0 or 180 degrees only). The augmentation knows nothing about the
@@ -45,14 +47,16 @@ import torch
 import torch.nn.functional as F
 
 from .alignment import ALIGNMENT_LOSSES, source_stats
-from .bn_stats import match_bn_stats, reestimate_bn_stats
+from .bn_stats import gate_bn_stats, match_bn_stats, reestimate_bn_stats
 from .data import make_loader
 from .eps_calibration import calibrate_eps
 from .transport import pairwise_cost
 from .utils import all_finite, progress, torch_save
 
 AUGMENTATIONS = ("none", "copy", "flip_rot90")
-BN_INITS = ("source", "target", "matched")
+BN_INITS = ("source", "target", "matched", "gated")
+#: the ``bn_init`` values that need the training images' BatchNorm moments (``bn_reference``)
+NEEDS_BN_REFERENCE = ("matched", "gated")
 
 
 class AdaptationError(ValueError):
@@ -78,7 +82,9 @@ class AdaptConfig:
     batch_size: int = 10  # paper
     augment: str = "flip_rot90"
     bn_mode: str = "eval"
-    bn_init: str = "source"  # "target": AdaBN first; "matched": AdaBN referenced to the training images
+    # "target": AdaBN first; "matched": AdaBN referenced to the training images; "gated": matched only if it
+    # lowers the split's nearest-bank distance
+    bn_init: str = "source"
     seed: int = 0
     loss: dict = field(default_factory=dict)  # forwarded to the alignment loss (eps, rule, cost, ...)
     anomalous_patch_fraction: float = 0.5  # a patch is anomalous when this share of its cell is defect
@@ -273,10 +279,11 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_
 
     ``bank_weights`` (M,) are the training patches each bank entry covers (needed by ``loss.weights =
     "coverage"``); ``bn_reference`` the training images' BatchNorm input moments
-    (:func:`lib.bn_stats.bn_input_moments`, needed by ``bn_init="matched"``). ``on_epoch_end(epoch, history)``
-    is called after every epoch (e.g. to score per epoch); a ``config.stop`` rule may end the run early. Returns
-    the per-step diagnostics: loss, nearest-bank distance, pairs, OT iterations and, where masks exist, the
-    Fig. 5a counts of anomalous target patches.
+    (:func:`lib.bn_stats.bn_input_moments`, needed by ``bn_init="matched"`` and ``"gated"``).
+    ``on_epoch_end(epoch, history)`` is called after every epoch (e.g. to score per epoch); a ``config.stop`` rule
+    may end the run early. Returns the per-step diagnostics: loss, nearest-bank distance, pairs, OT iterations
+    and, where masks exist, the Fig. 5a counts of anomalous target patches; its ``attrs`` say where the alignment
+    started (``bn_start``, and for ``"gated"`` the distances ``nn_source`` / ``nn_matched`` it compared).
     """
     if len(dataset) == 0:
         raise AdaptationError("the adaptation split is empty: raise corruption.adapt_fraction or add target images")
@@ -285,15 +292,20 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_
                               f"{config.batch_size} with drop_last=True: lower roda.batch_size or raise "
                               "corruption.adapt_fraction")
     model._check_bank()
-    if config.bn_init == "matched" and bn_reference is None:
-        raise AdaptationError("bn_init='matched' needs the training images' BatchNorm moments: pass bn_reference="
-                              "lib.bn_stats.bn_input_moments(model, <loader of the training images>)")
+    if config.bn_init in NEEDS_BN_REFERENCE and bn_reference is None:
+        raise AdaptationError(f"bn_init={config.bn_init!r} needs the training images' BatchNorm moments: pass "
+                              "bn_reference=lib.bn_stats.bn_input_moments(model, <loader of the training images>)")
     if config.bn_init == "target":
         reestimate_bn_stats(model, make_loader(dataset, batch_size=max(config.batch_size, 2)))
     elif config.bn_init == "matched":
         match_bn_stats(model, make_loader(dataset, batch_size=max(config.batch_size, 2)), bn_reference)
+    start = dict(bn_start=config.bn_init)
+    if config.bn_init == "gated":
+        start = gate_bn_stats(model, make_loader(dataset, batch_size=max(config.batch_size, 2)), bn_reference)
     if config.method == "patchcore":  # no alignment loss: the statistics alone (AdaBN) or nothing
-        return pd.DataFrame()
+        out = pd.DataFrame()
+        out.attrs.update(start)
+        return out
     extractor = model.extractor
     params = list(extractor.bn_affine_parameters())
     if not params:
@@ -382,4 +394,6 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_
         for p in params:
             p.requires_grad_(False)
         extractor.eval()
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out.attrs.update(start)  # where the alignment started (bn_start; for "gated", both distances)
+    return out

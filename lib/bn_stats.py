@@ -23,6 +23,16 @@ statistics ``(mu, var)``. In this project those are the ImageNet statistics of t
   are after the first convolution) and nothing else; ``gamma, beta`` are untouched, so RoDA's alignment can
   run after it.
 
+* **Gated matching**, :func:`gate_bn_stats` (``bn_init="gated"``): the matched statistics are kept only when
+  they bring the target nearer the bank, measured with the quantity the alignment itself descends, the mean
+  nearest-bank distance over every patch of the (unaugmented) target split::
+
+      d(state) = 1/N sum_i min_j ||z_i(state) - m_j||,     keep matched  iff  d(matched) < d(source)
+
+  Matching undoes a per-channel affine change; a shift that is not one (blur, noise) can leave the matched
+  target *farther* from the bank than the source state did, and the alignment then starts from a worse
+  place. Ties keep the source state. No labels are read; one pass more over the split per state.
+
 Both estimators run the layers in order on the target batches, each layer normalising the batch with the
 statistics that its own batch gives (as AdaBN's train-mode pass does), and keep the statistics of the whole
 split (cumulative moments, every image once, no augmentation). No labels are read.
@@ -33,6 +43,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+
+from .transport import pairwise_cost
 
 
 class BNStatsError(ValueError):
@@ -173,3 +185,38 @@ def match_bn_stats(model, batches, reference) -> int:
     for k, target in enumerate(hooks.moments()):
         put(k, referenced_stats(target, reference[k], state[k], modules[k].eps))
     return seen
+
+
+@torch.no_grad()
+def nearest_bank_distance(model, batches) -> float:
+    """``d`` of the module docstring: the mean over every patch of ``batches`` (current state, eval mode) of its
+    L2 distance to the nearest entry of ``model.bank``."""
+    model.extractor.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        feats = model.embed(batch["image"])
+        feats = feats.reshape(-1, feats.shape[-1])
+        d = pairwise_cost(feats, model.bank.to(feats)).min(1).values
+        total, count = total + float(d.double().sum()), count + d.numel()
+    if count == 0:
+        raise BNStatsError("no images to measure the nearest-bank distance on: add images to the split")
+    return total / count
+
+
+@torch.no_grad()
+def gate_bn_stats(model, batches, reference) -> dict:
+    """``bn_init="gated"`` (module docstring): :func:`match_bn_stats`, kept only if it lowers the mean
+    nearest-bank distance of ``batches`` (re-iterable, e.g. a DataLoader without shuffling); otherwise the
+    running statistics are put back as they were. Returns ``{"bn_start": "matched" | "source",
+    "nn_source": d(source), "nn_matched": d(matched)}``."""
+    modules = model.extractor.bn_modules()
+    state = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in modules]
+    d_source = nearest_bank_distance(model, batches)
+    match_bn_stats(model, batches, reference)
+    d_matched = nearest_bank_distance(model, batches)
+    keep = d_matched < d_source
+    if not keep:
+        for bn, (mean, var) in zip(modules, state):
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+    return dict(bn_start="matched" if keep else "source", nn_source=d_source, nn_matched=d_matched)

@@ -184,9 +184,8 @@ VARIANT_KEYS = ("method", "loss", "bn_init", "lr", "epochs", "drop_last", "stop"
 
 
 def _apply_variant(args, r: dict) -> None:
-    """Fill the adapt options the user did not give from ``--variant`` (a named variant of the profiles), then
-    from the profiles' defaults; explicit flags win. A variant's ``stop`` rule is not run by the CLI (it
-    adapts for the fixed --epochs) and says so."""
+    """Fill the adapt options the user did not give from ``--variant`` (a named variant of the profiles), then the
+    profiles' defaults; explicit flags win. A variant's ``stop`` rule is not run (fixed --epochs), and said so."""
     spec = {}
     if args.variant:
         variants = r.get("variants") or {}
@@ -222,7 +221,7 @@ def _options(pairs) -> dict:
 
 def cmd_adapt(args) -> int:
     from .adaptation import save_bn_state
-    from .bn_stats import match_bn_stats, reestimate_bn_stats
+    from .bn_stats import gate_bn_stats, match_bn_stats, reestimate_bn_stats
     from .stream import OnlineAdapter, default_loss_options
 
     defaults = _roda_defaults()
@@ -237,11 +236,13 @@ def cmd_adapt(args) -> int:
     if options.get("weights") == "coverage":
         weights = _bn_reference(args.bank, model, "coverage", "--option weights=coverage",
                                 "use --option weights=uniform")
+    gate, plain = {}, _loader(items, prep, args.batch_size, shuffle=False, seed=args.seed)
     if args.bn_init == "target":  # AdaBN first: the folder's own BatchNorm statistics (no labels)
-        reestimate_bn_stats(model, _loader(items, prep, args.batch_size, shuffle=False, seed=args.seed))
+        reestimate_bn_stats(model, plain)
     elif args.bn_init == "matched":  # the same, referenced to the training images' statistics
-        match_bn_stats(model, _loader(items, prep, args.batch_size, shuffle=False, seed=args.seed),
-                       _bn_reference(args.bank, model))
+        match_bn_stats(model, plain, _bn_reference(args.bank, model))
+    elif args.bn_init == "gated":  # matched only if it brings the folder nearer the bank, else source
+        gate = gate_bn_stats(model, plain, _bn_reference(args.bank, model, needed_by="--bn-init gated"))
     adapter = OnlineAdapter(model, args.method, options, lr=args.lr, momentum=args.momentum, augment=args.augment,
                             normalize_loss=args.normalize_loss, seed=args.seed, bank_weights=weights)
     loader = _loader(items, prep, args.batch_size, shuffle=True, seed=args.seed, drop_last=args.drop_last)
@@ -268,16 +269,18 @@ def cmd_adapt(args) -> int:
     info = dict(method=args.method, variant=args.variant,
                 options={k: v for k, v in options.items() if k != "stats"}, lr=args.lr,
                 momentum=args.momentum, augment=args.augment, steps=len(losses), n_images=len(items),
-                batch_size=args.batch_size, seed=args.seed, bn_init=args.bn_init,
+                batch_size=args.batch_size, seed=args.seed, bn_init=args.bn_init, **gate,
                 first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
                 bank=_bank_fingerprint(model), bank_file=str(Path(args.bank).resolve()), target=str(folder.resolve()))
     save_bn_state(model.extractor, args.output, info=info)
+    start = (f"; --bn-init gated kept the {gate['bn_start']} statistics (mean nearest-bank distance: source "
+             f"{gate['nn_source']:.4g}, matched {gate['nn_matched']:.4g})" if gate else "")
     if losses:
         print(f"adapted state {args.output}: {args.method}, {len(losses)} steps on {len(items)} images, loss "
-              f"{losses[0]:.4g} -> {losses[-1]:.4g} in {time.perf_counter() - t0:.1f} s")
+              f"{losses[0]:.4g} -> {losses[-1]:.4g} in {time.perf_counter() - t0:.1f} s" + start)
     else:  # --epochs 0: the BatchNorm statistics of --bn-init alone
         print(f"adapted state {args.output}: BatchNorm statistics ({args.bn_init}) of {len(items)} images, "
-              "no alignment steps")
+              "no alignment steps" + start)
     return EXIT_OK
 
 
@@ -318,7 +321,7 @@ def _state_label(state: dict) -> str:
     matched statistics`` or ``adapted: BatchNorm statistics (matched), no alignment`` (``--epochs 0``)."""
     if not state:
         return "source state"
-    bn_init = state.get("bn_init", "source")
+    bn_init = state.get("bn_start") or state.get("bn_init", "source")  # bn_start: what `--bn-init gated` chose
     if state.get("steps") == 0:
         return f"adapted: BatchNorm statistics ({bn_init}), no alignment"
     return f"adapted: {state['method']}" + (f" after {bn_init} statistics" if bn_init != "source" else "")
@@ -403,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="loss option, e.g. --option eps=0.1 --option rule=and (roda: eps, rule, cost, cost_norm)")
     p.add_argument("--bn-init", choices=BN_INITS, default=None,
-                   help="target: re-estimate the BatchNorm statistics on the folder first (AdaBN), then adapt; "
-                        "matched: the same, referenced to the training images' statistics (kept by `fit`)")
+                   help="target: AdaBN on the folder first, then adapt; matched: AdaBN referenced to the training "
+                        "images (kept by `fit`); gated: matched only if it brings the folder nearer the bank")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"passes over the folder (default: the variant's, else {r['epochs']}; 0: only the "
                         "BatchNorm statistics of --bn-init, no alignment)")
@@ -418,9 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, batch_size=r["batch_size"])
     p.set_defaults(run=cmd_adapt)
 
-    p = sub.add_parser("score", help="score a folder: CSV of image scores and anomaly-map overlays",
-                       formatter_class=fmt,
-                       description="Image scores (max patch distance to the bank) and anomaly maps of every image.")
+    p = sub.add_parser("score", help="score a folder: a CSV of image scores and anomaly-map overlays",
+                       formatter_class=fmt, description="Image scores (max patch distance to the bank) and anomaly "
+                                                        "maps of every image.")
     p.add_argument("bank", help="bank file from `roda fit`")
     p.add_argument("folder", help="folder of images to score, read recursively")
     p.add_argument("-o", "--output", required=True, help="output folder (scores.csv, run.json, maps/)")
@@ -490,7 +493,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"roda {args.command}: interrupted (no partial output was written)", file=sys.stderr)
         return EXIT_INTERRUPTED
-
 
 
 if __name__ == "__main__":

@@ -53,9 +53,8 @@ ROBUST_RODA = dict(method="roda", drop_last=True, stop=dict(rel_tol=0.01, min_ep
                    loss=dict(eps="auto", entries_per_row=8, ot="semi_relaxed", rho="auto", rho_std=1.0,
                              weights="coverage", rule="mass", mass_fraction=0.5))
 
-#: lr of the ``*_slow`` variants, a tenth of the paper's 0.003: at 0.003 the objective descended (the batches'
-#: mean nearest-bank distance) rose between epochs in 35 of 40 ``roda_robust_matched`` grid runs, i.e. the step
-#: overshoots. The one value tried, chosen from that unlabeled trace (docs/choices.md, RoDA section)
+#: lr of the ``*_slow`` variants, a tenth of the paper's 0.003: at 0.003 the batches' mean nearest-bank distance rose
+#: between epochs in 35 of 40 ``roda_robust_matched`` grid runs (the step overshoots); chosen from that unlabeled trace
 SLOW_LR = 0.0003
 
 _BASE = dict(
@@ -89,8 +88,10 @@ _BASE = dict(
                         # the same at a tenth of the step (SLOW_LR) and the paper's fixed epochs (no stop rule)
                         "roda_robust_matched_slow": dict(copy.deepcopy(ROBUST_RODA), bn_init="matched",
                                                          lr=SLOW_LR, stop=None),
-                        # one change at a time from the paper's RoDA: the matched statistics and the small step
-                        # with the paper's loss (Eq. 5-6 as written)
+                        # matched statistics only where they bring the split nearer the bank (bn_stats.gate_bn_stats)
+                        "roda_robust_gated_slow": dict(copy.deepcopy(ROBUST_RODA), bn_init="gated", lr=SLOW_LR,
+                                                       stop=None),
+                        # the paper's RoDA (Eq. 5-6 as written) with the matched statistics and the small step
                         "roda_matched_slow": dict(method="roda", bn_init="matched", lr=SLOW_LR),
                         # and the small step alone (the paper's RoDA from the source statistics)
                         "roda_slow": dict(method="roda", lr=SLOW_LR)}),
@@ -111,8 +112,7 @@ _BASE = dict(
               rotation_variants=2, dpdl_kwargs={},
               # the defaults notebook 05 carried (None: see DERIVED)
               methods=("dpdl", "devnet", "dra", "flos"), max_train=None, max_test=None, hard_seeds=None,
-              hard_n_anomalies=None,
-              ablation_seeds=None, sensitivity_seeds=None,
+              hard_n_anomalies=None, ablation_seeds=None, sensitivity_seeds=None,
               sensitivity=dict(n_prototypes=(8, 16, 32, 64), eps=(1e-3, 1e-2, 1e-1, 1.0), kappa=(1.0, 5.0, 10.0, 20.0),
                                lam=(0.001, 0.01, 0.1, 1.0))),
     # notebook 06: rows of the qualitative map figure (one RoDA adaptation per row)

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from .adaptation import (
+    NEEDS_BN_REFERENCE,
     AdaptationDiverged,
     AdaptConfig,
     adapt,
@@ -215,7 +216,7 @@ def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, 
                 conf = config_for(cfg, methods[name], s)
                 if _needs_weights(conf) and weights is None:
                     weights = bank_weights(cfg, t, model, seed=b_seed)
-                if conf.bn_init == "matched" and reference is None:
+                if conf.bn_init in NEEDS_BN_REFERENCE and reference is None:
                     reference = training_bn_moments(cfg, t, model, seed=b_seed)
                 res, hist = adapt_and_evaluate(model, t, a_split, e_split, c, severity, conf, eval_seed=s,
                                                batch_size=cfg["patchcore"]["batch_size"], weights=weights,
@@ -227,6 +228,8 @@ def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, 
                 for k in ("eps_cost", "rho_cost", "share_row_argmax_nn", "nn_distance", "sinkhorn_iters"):
                     if k in hist:
                         row[k] = float(hist[k].iloc[-1])
+                if conf.bn_init == "gated":  # the gate's choice and the two distances it compared
+                    row.update({k: hist.attrs.get(k) for k in ("bn_start", "nn_source", "nn_matched")})
                 rows.append(pd.DataFrame([row]))
                 write_csv(pd.concat(rows, ignore_index=True), out_csv)
                 if history_csv is not None and len(hist):
@@ -250,7 +253,7 @@ def epoch_curve(cfg, extractor, task_name, corruption, spec: dict, seed: int = 0
     stop_rule, start = conf.stop, conf.bn_init
     conf = replace(conf, stop=None, epochs=conf.epochs if epochs is None else epochs)
     weights = bank_weights(cfg, t, model, seed=b_seed) if _needs_weights(conf) else None
-    reference = training_bn_moments(cfg, t, model, seed=b_seed) if conf.bn_init == "matched" else None
+    reference = training_bn_moments(cfg, t, model, seed=b_seed) if conf.bn_init in NEEDS_BN_REFERENCE else None
     target = dataset(t, a_split, corruption, severity, seed)
 
     def scored():
@@ -267,7 +270,8 @@ def epoch_curve(cfg, extractor, task_name, corruption, spec: dict, seed: int = 0
     source = bn_state(extractor)
     try:
         if conf.bn_init != "source":  # epoch 0 = the statistics the alignment starts from (what adapt sets first)
-            adapt(model, target, replace(conf, method="patchcore"), show_progress=False, bn_reference=reference)
+            stats = adapt(model, target, replace(conf, method="patchcore"), show_progress=False, bn_reference=reference)
+            start = stats.attrs.get("bn_start", start)  # "gated": the statistics its gate kept
             conf = replace(conf, bn_init="source")
             score(-1, [])
         else:

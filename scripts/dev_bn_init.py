@@ -9,6 +9,10 @@ score the three states. The recorded runs were made on the ``smoke`` profile (th
 
     python scripts/dev_bn_init.py smoke results/dev/bn_init_synthetic.csv 0,1
     python scripts/dev_bn_init.py default results/dev/bn_init_elpv.csv 0,1,2 2
+
+Column ``nn`` (added in v0.9, so the recorded v0.3 files lack it; `results/dev/bn_gate_*.csv` have it) is
+the adaptation split's mean nearest-bank distance in that state (:func:`lib.bn_stats.nearest_bank_distance`):
+the signal of ``bn_init="gated"``, which keeps ``matched`` where its ``nn`` is below ``source``'s.
 """
 
 import sys
@@ -22,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import backbones, profiles  # noqa: E402
 from lib.adaptation import bn_state, restore_bn_state  # noqa: E402
-from lib.bn_stats import bn_input_moments, match_bn_stats, reestimate_bn_stats  # noqa: E402
+from lib.bn_stats import bn_input_moments, match_bn_stats, nearest_bank_distance, reestimate_bn_stats  # noqa: E402
 from lib.data import make_loader  # noqa: E402
 from lib.pipeline import dataset, evaluate, fit_or_load_bank, resolve_task, target_split  # noqa: E402
 from lib.utils import write_csv  # noqa: E402
@@ -48,10 +52,11 @@ def main(profile: str, out: str, seeds: str, threads: str = "1") -> None:
                         reestimate_bn_stats(model, batches)
                     elif state == "matched":
                         match_bn_stats(model, batches, reference)
+                    nn = nearest_bank_distance(model, batches)
                     res = evaluate(model, task, eval_split, corruption, 5, seed)
                     restore_bn_state(model.extractor, source)
                     rows.append(dict(task=name, seed=seed, condition=corruption or "clean", state=state,
-                                     image=res["image_auroc"], pixel=res.get("pixel_auroc")))
+                                     image=res["image_auroc"], pixel=res.get("pixel_auroc"), nn=nn))
                     print(rows[-1], flush=True)
     write_csv(pd.DataFrame(rows), out)
 

@@ -289,6 +289,32 @@ def test_bn_init_matched_on_the_real_encoder_keeps_an_unshifted_split_and_needs_
     restore_bn_state(ext, source)
 
 
+def test_bn_init_gated_records_its_choice_and_needs_the_reference(fitted):
+    """``bn_init="gated"`` on the bundled MobileNetV2: on a contrast-cut split the matched statistics bring the
+    patches nearer the bank, so the gate keeps them, and the history says so (``attrs``) with both distances,
+    for the statistics alone and before alignment steps alike."""
+    ext = fitted.extractor
+    source = bn_state(ext)
+    train = TensorDataset(_textures(6, 0))
+    reference = bn_stats.bn_input_moments(fitted, torch.utils.data.DataLoader(train, batch_size=6))
+    cut = TensorDataset(0.5 + 0.1 * (_textures(4, 3) - 0.5))
+    with pytest.raises(AdaptationError, match="bn_init='gated' needs .* bn_reference"):
+        adapt(fitted, cut, AdaptConfig(method="patchcore", bn_init="gated", batch_size=4), show_progress=False)
+    alone = adapt(fitted, cut, AdaptConfig(method="patchcore", bn_init="gated", batch_size=4), show_progress=False,
+                  bn_reference=reference)
+    assert len(alone) == 0 and alone.attrs["bn_start"] == "matched"
+    assert alone.attrs["nn_matched"] < alone.attrs["nn_source"]
+    assert not torch.equal(ext.bn_modules()[0].running_var, source["0.running_var"])
+    restore_bn_state(ext, source)
+    hist = adapt(fitted, cut, AdaptConfig(method="roda", bn_init="gated", batch_size=4, steps=1), show_progress=False,
+                 bn_reference=reference)
+    assert len(hist) == 1 and hist.attrs == alone.attrs
+    restore_bn_state(ext, source)
+    plain = adapt(fitted, cut, AdaptConfig(method="roda", batch_size=4, steps=1), show_progress=False)
+    assert plain.attrs == {"bn_start": "source"}
+    restore_bn_state(ext, source)
+
+
 def test_a_runaway_cost_scale_stops_adaptation_as_diverged(fitted, monkeypatch):
     # the encoder "ran away": the plan's cost scale is inf. adapt reports a divergence (a result the runners
     # record as NaN), not the Sinkhorn eps error of bad input, and leaves the BatchNorm state restorable

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from lib.bn_stats import BNStatsError, bn_input_moments, match_bn_stats, reestimate_bn_stats
+from lib.bn_stats import (
+    BNStatsError,
+    bn_input_moments,
+    gate_bn_stats,
+    match_bn_stats,
+    nearest_bank_distance,
+    reestimate_bn_stats,
+)
 
 
 class Toy(nn.Module):
@@ -105,6 +112,42 @@ def test_matched_statistics_from_several_batches_remove_nearly_all_of_the_shift(
     assert (adapted - clean).abs().max() < 0.01 * (unadapted - clean).abs().max()
 
 
+def banked(n=24):
+    """The toy as a PatchCore-like model: ``embed`` gives (B, pixels, 6) features and the bank holds every
+    clean training patch, so a training image is at distance ~0 from the bank under the source state."""
+    model, images = model_and_images(n)
+    model.embed = lambda x: model.extractor(x).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        model.bank = model.embed(images).reshape(-1, 6)
+    return model, images, bn_input_moments(model, batches(images))
+
+
+def test_gate_keeps_the_matched_statistics_when_they_bring_a_shifted_target_to_the_bank():
+    model, images, reference = banked()
+    before = stats(model)
+    shifted = images * 0.2 + 0.5  # contrast-like: a per-channel affine change that matching undoes
+    gate = gate_bn_stats(model, batches(shifted, 6), reference)
+    assert gate["bn_start"] == "matched"
+    assert gate["nn_matched"] < 0.1 * gate["nn_source"]
+    assert nearest_bank_distance(model, batches(shifted, 6)) == pytest.approx(gate["nn_matched"])
+    assert any(not torch.equal(m0, m1) for (m0, _), (m1, _) in zip(before, stats(model)))
+
+
+def test_gate_restores_the_source_statistics_when_matching_moves_the_target_away():
+    """A target that is a subpopulation of the clean images (the darkest third: no shift, one product variant)
+    sits on the bank; matching it to the moments of *all* training images moves it off, so the gate keeps
+    the source state, bit for bit."""
+    model, images, reference = banked()
+    before = stats(model)
+    subset = images[images.mean((1, 2, 3)).argsort()[:8]]
+    gate = gate_bn_stats(model, batches(subset, 4), reference)
+    assert gate["bn_start"] == "source"
+    assert gate["nn_source"] < 0.01 < gate["nn_matched"]
+    for (m0, v0), (m1, v1) in zip(before, stats(model)):
+        assert torch.equal(m0, m1) and torch.equal(v0, v1)
+    assert nearest_bank_distance(model, batches(subset, 4)) == pytest.approx(gate["nn_source"])
+
+
 def test_bad_input_names_the_fix():
     model, images = model_and_images()
     reference = bn_input_moments(model, batches(images))
@@ -114,3 +157,6 @@ def test_bad_input_names_the_fix():
         match_bn_stats(model, [], reference)
     with pytest.raises(BNStatsError, match="no images"):
         reestimate_bn_stats(model, [])
+    model, _, reference = banked()
+    with pytest.raises(BNStatsError, match="no images"):
+        gate_bn_stats(model, [], reference)

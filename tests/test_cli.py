@@ -229,6 +229,30 @@ def test_printouts_name_how_the_state_was_made(data, tmp_path, capsys):
         assert label in capsys.readouterr().out
 
 
+def test_adapt_bn_init_gated_saves_what_its_gate_chose(data, tmp_path, capsys):
+    """--bn-init gated: the state file records the statistics the gate kept and the two distances it compared,
+    its running statistics are those statistics, and the printout says which."""
+    import torch
+
+    target = data["category"] / "test"
+    out = {}
+    for init in ("gated", "matched"):
+        out[init] = tmp_path / f"{init}.pt"
+        assert main(["adapt", str(data["bank"]), str(target), "-o", str(out[init]), "--epochs", "0", "--bn-init", init,
+                     "--batch-size", "8", "--device", "cpu"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    gated, matched = (torch.load(out[k], weights_only=False) for k in ("gated", "matched"))
+    info = gated["info"]
+    assert info["bn_init"] == "gated" and info["bn_start"] in ("matched", "source")
+    assert (info["bn_start"] == "matched") == (info["nn_matched"] < info["nn_source"])
+    assert f"--bn-init gated kept the {info['bn_start']} statistics" in printed
+    from lib.backbones import load_backbone
+
+    kept = matched["bn"] if info["bn_start"] == "matched" else {
+        "0.running_mean": load_backbone("mobilenet_v2").bn_modules()[0].running_mean}
+    assert torch.equal(gated["bn"]["0.running_mean"], kept["0.running_mean"])
+
+
 def test_adapt_bn_init_matched_needs_the_reference_that_fit_writes(data, tmp_path, capsys):
     import shutil
 

@@ -124,12 +124,14 @@ def test_slow_variants_are_one_change_away_from_their_parents(tmp_path):
     assert diff("roda_robust_matched_slow", "roda_robust_matched") == {"lr": (SLOW_LR, 0.003), "stop": (None, stop)}
     assert diff("roda_matched_slow", "roda") == {"lr": (SLOW_LR, 0.003), "bn_init": ("matched", "source")}
     assert diff("roda_slow", "roda") == {"lr": (SLOW_LR, 0.003)}
+    assert diff("roda_robust_gated_slow", "roda_robust_matched_slow") == {"bn_init": ("gated", "matched")}
     assert config_for(cfg, specs["roda_robust_matched_slow"], 0).epochs == cfg["roda"]["epochs"]  # no stop rule
 
 
 def test_a_resumed_grid_keeps_the_timings_of_its_finished_rows(tmp_path):
     """run_grid skips the rows already in its table and rewrites the table with the new ones: the finished
-    rows' wall-clock times (kept apart in ``*_timings.csv``) must survive that rewrite."""
+    rows' wall-clock times (kept apart in ``*_timings.csv``) must survive that rewrite. A gated row records
+    which statistics its gate kept and the two distances it compared."""
     import pandas as pd
 
     from lib import backbones, profiles, roda_runner
@@ -137,8 +139,11 @@ def test_a_resumed_grid_keeps_the_timings_of_its_finished_rows(tmp_path):
     cfg = profiles.get_profile("smoke", device="cpu", out_dir=tmp_path)
     extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device="cpu")
     out = tmp_path / "grid.csv"
-    methods = {"patchcore": dict(method="patchcore")}
+    methods = {"patchcore": dict(method="patchcore"), "adabn_gated": dict(method="patchcore", bn_init="gated")}
     roda_runner.run_grid(cfg, extractor, cfg["tasks"], ["contrast"], methods, [0], out)
     roda_runner.run_grid(cfg, extractor, cfg["tasks"], ["contrast"], methods, [0, 1], out)
     times = pd.read_csv(tmp_path / "grid_timings.csv")
-    assert list(times.seed) == [0, 1] and times.adapt_seconds.notna().all()
+    assert list(times.seed) == [0, 0, 1, 1] and times.adapt_seconds.notna().all()
+    gated = pd.read_csv(out).query("method == 'adabn_gated'")
+    assert set(gated.bn_start) <= {"matched", "source"} and len(gated) == 2
+    assert ((gated.bn_start == "matched") == (gated.nn_matched < gated.nn_source)).all()
