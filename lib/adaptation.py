@@ -295,13 +295,15 @@ def adapt(model, dataset, config: AdaptConfig, show_progress: bool = True, bank_
     if config.bn_init in NEEDS_BN_REFERENCE and bn_reference is None:
         raise AdaptationError(f"bn_init={config.bn_init!r} needs the training images' BatchNorm moments: pass "
                               "bn_reference=lib.bn_stats.bn_input_moments(model, <loader of the training images>)")
-    if config.bn_init == "target":
-        reestimate_bn_stats(model, make_loader(dataset, batch_size=max(config.batch_size, 2)))
-    elif config.bn_init == "matched":
-        match_bn_stats(model, make_loader(dataset, batch_size=max(config.batch_size, 2)), bn_reference)
     start = dict(bn_start=config.bn_init)
-    if config.bn_init == "gated":
-        start = gate_bn_stats(model, make_loader(dataset, batch_size=max(config.batch_size, 2)), bn_reference)
+    if config.bn_init != "source":  # the statistics first: every image of the split once, no augmentation
+        plain = make_loader(dataset, batch_size=max(config.batch_size, 2))
+        if config.bn_init == "target":
+            reestimate_bn_stats(model, plain)
+        elif config.bn_init == "matched":
+            match_bn_stats(model, plain, bn_reference)
+        else:
+            start = gate_bn_stats(model, plain, bn_reference)
     if config.method == "patchcore":  # no alignment loss: the statistics alone (AdaBN) or nothing
         out = pd.DataFrame()
         out.attrs.update(start)
