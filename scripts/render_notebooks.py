@@ -112,6 +112,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--categories", default=None)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--out-dir", default=None,
+                    help="where results/ and figures/ of the run go (default: the repository); the copy still goes "
+                         "to notebooks/rendered/<profile>/")
     ap.add_argument("--timeout", type=int, default=None, help="seconds per cell")
     ap.add_argument("--max-lines", type=int, default=60, help="longest text output kept")
     ap.add_argument("--max-mb", type=float, default=3.0, help="warn when a rendered copy is larger")
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
         print(f"no notebooks match {args.only}", file=sys.stderr)
         return 2
     params = dict(profile=args.profile, data_root=args.data_root, categories=args.categories, device=args.device,
-                  seed=None, out_dir=None)
+                  seed=None, out_dir=args.out_dir)
     rows, failed = [], False
     for nb_path in todo:
         out = target / nb_path.name

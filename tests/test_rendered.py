@@ -51,3 +51,26 @@ def test_clean_strips_volatile_metadata_and_progress():
     bad.cells[0].outputs = [new_output("error", ename="ZeroDivisionError", evalue="x", traceback=[])]
     assert render_notebooks.errors(bad) == ["cell 0: ZeroDivisionError: x"]
     assert nbformat.validate(out) is None
+
+
+def test_render_hands_its_run_options_to_the_notebook(tmp_path, monkeypatch):
+    """``--categories`` / ``--out-dir`` reach the notebook's parameters cell (a real-profile render on one
+    category writes its tables outside the repository); the cleaned copy lands in rendered/<profile>/."""
+    import nbformat
+    import render_notebooks
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+    seen = {}
+
+    def fake_run(nb_path, raw, params, timeout, progress=False):
+        seen.update(params)
+        cell = new_code_cell("print(1)")
+        cell.outputs = [new_output("stream", name="stdout", text="1\n")]
+        nbformat.write(new_notebook(cells=[cell]), str(raw))
+
+    monkeypatch.setattr(render_notebooks.run_notebooks, "run_one", fake_run)
+    monkeypatch.setattr(render_notebooks, "RENDERED", tmp_path / "rendered")
+    argv = ["--profile", "real", "--only", "03", "--categories", "bottle", "--out-dir", str(tmp_path / "out")]
+    assert render_notebooks.main(argv) == 0
+    assert (seen["profile"], seen["categories"], seen["out_dir"]) == ("real", "bottle", str(tmp_path / "out"))
+    assert (tmp_path / "rendered" / "real" / "03_roda.ipynb").exists()
