@@ -34,13 +34,14 @@ import run_notebooks  # noqa: E402
 
 RENDERED = REPO / "notebooks" / "rendered"
 DROP_MIME = ("application/vnd.jupyter.widget-view+json", "image/svg+xml", "application/pdf")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal control (a nested tqdm bar's cursor-up, colours)
 PROGRESS = re.compile(r"\r|\d+%\||TqdmWarning: IProgress not found|from \.autonotebook import tqdm")
 CHECKOUT = re.compile(r"/[^\s'\"]*/(?=(?:figures|results|cache|runs|notebooks)/)")
 ERRORS_TEXT = re.compile(r"Traceback \(most recent call last\)")
 
 
 def _clean_stream(text: str, max_lines: int) -> str:
-    text = CHECKOUT.sub("", text)  # the machine's checkout path is noise: paths read relative to the repo
+    text = CHECKOUT.sub("", ANSI.sub("", text))  # the machine's checkout path is noise: paths read relative to the repo
     lines = [line for line in text.split("\n") if not PROGRESS.search(line)]
     if len(lines) > max_lines:
         lines = lines[:max_lines] + [f"... ({len(lines) - max_lines} more lines cut in the rendered copy)"]

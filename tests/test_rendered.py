@@ -35,6 +35,8 @@ def test_clean_strips_volatile_metadata_and_progress():
 
     cell = new_code_cell("x", metadata={"execution": {"iopub.status.busy": "2026"}, "papermill": {"duration": 1}})
     cell.outputs = [new_output("stream", name="stderr", text="bank:  10%|#   | 1/10\rbank: 100%|###| 10/10\n"),
+                    new_output("stream", name="stderr", text="\x1b[A"),  # a nested bar's cursor-up, alone
+                    new_output("stream", name="stderr", text="\x1b[Adone\n"),
                     new_output("stream", name="stdout", text="kept\n"),
                     new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"a": 1}}),
                     new_output("display_data", data={"image/png": "iVBORw0KGgo=", "image/svg+xml": "<svg/>",
@@ -45,8 +47,9 @@ def test_clean_strips_volatile_metadata_and_progress():
     assert "papermill" not in out.metadata and out.metadata.language_info == {"name": "python"}
     c = out.cells[0]
     assert c.metadata == {}
-    assert [o.output_type for o in c.outputs] == ["stream", "display_data"]
-    assert c.outputs[0].text.strip() == "kept" and set(c.outputs[1].data) == {"image/png", "text/plain"}
+    assert [o.output_type for o in c.outputs] == ["stream", "stream", "display_data"]
+    assert [o.text.strip() for o in c.outputs[:2]] == ["done", "kept"]
+    assert set(c.outputs[2].data) == {"image/png", "text/plain"}
     bad = new_notebook(cells=[new_code_cell("1/0")])
     bad.cells[0].outputs = [new_output("error", ename="ZeroDivisionError", evalue="x", traceback=[])]
     assert render_notebooks.errors(bad) == ["cell 0: ZeroDivisionError: x"]
