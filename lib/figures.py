@@ -184,6 +184,13 @@ def recorded(path, index, columns: str, values: str, query: str | None = None, s
     return table.round(decimals)
 
 
+def written_by_this_run(recorded_path, results_dir) -> bool:
+    """True where ``recorded_path`` lies in this run's own results folder: a ``real``-profile run writes the
+    very file its "what we measured" section reads, so that section must not label the run's fresh table
+    as the recorded one (it points to the table above instead)."""
+    return Path(recorded_path).resolve().parent == Path(results_dir).resolve()
+
+
 def grid_bars(table: pd.DataFrame, metric: str, methods, reference: str = "patchcore", title: str = ""):
     """One panel per task x corruption, one bar per method (mean, error bar = std over seeds) of ``metric``
     from a RoDA grid table (``lib.roda_runner.run_grid``); ``reference``'s mean is the dashed line."""

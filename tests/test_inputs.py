@@ -453,3 +453,16 @@ def test_backbone_fingerprint_ignores_modules_no_tap_uses(tiny_extractor):
     with torch.no_grad():
         b.deep[0].weight.add_(1e-3)
     assert cache.extractor_fingerprint(a) != cache.extractor_fingerprint(b)
+
+
+def test_recorded_section_knows_when_the_run_wrote_the_recorded_file(tmp_path):
+    """A "what we measured" section reads results/real/<table>; a real-profile run writes that very file
+    first, and must then not show its fresh table under the recorded label (notebooks 03 and 08)."""
+    from lib import figures, profiles
+
+    real = profiles.resolve("real", device="cpu")
+    recorded = Path(real.results_dir) / "03_roda.csv"
+    assert figures.written_by_this_run(recorded, real.results_dir)
+    assert figures.written_by_this_run(tmp_path / "r" / ".." / "x.csv", tmp_path)  # the same folder, spelled apart
+    other = profiles.resolve("real", device="cpu", out_dir=tmp_path)  # e.g. a one-category render to /tmp
+    assert not figures.written_by_this_run(recorded, other.results_dir)
