@@ -2,6 +2,8 @@
 #   make run    - create the venv if missing, run every notebook on the embedded default data
 #   make test   - create the venv if missing, lint (ruff) and run the test suite
 #   make elpv   - the same notebooks on ELPV at the larger scale of the elpv profile (hours, see README)
+#   make real   - every notebook on real MVTec bottle at the papers' schedules (../shared/data; about 2 h)
+#   make real-full - every real category, 3-5 seeds, every variant (a night on 2 cores)
 #   make render - executed copies of the notebooks (default profile) in notebooks/rendered/default/
 #   make lab    - JupyterLab on notebooks/ (headless: make lab LAB_ARGS=--no-browser)
 PYTHON ?= python3.11
@@ -9,7 +11,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint elpv real smoke bench lab render
+.PHONY: setup run test lint elpv real real-full smoke bench lab render
 
 setup: $(STAMP)
 
@@ -34,6 +36,9 @@ elpv: setup
 
 real: setup
 	$(PY) scripts/run_notebooks.py --profile real
+
+real-full: setup
+	$(PY) scripts/run_notebooks.py --profile real_full
 
 smoke: setup
 	$(PY) scripts/run_notebooks.py --profile smoke --out-dir runs/smoke-out

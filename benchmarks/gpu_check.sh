@@ -5,11 +5,11 @@
 #      compare with the same grid on CPU (the same code path, no device-specific branch);
 #   3. DPDL and DRA fine-tuned end to end at 448 px (the papers' setting) on HeadCT and BrainMRI, M = 10,
 #      one job per (task, seed) sharing the GPU (about 80 s per run with two jobs; more jobs share it better).
-#      Merge with `scripts/run_dpdl.py --compare results/real/05_v06_448_runs.csv ... <WORK>/*_runs.csv`.
+#      Merge with `scripts/run_dpdl.py --compare results/real_full/05_v06_448_runs.csv ... <WORK>/*_runs.csv`.
 #   4. (CHECKS=leads) issue 12's leads that are too slow on CPU (the plan's-spread epsilon alone, and with the
 #      semi-relaxed plan: hundreds of Sinkhorn iterations a step) on real categories, one job per task.
 #      Carry the data (RODA_TASKS under DATA_ROOT; mind the 64 MiB carry limit: two MVTec categories at a time).
-#      Fold in with `scripts/run_roda_grid.py --out results/real/08_lead_grid.csv --merge <WORK>/leads_*.csv`.
+#      Fold in with `scripts/run_roda_grid.py --out results/real_full/08_lead_grid.csv --merge <WORK>/leads_*.csv`.
 # Every result is written as it is produced into $WORK (a stopped job keeps what finished); at the end $OUT
 # receives log.txt and results.tgz (the CSVs and the benchmark transcript).
 #
@@ -61,7 +61,7 @@ done
 has leads && log "4. leads L1 / L6 on $RODA_TASKS, seeds $RODA_SEEDS, one job per task (beside the others)"
 has leads && for task in ${RODA_TASKS//,/ }; do
   name=${task//\//_}
-  timeout "${SECONDS_LEADS:-480}" $PY scripts/run_roda_grid.py --profile real --data-root "$DATA" --tasks "$task" \
+  timeout "${SECONDS_LEADS:-480}" $PY scripts/run_roda_grid.py --profile real_full --data-root "$DATA" --tasks "$task" \
     --corruptions gaussian_noise,defocus_blur,brightness,contrast --seeds "$RODA_SEEDS" \
     --methods L1_eps_plan_spread,L6_semi_relaxed --variants "$($PY -c 'import json; from lib.roda_runner import DIAGNOSIS_LEADS as D; print(json.dumps({k: D[k] for k in ("L1_eps_plan_spread", "L6_semi_relaxed")}))')" \
     --bank-seed 0 --threads 2 --note "lead diagnosis on CUDA" --out "$WORK/leads_$name.csv" \

@@ -31,7 +31,7 @@ def calibrate_eps(C, target_entries: float, b=None, lo: float = 1e-2, hi: float 
     adaptation batch: no labels; ``n_rows=None`` uses every row). Caveat, measured on MVTec screw: a row
     subsample smaller than the bank (1,024 rows vs 2,500 entries) forces each row to spread over at least
     ``M / n_rows`` entries, so the eps found is smaller than the full batch's: the full 15,680-row plan at that
-    eps spread over 3.4 entries for a target of 8 (``results/real/08_first_batch.csv``). The spread grows with
+    eps spread over 3.4 entries for a target of 8 (``results/real_full/08_first_batch.csv``). The spread grows with
     ``eps`` (towards 1 as ``eps -> 0``, towards the perplexity of ``b`` as ``eps -> inf``), so a bisection in
     ``log eps`` over ``[lo, hi] * s`` (``s`` the median nearest-neighbour cost gap) finds it; every solve is
     warm-started from the previous one and capped at ``max_iter`` iterations (the spread of a nearly converged

@@ -5,8 +5,10 @@ profile    data                                                         cost
 =========  ===========================================================  ==========================
 smoke      a generated 128 px MVTec-layout set with masks               seconds (the tests)
 default    ELPV solar cells, shipped by the ``elpv-dataset`` package    minutes on 2 CPU cores
-real       ``../shared/data`` (MVTec screw, bottle, tire, KSDD, HeadCT,  a night on 2 CPU cores (05
-           BrainMRI, ELPV) or a user's MVTec AD root via ``data_root``   at 50 x 20 ~4 h)
+real       ``../shared/data`` (MVTec bottle) or a user's MVTec AD root  about 2 h on 2 CPU cores
+           via ``data_root``; the papers' schedules on one category
+real_full  ``../shared/data`` (MVTec screw, bottle, tire, KSDD, HeadCT,  a night on 2 CPU cores (05
+           BrainMRI, ELPV): every category, 3-5 seeds, every variant     at 50 x 20 ~4 h)
 full       all 15 MVTec AD categories, the papers' backbones            GPU-sized (hours)
 =========  ===========================================================  ==========================
 
@@ -41,9 +43,12 @@ from .registry import PAPER_CORRUPTIONS as CORRUPTIONS
 from .settings import (
     DERIVED_KEYS,
     SPEC,
+    Section,
     SettingsError,
     check_value,
+    freeze,
     inferred_rule,
+    thaw,
     unknown_key_message,
 )
 from .utils import REPO_ROOT, ensure_writable, resolve_device, write_json
@@ -123,25 +128,16 @@ _BASE = dict(
 FREE_DICTS = ("geometry", "roda.variants", "dpdl.sensitivity", "dpdl.dpdl_kwargs")
 
 
-def _thaw(value):
-    """Plain dicts and lists (for JSON and for callers that want a mutable copy)."""
-    if isinstance(value, dict):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_thaw(v) for v in value]
-    return value
-
-
 def _merge(base: dict, over: dict, prefix: str = "") -> dict:
     """``base`` with ``over`` applied: sections merge key by key, every other value (``None`` and the
     free dicts of :data:`FREE_DICTS` included) replaces the old one. Returns plain dicts."""
-    out = _thaw(base)
+    out = thaw(base)
     for k, v in (over or {}).items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and isinstance(out.get(k), dict) and key not in FREE_DICTS:
             out[k] = _merge(out[k], v, prefix=f"{key}.")
         else:
-            out[k] = _thaw(v)
+            out[k] = thaw(v)
     return out
 
 
@@ -199,7 +195,28 @@ PROFILES = {
                       diagnosis=dict(corruptions=("gaussian_noise",), curve_epochs=3)),
         dpdl=dict(seeds=(0, 1), epochs=5, hard_seeds=(0,), ablation_seeds=(0,), sensitivity_seeds=(0,)))),
     "elpv": _ELPV,
+    # the paper's schedules on real data in about 2 hours on 2 CPU cores (issue 9): one MVTec category (bottle,
+    # the smallest), notebook 04 at 10 epochs and 3 seeds, DPDL at 50 x 20 with 3 seeds; the every-category
+    # grids are `real_full`'s
     "real": dict(
+        data_root=str(SHARED_DATA),
+        tasks=("mvtec/bottle",),
+        patchcore=dict(coreset_ratio=0.01, max_bank=2500, max_train=None, max_test=None, batch_size=16),
+        roda=dict(epochs=10, variants={k: _BASE["roda"]["variants"][k] for k in
+                                       ("adabn_matched", "roda_slow", "roda_robust", "roda_robust_matched_slow",
+                                        "roda_robust_gated_slow")}),
+        ablation=dict(seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.02, 0.2), epochs_grid=(1, 10),
+                      lr_grid=(0.001,), choice_corruptions=("gaussian_noise",), extra_corruptions=False,
+                      table5_schedule="steps", workers=2,
+                      diagnosis=dict(corruptions=("gaussian_noise", "brightness"), seeds=(0,),
+                                     curve_corruptions=("gaussian_noise",))),
+        dpdl=dict(tasks=("mvtec/bottle",), hard=True, seeds=(0, 1, 2), hard_n_anomalies=(10,), hard_seeds=(0,),
+                  ablation_seeds=(0, 1, 2), sensitivity_seeds=(0,), image_size=224, epochs=50, iterations=20,
+                  batch_size=16),
+    ),
+    # every real category, 3-5 seeds and every named variant: a night on 2 cores (named `real` up to v0.9;
+    # its tables are results/real_full/, most of them from the resumable scripts)
+    "real_full": dict(
         data_root=str(SHARED_DATA),
         tasks=("mvtec/screw", "mvtec/bottle", "mvtec/tire", "ksdd"),
         patchcore=dict(coreset_ratio=0.01, max_bank=2500, max_train=None, max_test=None, batch_size=16),
@@ -245,45 +262,6 @@ def env_overrides() -> dict:
     """Overrides handed to notebook kernels by ``scripts/run_notebooks.py --set`` (a JSON dict)."""
     raw = os.environ.get(OVERRIDES_ENV)
     return json.loads(raw) if raw else {}
-
-
-def _freeze(value):
-    if isinstance(value, dict):
-        return Section({k: _freeze(v) for k, v in value.items()})
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-class Section(dict):
-    """A read-only dict with attribute access (``cfg.roda["epochs"]`` or ``cfg.roda.epochs``).
-
-    Every mutation raises :class:`TypeError`: a changed copy comes from :meth:`Profile.replace`."""
-
-    def __getattr__(self, key):
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    def _read_only(self, *args, **kwargs):
-        raise TypeError("the profile is read-only: derive a variant with cfg.replace(roda={'epochs': 5}) "
-                        "(or cfg.replace({'roda.epochs': 5})) and use the returned profile")
-
-    __setitem__ = __delitem__ = __setattr__ = __delattr__ = __ior__ = _read_only
-    clear = pop = popitem = setdefault = update = _read_only
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __reduce__(self):
-        return (type(self), (dict(self),))
-
-    def to_dict(self) -> dict:
-        return _thaw(self)
 
 
 class Profile(Section):
@@ -368,7 +346,7 @@ def check_override_keys(overrides: dict, where: str = "the overrides") -> None:
 
 def check_config(cfg: dict, where: str) -> dict:
     """Every value of a merged configuration checked (and normalised) against its rule."""
-    known, problems, out = known_settings(), [], _thaw(cfg)
+    known, problems, out = known_settings(), [], thaw(cfg)
     for key, value in list(_leaves(cfg)):
         if key in DERIVED_KEYS or key not in known:
             continue
@@ -400,7 +378,7 @@ def _fill_derived(cfg: dict) -> dict:
 def _finish(raw: dict, derived: dict) -> Profile:
     """Check ``raw`` (the merged settings), fill :data:`DERIVED`, add the get_profile keys, freeze."""
     checked = check_config(raw, f"profile {derived.get('name')!r}")
-    cfg = _freeze({**_fill_derived(_thaw(checked)), **derived})
+    cfg = freeze({**_fill_derived(thaw(checked)), **derived})
     cfg = Profile(cfg)
     object.__setattr__(cfg, "_raw", checked)
     return cfg

@@ -337,3 +337,51 @@ def parse_assignments(items) -> dict:
                 raise SettingsError(f"--set {item!r}: {part} was already given a value, not a section")
         node[leaf] = value
     return out
+
+
+def thaw(value):
+    """Plain dicts and lists (for JSON and for callers that want a mutable copy)."""
+    if isinstance(value, dict):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thaw(v) for v in value]
+    return value
+
+
+def freeze(value):
+    if isinstance(value, dict):
+        return Section({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+class Section(dict):
+    """A read-only dict with attribute access (``cfg.roda["epochs"]`` or ``cfg.roda.epochs``).
+
+    Every mutation raises :class:`TypeError`: a changed copy comes from :meth:`Profile.replace`."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("the profile is read-only: derive a variant with cfg.replace(roda={'epochs': 5}) "
+                        "(or cfg.replace({'roda.epochs': 5})) and use the returned profile")
+
+    __setitem__ = __delitem__ = __setattr__ = __delattr__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (type(self), (dict(self),))
+
+    def to_dict(self) -> dict:
+        return thaw(self)

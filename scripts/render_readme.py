@@ -5,7 +5,7 @@ current.
 A table in the README sits between two markers; the first names the CSV (relative to the README's folder)
 and how to show it, options separated by ``|``::
 
-    <!-- table: results/real/03_roda.csv | columns=task,method,condition,image_auroc | by=task,method,condition
+    <!-- table: results/real_full/03_roda.csv | columns=task,method,condition,image_auroc | by=task,method,condition
          | where=method:patchcore,roda | percent=image_auroc | digits=1 | rename=image_auroc:image AUROC (%) -->
     | task | method | ... |            <- everything up to the end marker is replaced
     <!-- /table -->
@@ -28,7 +28,7 @@ Options (all optional):
 A number in prose sits between two inline markers (the number itself on one line); the first names the CSV, the rows
 (``where=``, as above), the column and how the rows reduce to one number::
 
-    PatchCore falls to <!-- value: results/real/02_patchcore.csv | where=condition:contrast | column=pixel_auroc
+    PatchCore falls to <!-- value: results/real_full/02_patchcore.csv | where=condition:contrast | column=pixel_auroc
     | agg=mean | percent=pixel_auroc | digits=1 -->72.9<!-- /value --> under contrast
 
 - ``column=name`` (required): the column read; ``agg=``: ``mean`` (default), ``std`` (ddof 1), ``min``, ``max``,

@@ -1,5 +1,5 @@
 """Direct runs of the notebook-05 runner (lib.openset_baselines.run_openset) outside papermill, for the
-real-data DPDL measurements quoted in the README (``results/real/05_new_*.csv``). Usage:
+real-data DPDL measurements quoted in the README (``results/real_full/05_new_*.csv``). Usage:
 
     OMP_NUM_THREADS=1 python scripts/run_dpdl.py TASK OUT_PREFIX SEEDS M_VALUES METHODS [EPOCHS] [SETTING]
 
@@ -13,7 +13,7 @@ deep tap end to end on cached normalised images; ``DEVICE=cuda`` trains and cach
 sets the CPU threads (1); ``DATA_ROOT`` replaces the profile's data root; ``IMAGE_SIZE`` overrides the
 profile's ``dpdl.image_size``. Method names: any of
 lib.openset_baselines.METHODS, or the DPDL variants below. Settings are the profile's (``elpv`` for elpv,
-``real`` otherwise; ``PROFILE=real`` for the uncapped ELPV) unless given.
+``real_full`` otherwise; ``PROFILE=real_full`` for the uncapped ELPV) unless given.
 """
 
 import os
@@ -38,7 +38,7 @@ VARIANTS = {"w/o DPL": dict(use_dpl=False), "w/o DFL": dict(use_dfl=False), "M_r
 
 def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="general"):
     torch.set_num_threads(int(os.environ.get("THREADS", 1)))
-    cfg = profiles.get_profile(os.environ.get("PROFILE") or ("elpv" if task_name == "elpv" else "real"),
+    cfg = profiles.get_profile(os.environ.get("PROFILE") or ("elpv" if task_name == "elpv" else "real_full"),
                                data_root=os.environ.get("DATA_ROOT"))
     dp = dict(cfg.dpdl, image_size=int(os.environ.get("IMAGE_SIZE", cfg.dpdl["image_size"])))
     seeds = [int(s) for s in seeds.split(",")]

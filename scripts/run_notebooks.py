@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 #: the profiles of lib/profiles.py (kept equal by tests/test_inputs.py; the script parses its arguments before
 #: it imports lib)
-PROFILE_NAMES = ("smoke", "default", "elpv", "real", "full")
+PROFILE_NAMES = ("smoke", "default", "elpv", "real", "real_full", "full")
 
 
 def notebooks(only=None) -> list[Path]:

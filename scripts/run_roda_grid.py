@@ -1,11 +1,11 @@
 """Run a RoDA grid (lib.roda_runner.run_grid) from the command line, resumable, for long background runs.
 
-    OMP_NUM_THREADS=1 python scripts/run_roda_grid.py --profile real --tasks mvtec/screw --seeds 0 \
-        --methods patchcore,roda,roda_robust --out results/real/08_roda_runs.csv
+    OMP_NUM_THREADS=1 python scripts/run_roda_grid.py --profile real_full --tasks mvtec/screw --seeds 0 \
+        --methods patchcore,roda,roda_robust --out results/real_full/08_roda_runs.csv
     python scripts/run_roda_grid.py --curves --tasks mvtec/bottle --methods roda_robust_matched \
-        --out results/real/08_epoch_curves.csv     # AUROC after every epoch, the stop rule off
-    python scripts/run_roda_grid.py --out results/real/08_roda_grid.csv --merge A.csv B.csv \
-        --history results/real/08_roda_grid_histories.csv --merge-history A_hist.csv B_hist.csv
+        --out results/real_full/08_epoch_curves.csv     # AUROC after every epoch, the stop rule off
+    python scripts/run_roda_grid.py --out results/real_full/08_roda_grid.csv --merge A.csv B.csv \
+        --history results/real_full/08_roda_grid_histories.csv --merge-history A_hist.csv B_hist.csv
 
 Parallel jobs must not share an output file, so each writes its own; ``--merge`` folds their rows (and each
 one's ``*_timings.csv``) into ``--out`` (a later file's row replaces an earlier one's for the same task, method,
@@ -31,7 +31,7 @@ from lib.utils import read_csv, seed_everything, timings_path, write_csv
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="real")
+    p.add_argument("--profile", default="real_full")
     p.add_argument("--tasks", default=None, help="comma-separated (required unless merging)")
     p.add_argument("--merge", nargs="+", default=None, help="grid CSVs of parallel jobs to fold into --out")
     p.add_argument("--merge-history", nargs="+", default=None, help="their histories, folded into --history")

@@ -115,7 +115,7 @@ def test_profiles_are_the_only_source_of_defaults():
     assert derived.dpdl.hard_n_anomalies == derived.dpdl.n_anomalies
     assert set(profiles._BASE["dpdl"]["sensitivity"]) == {"n_prototypes", "eps", "kappa", "lam"}
     assert cfg.dpdl.sensitivity  # the default profile sweeps its own subset
-    assert cfg.figures.qualitative_rows == 2 and profiles.resolve("real", device="cpu").figures.qualitative_rows == 4
+    assert cfg.figures.qualitative_rows == 2 and profiles.resolve("real_full", device="cpu").figures.qualitative_rows == 4
 
 
 def test_resolved_configuration_is_saved_next_to_the_results(tmp_path, env_set):
@@ -456,13 +456,13 @@ def test_backbone_fingerprint_ignores_modules_no_tap_uses(tiny_extractor):
 
 
 def test_recorded_section_knows_when_the_run_wrote_the_recorded_file(tmp_path):
-    """A "what we measured" section reads results/real/<table>; a real-profile run writes that very file
+    """A "what we measured" section reads results/real_full/<table>; a real_full run writes that very file
     first, and must then not show its fresh table under the recorded label (notebooks 03 and 08)."""
     from lib import figures, profiles
 
-    real = profiles.resolve("real", device="cpu")
+    real = profiles.resolve("real_full", device="cpu")
     recorded = Path(real.results_dir) / "03_roda.csv"
     assert figures.written_by_this_run(recorded, real.results_dir)
     assert figures.written_by_this_run(tmp_path / "r" / ".." / "x.csv", tmp_path)  # the same folder, spelled apart
-    other = profiles.resolve("real", device="cpu", out_dir=tmp_path)  # e.g. a one-category render to /tmp
+    other = profiles.resolve("real_full", device="cpu", out_dir=tmp_path)  # e.g. a one-category render to /tmp
     assert not figures.written_by_this_run(recorded, other.results_dir)
