@@ -446,6 +446,10 @@ def get_profile(name: str = "default", data_root=None, categories=None, device="
     return cfg
 
 
+#: where a run wrote (absolute paths of the checkout it ran in), not what it computed: a clone elsewhere differs here
+WHERE = ("results_dir", "figures_dir", "cache_dir", "generated_root")
+
+
 def save_config(cfg: Profile) -> Path:
     """Write ``cfg`` to ``<results_dir>/config.json`` atomically (sorted keys: the same settings give the same
     bytes). The device is left out: it is where a run ran, not what it computed."""
@@ -456,8 +460,10 @@ def save_config(cfg: Profile) -> Path:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = None
-        if old is not None and old != json.loads(json.dumps(data, default=str)):
-            changed = sorted(k for k, _ in _leaves(data) if dict(_leaves(old)).get(k) != dict(_leaves(data)).get(k))
+        before = dict(_leaves(old)) if isinstance(old, dict) else {}
+        now = dict(_leaves(json.loads(json.dumps(data, default=str))))
+        changed = sorted(k for k in before.keys() | now.keys() if k not in WHERE and before.get(k) != now.get(k))
+        if old is not None and changed:
             warnings.warn(f"{path} described other settings ({', '.join(changed[:6])}): tables already in "
                           f"{path.parent} may come from the old ones; rerun them or use another out_dir", stacklevel=3)
     return write_json(data, path)

@@ -37,13 +37,16 @@ DROP_MIME = ("application/vnd.jupyter.widget-view+json", "image/svg+xml", "appli
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal control (a nested tqdm bar's cursor-up, colours)
 PROGRESS = re.compile(r"\r|\d+%\||TqdmWarning: IProgress not found|from \.autonotebook import tqdm")
 CHECKOUT = re.compile(r"/[^\s'\"]*/(?=(?:figures|results|cache|runs|notebooks)/)")
+CUT = re.compile(r"\.\.\. \(\d+ more lines cut in the rendered copy\)")
 ERRORS_TEXT = re.compile(r"Traceback \(most recent call last\)")
 
 
 def _clean_stream(text: str, max_lines: int) -> str:
-    text = CHECKOUT.sub("", ANSI.sub("", text))  # the machine's checkout path is noise: paths read relative to the repo
+    # the machine's checkout path is noise: paths read relative to the repo (lib/... in a warning, results/...)
+    text = CHECKOUT.sub("", ANSI.sub("", text).replace(f"{REPO}/", ""))
     lines = [line for line in text.split("\n") if not PROGRESS.search(line)]
-    if len(lines) > max_lines:
+    already_cut = len(lines) == max_lines + 1 and CUT.fullmatch(lines[-1])  # a re-clean keeps the first count
+    if len(lines) > max_lines and not already_cut:
         lines = lines[:max_lines] + [f"... ({len(lines) - max_lines} more lines cut in the rendered copy)"]
     return "\n".join(lines)
 

@@ -115,7 +115,42 @@ def test_profiles_are_the_only_source_of_defaults():
     assert derived.dpdl.hard_n_anomalies == derived.dpdl.n_anomalies
     assert set(profiles._BASE["dpdl"]["sensitivity"]) == {"n_prototypes", "eps", "kappa", "lam"}
     assert cfg.dpdl.sensitivity  # the default profile sweeps its own subset
-    assert cfg.figures.qualitative_rows == 2 and profiles.resolve("real_full", device="cpu").figures.qualitative_rows == 4
+    assert cfg.figures.qualitative_rows == 2
+    assert profiles.resolve("real_full", device="cpu").figures.qualitative_rows == 4
+
+
+def test_real_profile_keeps_the_papers_schedules_on_one_category_and_real_full_the_grids():
+    """Issue 9: `real` is sized to run in about two hours (one category) without cutting the schedules the
+    papers report; the every-category grids are `real_full`'s and write to their own folder."""
+    from lib import line
+
+    real, full = profiles.resolve("real", device="cpu"), profiles.resolve("real_full", device="cpu")
+    assert real.tasks == ("mvtec/bottle",) and real.dpdl.tasks == ("mvtec/bottle",)
+    assert real.ablation.epochs == real.roda.epochs == 10 and len(real.ablation.seeds) == 3  # notebook 04
+    assert (real.dpdl.epochs, real.dpdl.iterations) == (50, 20) and len(real.dpdl.seeds) == 3
+    assert "roda_robust" in real.roda.variants  # notebook 08 compares the leads with it
+    assert set(real.roda.variants) < set(full.roda.variants) and len(full.tasks) == 4
+    assert Path(real.results_dir).name == "real" and Path(full.results_dir).name == "real_full"
+    assert len(line.line_settings(real)["seeds"]) == 1 and len(line.line_settings(full)["seeds"]) == 3
+
+
+def test_config_json_of_a_clone_elsewhere_is_not_other_settings_but_a_changed_value_is(tmp_path):
+    """The committed config.json holds the absolute folders of the checkout that wrote it; a clone at another
+    path must not be told its settings changed, a changed setting must (profiles.WHERE)."""
+    import warnings
+
+    cfg = profiles.get_profile("smoke", device="cpu", out_dir=tmp_path)
+    path = tmp_path / "results" / "smoke" / "config.json"
+    saved = json.loads(path.read_text())
+    saved.update({key: f"/elsewhere/{key}" for key in profiles.WHERE})
+    path.write_text(json.dumps(saved))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        profiles.save_config(cfg)
+    saved["roda"]["epochs"] = 7
+    path.write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match=r"described other settings \(roda.epochs\)"):
+        profiles.save_config(cfg)
 
 
 def test_resolved_configuration_is_saved_next_to_the_results(tmp_path, env_set):

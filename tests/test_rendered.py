@@ -38,6 +38,7 @@ def test_clean_strips_volatile_metadata_and_progress():
                     new_output("stream", name="stderr", text="\x1b[A"),  # a nested bar's cursor-up, alone
                     new_output("stream", name="stderr", text="\x1b[Adone\n"),
                     new_output("stream", name="stdout", text="kept\n"),
+                    new_output("stream", name="stderr", text=f"{render_notebooks.REPO}/lib/x.py:8: Warn\n"),
                     new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"a": 1}}),
                     new_output("display_data", data={"image/png": "iVBORw0KGgo=", "image/svg+xml": "<svg/>",
                                                      "text/plain": "<Figure>"})]
@@ -47,9 +48,14 @@ def test_clean_strips_volatile_metadata_and_progress():
     assert "papermill" not in out.metadata and out.metadata.language_info == {"name": "python"}
     c = out.cells[0]
     assert c.metadata == {}
-    assert [o.output_type for o in c.outputs] == ["stream", "stream", "display_data"]
-    assert [o.text.strip() for o in c.outputs[:2]] == ["done", "kept"]
-    assert set(c.outputs[2].data) == {"image/png", "text/plain"}
+    assert [o.output_type for o in c.outputs] == ["stream", "stream", "stream", "display_data"]
+    assert [o.text.strip() for o in c.outputs[:3]] == ["done", "kept", "lib/x.py:8: Warn"]  # relative to the repo
+    assert set(c.outputs[3].data) == {"image/png", "text/plain"}
+    long = new_notebook(cells=[new_code_cell("x")])
+    long.cells[0].outputs = [new_output("stream", name="stdout", text="\n".join(map(str, range(100))))]
+    once = render_notebooks.clean(long, max_lines=60)
+    assert once.cells[0].outputs[0].text.endswith("... (40 more lines cut in the rendered copy)")
+    assert render_notebooks.clean(once, max_lines=60) == once  # --clean-only on a committed copy changes nothing
     bad = new_notebook(cells=[new_code_cell("1/0")])
     bad.cells[0].outputs = [new_output("error", ename="ZeroDivisionError", evalue="x", traceback=[])]
     assert render_notebooks.errors(bad) == ["cell 0: ZeroDivisionError: x"]
