@@ -9,6 +9,9 @@ merged configuration and raises one :class:`SettingsError` that lists every prob
 
 Keys that a profile holds but :data:`SPEC` does not list are checked against the type of their default
 (:func:`inferred_rule`), so a new setting works as soon as it has a default in ``lib.profiles``.
+
+:class:`Section` is the read-only dict a resolved profile is built of (:func:`freeze` makes one, :func:`thaw` the
+plain copy).
 """
 
 from __future__ import annotations
