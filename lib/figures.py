@@ -185,7 +185,7 @@ def recorded(path, index, columns: str, values: str, query: str | None = None, s
 
 
 def written_by_this_run(recorded_path, results_dir) -> bool:
-    """True where ``recorded_path`` lies in this run's own results folder: a ``real``-profile run writes the
+    """True where ``recorded_path`` lies in this run's own results folder: a ``real_full`` run writes the
     very file its "what we measured" section reads, so that section must not label the run's fresh table
     as the recorded one (it points to the table above instead)."""
     return Path(recorded_path).resolve().parent == Path(results_dir).resolve()

@@ -32,15 +32,15 @@ from .utils import progress, stable_hash
 
 #: per-profile size of the simulated line; ``cfg["stream"]`` (e.g. ``--set stream.corruption=brightness``)
 #: overrides any key
+#: the line of the ELPV and real profiles: a ramp 0 -> 5 -> 0, two batches of 8 per severity window
+_RAMP = dict(severities=(0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0), batches_per_window=2, batch_size=8, one_shot_batches=2,
+             one_shot_epochs=5)
 LINE_SETTINGS = {
     "smoke": dict(severities=(0, 3, 5, 3, 0), batches_per_window=1, batch_size=4, one_shot_batches=1,
                   one_shot_epochs=2, seeds=None),
-    "default": dict(severities=(0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0), batches_per_window=2, batch_size=8,
-                    one_shot_batches=2, one_shot_epochs=5, seeds=None),
-    "real": dict(severities=(0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0), batches_per_window=2, batch_size=8,
-                 one_shot_batches=2, one_shot_epochs=5, seeds=(0,)),
-    "real_full": dict(severities=(0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0), batches_per_window=2, batch_size=8,
-                      one_shot_batches=2, one_shot_epochs=5, seeds=(0, 1, 2)),
+    "default": dict(_RAMP, seeds=None),
+    "real": dict(_RAMP, seeds=(0,)),
+    "real_full": dict(_RAMP, seeds=(0, 1, 2)),
 }
 LINE_SETTINGS["full"] = LINE_SETTINGS["real_full"]
 _COMMON = dict(corruption="gaussian_noise", method="roda", steps_per_batch=1, source_check=1,

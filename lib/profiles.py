@@ -166,6 +166,23 @@ _ELPV = dict(
 )
 
 
+# every real category, 3-5 seeds and every named variant: a night on 2 cores (named `real` up to v0.9; its tables
+# are results/real_full/, most of them from the resumable scripts)
+_REAL_FULL = dict(
+    data_root=str(SHARED_DATA),
+    tasks=("mvtec/screw", "mvtec/bottle", "mvtec/tire", "ksdd"),
+    patchcore=dict(coreset_ratio=0.01, max_bank=2500, max_train=None, max_test=None, batch_size=16),
+    roda=dict(epochs=10),
+    # notebook 04 at the paper's 10 epochs (ablation.epochs None: roda.epochs) on MVTec screw, 3 seeds, its
+    # runs on both cores; Table 5 at equal steps, open choices under noise only, every corruption: default only
+    ablation=dict(seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.02, 0.2), epochs_grid=(1, 10),
+                  lr_grid=(0.001,), choice_corruptions=("gaussian_noise",), extra_corruptions=False,
+                  table5_schedule="steps", workers=2),
+    dpdl=dict(tasks=("mvtec/screw", "headct", "brainmri", "ksdd_thirds", "elpv"), hard=True, seeds=(0, 1, 2, 3, 4),
+              hard_seeds=(0, 1, 2, 3, 4), image_size=224, epochs=50, iterations=20, batch_size=16),
+)
+
+
 PROFILES = {
     "smoke": dict(
         tasks=("synthetic",),
@@ -195,40 +212,18 @@ PROFILES = {
                       diagnosis=dict(corruptions=("gaussian_noise",), curve_epochs=3)),
         dpdl=dict(seeds=(0, 1), epochs=5, hard_seeds=(0,), ablation_seeds=(0,), sensitivity_seeds=(0,)))),
     "elpv": _ELPV,
-    # the paper's schedules on real data in about 2 hours on 2 CPU cores (issue 9): one MVTec category (bottle,
-    # the smallest), notebook 04 at 10 epochs and 3 seeds, DPDL at 50 x 20 with 3 seeds; the every-category
-    # grids are `real_full`'s
-    "real": dict(
-        data_root=str(SHARED_DATA),
+    # the papers' schedules on real data in about 2 hours on 2 CPU cores (issue 9): `real_full` on one MVTec category
+    # (bottle, the smallest), five of the named variants, DPDL with 3 seeds, notebook 08 on two corruptions
+    "real": _merge(_REAL_FULL, dict(
         tasks=("mvtec/bottle",),
-        patchcore=dict(coreset_ratio=0.01, max_bank=2500, max_train=None, max_test=None, batch_size=16),
-        roda=dict(epochs=10, variants={k: _BASE["roda"]["variants"][k] for k in
-                                       ("adabn_matched", "roda_slow", "roda_robust", "roda_robust_matched_slow",
-                                        "roda_robust_gated_slow")}),
-        ablation=dict(seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.02, 0.2), epochs_grid=(1, 10),
-                      lr_grid=(0.001,), choice_corruptions=("gaussian_noise",), extra_corruptions=False,
-                      table5_schedule="steps", workers=2,
-                      diagnosis=dict(corruptions=("gaussian_noise", "brightness"), seeds=(0,),
+        roda=dict(variants={k: _BASE["roda"]["variants"][k] for k in
+                            ("adabn_matched", "roda_slow", "roda_robust", "roda_robust_matched_slow",
+                             "roda_robust_gated_slow")}),
+        ablation=dict(diagnosis=dict(corruptions=("gaussian_noise", "brightness"), seeds=(0,),
                                      curve_corruptions=("gaussian_noise",))),
-        dpdl=dict(tasks=("mvtec/bottle",), hard=True, seeds=(0, 1, 2), hard_n_anomalies=(10,), hard_seeds=(0,),
-                  ablation_seeds=(0, 1, 2), sensitivity_seeds=(0,), image_size=224, epochs=50, iterations=20,
-                  batch_size=16),
-    ),
-    # every real category, 3-5 seeds and every named variant: a night on 2 cores (named `real` up to v0.9;
-    # its tables are results/real_full/, most of them from the resumable scripts)
-    "real_full": dict(
-        data_root=str(SHARED_DATA),
-        tasks=("mvtec/screw", "mvtec/bottle", "mvtec/tire", "ksdd"),
-        patchcore=dict(coreset_ratio=0.01, max_bank=2500, max_train=None, max_test=None, batch_size=16),
-        roda=dict(epochs=10),
-        # notebook 04 at the paper's 10 epochs (ablation.epochs None: roda.epochs) on MVTec screw, 3 seeds, its
-        # runs on both cores; Table 5 at equal steps, open choices under noise only, every corruption: default only
-        ablation=dict(seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.02, 0.2), epochs_grid=(1, 10),
-                      lr_grid=(0.001,), choice_corruptions=("gaussian_noise",), extra_corruptions=False,
-                      table5_schedule="steps", workers=2),
-        dpdl=dict(tasks=("mvtec/screw", "headct", "brainmri", "ksdd_thirds", "elpv"), hard=True, seeds=(0, 1, 2, 3, 4),
-                  hard_seeds=(0, 1, 2, 3, 4), image_size=224, epochs=50, iterations=20, batch_size=16),
-    ),
+        dpdl=dict(tasks=("mvtec/bottle",), seeds=(0, 1, 2), hard_n_anomalies=(10,), hard_seeds=(0,),
+                  ablation_seeds=(0, 1, 2), sensitivity_seeds=(0,)))),
+    "real_full": _REAL_FULL,
     "full": dict(
         backbone="wide_resnet50_2",
         backbone_weights="IMAGENET1K_V1",
