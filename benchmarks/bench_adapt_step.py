@@ -1,6 +1,6 @@
 """Time one RoDA adaptation step stage by stage (forward, cost, Sinkhorn, discretisation, backward, optimiser).
 
-One step of :func:`lib.adaptation.adapt` on a RoDA-sized problem: ``--images`` shifted images plus one
+One step of :func:`lib.roda.adaptation.adapt` on a RoDA-sized problem: ``--images`` shifted images plus one
 augmented view each (``10 + 10`` images -> 15,680 target patches with the bundled MobileNetV2 at 224 px)
 against a ``--bank``-entry memory bank (2,500 by default). The bank is a random subset of clean patch features
 of the same images' category (no coreset: the bank's contents barely change the timing). Each stage is timed
@@ -24,11 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import backbones
-from lib.adaptation import augment_batch
-from lib.alignment import roda_loss
-from lib.patchcore import PatchCore
-from lib.transport import (
+from lib.common import backbones
+from lib.common.utils import all_finite, seed_everything
+from lib.ot.transport import (
     _safe_sqrt,
     _sq_dist,
     cost_scale,
@@ -38,7 +36,9 @@ from lib.transport import (
     pairwise_cost,
     sinkhorn,
 )
-from lib.utils import all_finite, seed_everything
+from lib.roda.adaptation import augment_batch
+from lib.roda.alignment import roda_loss
+from lib.roda.patchcore import PatchCore
 
 
 def images_for(args):
@@ -48,8 +48,8 @@ def images_for(args):
     if args.data is None:
         base = torch.rand(n, 3, 224, 224, generator=g)
         return base, torch.rand(4 * args.images, 3, 224, 224, generator=g)
-    from lib import data
-    from lib.pipeline import dataset
+    from lib.common import data
+    from lib.experiments.roda_steps import dataset
 
     task = data.load_task(f"mvtec/{args.category}", args.data)
     test = dataset(task, data.subsample(task.test, n, 0), "gaussian_noise", 5, 0)
@@ -107,8 +107,8 @@ def step(model, bank, images, optimizer, times, eps, legacy: bool, state: dict):
 
 
 def library_step(model, bank, images, optimizer, generator, state: dict) -> int:
-    """One step exactly as :func:`lib.adaptation.adapt` runs it for ``method="roda"`` (augmented views,
-    differentiable forward, the finiteness check, :func:`lib.alignment.roda_loss` warm-started from the
+    """One step exactly as :func:`lib.roda.adaptation.adapt` runs it for ``method="roda"`` (augmented views,
+    differentiable forward, the finiteness check, :func:`lib.roda.alignment.roda_loss` warm-started from the
     previous step's bank potentials, backward, SGD); returns the Sinkhorn iterations."""
     views, _ = augment_batch(images, torch.zeros(images.shape[0], 1, *images.shape[-2:]), "flip_rot90", generator)
     with model.extractor.differentiable_mode():
@@ -199,7 +199,7 @@ def main(argv=None):
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.set_num_threads(args.threads)
     seconds, iters = run_library(args)
-    print(f"library step (lib.adaptation.adapt's loop body: {args.images} images + {args.images} augmented views "
+    print(f"library step (lib.roda.adaptation.adapt's loop body: {args.images} images + {args.images} augmented views "
           f"vs {args.bank} bank entries, {args.device}, {args.threads} threads, deterministic mode, "
           "warm-started Sinkhorn):")
     print(f"  {statistics.mean(seconds):.3f} s per step (mean of {args.repeats}; median "

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from lib import backbones, patchcore
-from lib.data import GEOMETRY, AnomalyDataset, load_task, subsample
+from lib.common import backbones
+from lib.common.data import GEOMETRY, AnomalyDataset, load_task, subsample
+from lib.roda import patchcore
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,7 @@ import types
 os.environ.setdefault("TQDM_DISABLE", "1")  # read at tqdm's import: no progress-bar cost in anomalib's loop either
 import torch  # noqa: E402
 
-from lib.patchcore import coverage_radius, faiss_available, greedy_coreset, nearest_distances  # noqa: E402
+from lib.roda.patchcore import coverage_radius, faiss_available, greedy_coreset, nearest_distances  # noqa: E402
 
 
 def rss_mb() -> float:

@@ -10,9 +10,10 @@ Stages (each timed on its own, in this order, in one process):
 * ``corrupt``     one corruption per row (severity 5) on the resized test images, as ``AnomalyDataset`` does;
 * ``to_tensor``   uint8 HWC -> float CHW in [0, 1], batched (the collate of the loader);
 * ``backbone``    the frozen extractor's forward to its last tap (train and test batches);
-* ``aggregate``   3x3 neighbourhoods, interpolation, the two adaptive average pools (:func:`lib.patchcore.aggregate`);
+* ``aggregate``   3x3 neighbourhoods, interpolation, the two adaptive average pools
+  (:func:`lib.roda.patchcore.aggregate`);
 * ``coreset``     approximate greedy coreset of the training patches (``coreset_ratio``, capped at ``max_bank``);
-* ``knn``         every test patch's nearest bank entry (:func:`lib.patchcore.nearest_distances`);
+* ``knn``         every test patch's nearest bank entry (:func:`lib.roda.patchcore.nearest_distances`);
 * ``maps``        bilinear upsampling and Gaussian blur of the patch scores (:meth:`PatchCore.anomaly_maps`).
 
 Prints a markdown table (seconds, share of the total, milliseconds per item) and optionally writes it as JSON.
@@ -31,10 +32,10 @@ import time
 import numpy as np
 import torch
 
-from lib.backbones import load_backbone
-from lib.corruptions import corrupt, image_seed
-from lib.data import GEOMETRY, _center_crop, _resize_size, load_image, load_task, subsample
-from lib.patchcore import SMALL_BACKBONE_DIMS, PatchCore, aggregate, greedy_coreset, nearest_distances
+from lib.common.backbones import load_backbone
+from lib.common.corruptions import corrupt, image_seed
+from lib.common.data import GEOMETRY, _center_crop, _resize_size, load_image, load_task, subsample
+from lib.roda.patchcore import SMALL_BACKBONE_DIMS, PatchCore, aggregate, greedy_coreset, nearest_distances
 
 
 class Timer:
@@ -58,7 +59,7 @@ class Timer:
 def _resized(sample, resize):
     image = load_image(sample.path, sample.box)
     size = _resize_size(image.size, resize)
-    return np.asarray(image.resize(size, resample=2), dtype=np.uint8)  # 2 = PIL bilinear, as lib.data
+    return np.asarray(image.resize(size, resample=2), dtype=np.uint8)  # 2 = PIL bilinear, as lib.common.data
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Time lib.transport.sinkhorn_log against POT's ot.bregman.sinkhorn_log on a RoDA-sized problem.
+"""Time lib.ot.transport.sinkhorn_log against POT's ot.bregman.sinkhorn_log on a RoDA-sized problem.
 
 The default problem is one RoDA minibatch: 10 images x 784 patches = 7840 target rows against a 2500-entry
 memory bank, L2 cost normalised by its mean, eps = 0.05, uniform marginals. Both solvers stop on the same
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.transport import normalize_cost, pairwise_cost, sinkhorn_log  # noqa: E402
+from lib.ot.transport import normalize_cost, pairwise_cost, sinkhorn_log  # noqa: E402
 
 
 def synthetic_features(kind: str, n_target: int, n_bank: int, dim: int, seed: int):
@@ -44,8 +44,9 @@ def real_features(n_target: int = 7840, n_bank: int = 2500, corruption: str = "g
 
     Target: the patches of ``n_target / 784`` shifted test images (a RoDA minibatch); bank: a greedy
     coreset of ``n_bank`` patches from clean training cells. Returns (model, target batch images, bank)."""
-    from lib import backbones, data, pipeline
-    from lib.patchcore import PatchCore
+    from lib.common import backbones, data
+    from lib.experiments import roda_steps as pipeline
+    from lib.roda.patchcore import PatchCore
 
     ext = backbones.load_backbone("mobilenet_v2")
     task = data.load_task("elpv")
@@ -69,7 +70,7 @@ def real_cost(args) -> torch.Tensor:
 
 def time_adaptation_step(model, images, repeats: int = 3) -> float:
     """Seconds per RoDA adaptation step (augment, features with gradient, OT, Eq. 6 loss, SGD step)."""
-    from lib.adaptation import AdaptConfig, adapt, bn_state, restore_bn_state
+    from lib.roda.adaptation import AdaptConfig, adapt, bn_state, restore_bn_state
 
     class Batch(torch.utils.data.Dataset):
         def __len__(self):

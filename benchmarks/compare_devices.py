@@ -11,7 +11,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.utils import write_csv
+from lib.common.utils import write_csv
 
 KEYS = ["task", "method", "condition", "severity", "seed"]
 

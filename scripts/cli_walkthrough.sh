@@ -5,7 +5,7 @@
 #   bash scripts/cli_walkthrough.sh ../shared/data/mvtec/bottle gaussian_noise 3 [OUT_TXT]
 #
 # NEW/ = the category's test images (MVTec layout, masks kept for `evaluate`) under CORRUPTION at SEVERITY,
-# written with lib.corruptions.corrupt (seed 0) to a temporary folder. Runs: fit; adapt with the default
+# written with lib.common.corruptions.corrupt (seed 0) to a temporary folder. Runs: fit; adapt with the default
 # RoDA; adapt with --bn-init matched --epochs 0 (the statistics alone); score; evaluate clean, shifted with
 # the source encoder, and shifted after each adaptation. The transcript (commands, times, AUROCs) goes to
 # OUT_TXT (default benchmarks/results/cli_walkthrough_<category>_<corruption><severity>.txt).
@@ -23,7 +23,7 @@ import shutil, sys
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from lib.corruptions import corrupt
+from lib.common.corruptions import corrupt
 src, dst, name, sev = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 for p in sorted((src / "test").rglob("*.png")):
     q = dst / p.relative_to(src)

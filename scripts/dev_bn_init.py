@@ -2,8 +2,8 @@
 
 For each task of the profile, each seed and each corruption at severity 5 (and clean): PatchCore scores with
 the source BatchNorm statistics, with plain AdaBN (running statistics re-estimated on the unlabeled
-adaptation split, :func:`lib.bn_stats.reestimate_bn_stats`) and with training-referenced AdaBN
-(:func:`lib.bn_stats.match_bn_stats`). No alignment, no labels used to choose anything: the labels only
+adaptation split, :func:`lib.roda.bn_stats.reestimate_bn_stats`) and with training-referenced AdaBN
+(:func:`lib.roda.bn_stats.match_bn_stats`). No alignment, no labels used to choose anything: the labels only
 score the three states. The recorded runs were made on the ``smoke`` profile (the synthetic set) and the
 ``default`` profile (ELPV, capped) before any MVTec or KolektorSDD run of the matched statistics:
 
@@ -11,7 +11,7 @@ score the three states. The recorded runs were made on the ``smoke`` profile (th
     python scripts/dev_bn_init.py default results/dev/bn_init_elpv.csv 0,1,2 2
 
 Column ``nn`` (added in v0.9, so the recorded v0.3 files lack it; `results/dev/bn_gate_*.csv` have it) is
-the adaptation split's mean nearest-bank distance in that state (:func:`lib.bn_stats.nearest_bank_distance`):
+the adaptation split's mean nearest-bank distance in that state (:func:`lib.roda.bn_stats.nearest_bank_distance`):
 the signal of ``bn_init="gated"``, which keeps ``matched`` where its ``nn`` is below ``source``'s.
 """
 
@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib import backbones, profiles  # noqa: E402
-from lib.adaptation import bn_state, restore_bn_state  # noqa: E402
-from lib.bn_stats import bn_input_moments, match_bn_stats, nearest_bank_distance, reestimate_bn_stats  # noqa: E402
-from lib.data import make_loader  # noqa: E402
-from lib.pipeline import dataset, evaluate, fit_or_load_bank, resolve_task, target_split  # noqa: E402
-from lib.utils import write_csv  # noqa: E402
+from lib.common.data import make_loader  # noqa: E402
+from lib.common.utils import write_csv  # noqa: E402
+from lib.experiments.roda_steps import dataset, evaluate, fit_or_load_bank, resolve_task, target_split  # noqa: E402
+from lib.roda.adaptation import bn_state, restore_bn_state  # noqa: E402
+from lib.roda.bn_stats import bn_input_moments, match_bn_stats, nearest_bank_distance, reestimate_bn_stats  # noqa: E402
 
 
 def main(profile: str, out: str, seeds: str, threads: str = "1") -> None:

@@ -100,7 +100,7 @@ def write(nb, path: Path) -> Path:
     import nbformat
 
     sys.path.insert(0, str(REPO))
-    from lib.utils import atomic_path
+    from lib.common.utils import atomic_path
 
     with atomic_path(path, suffix=".ipynb") as tmp:
         nbformat.write(nb, str(tmp))

@@ -1,4 +1,4 @@
-"""Direct runs of the notebook-05 runner (lib.openset_baselines.run_openset) outside papermill, for the
+"""Direct runs of the notebook-05 runner (lib.dpdl.baselines.run_openset) outside papermill, for the
 real-data DPDL measurements quoted in the README (``results/real_full/05_new_*.csv``). Usage:
 
     OMP_NUM_THREADS=1 python scripts/run_dpdl.py TASK OUT_PREFIX SEEDS M_VALUES METHODS [EPOCHS] [SETTING]
@@ -12,7 +12,7 @@ Environment: ``TAIL=1 TAIL_LAYER=features.18`` fine-tunes that backbone block on
 deep tap end to end on cached normalised images; ``DEVICE=cuda`` trains and caches on the GPU; ``THREADS``
 sets the CPU threads (1); ``DATA_ROOT`` replaces the profile's data root; ``IMAGE_SIZE`` overrides the
 profile's ``dpdl.image_size``. Method names: any of
-lib.openset_baselines.METHODS, or the DPDL variants below. Settings are the profile's (``elpv`` for elpv,
+lib.dpdl.baselines.METHODS, or the DPDL variants below. Settings are the profile's (``elpv`` for elpv,
 ``real_full`` otherwise; ``PROFILE=real_full`` for the uncapped ELPV) unless given.
 """
 
@@ -27,8 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import backbones, data, dpdl, openset, openset_baselines, openset_maps, profiles
-from lib.utils import read_csv, write_csv
+from lib.common import backbones, data
+from lib.common.utils import read_csv, write_csv
+from lib.dpdl import baselines as openset_baselines
+from lib.dpdl import features as openset_maps
+from lib.dpdl import model as dpdl
+from lib.dpdl import protocol as openset
+from lib.experiments import profiles
 
 VARIANTS = {"w/o DPL": dict(use_dpl=False), "w/o DFL": dict(use_dfl=False), "M_r": dict(heads=("r",)),
             "M_n + M_r": dict(heads=("n", "r")), "M_a + M_r": dict(heads=("a", "r")),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-#: the profiles of lib/profiles.py (kept equal by tests/test_inputs.py; the script parses its arguments before
+#: the profiles of lib/experiments/profiles.py (kept equal by tests/test_inputs.py; the script parses its arguments before
 #: it imports lib)
 PROFILE_NAMES = ("smoke", "default", "elpv", "real", "real_full", "full")
 
@@ -59,9 +59,9 @@ def check_arguments(ap: argparse.ArgumentParser, args) -> None:
     through the environment), the resolved profile (keys, types, ranges), ``--data-root``, and that every
     output folder is writable. Problems end the run here with an argparse error (exit code 2)."""
     sys.path.insert(0, str(REPO))
-    from lib.profiles import OVERRIDES_ENV, get_profile
-    from lib.settings import SettingsError, parse_assignments
-    from lib.utils import OutputError, ensure_writable
+    from lib.common.utils import OutputError, ensure_writable
+    from lib.experiments.profiles import OVERRIDES_ENV, get_profile
+    from lib.experiments.settings import SettingsError, parse_assignments
 
     try:
         os.environ[OVERRIDES_ENV] = json.dumps(parse_assignments(args.set))
@@ -144,7 +144,7 @@ def write_summary(rows, todo, path: Path) -> Path:
     atomically: the record a timing in the README is transcribed from (``benchmarks/results/notebook_timings.csv``)."""
     import csv
 
-    from lib.utils import atomic_path
+    from lib.common.utils import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         out = csv.writer(fh)

@@ -1,4 +1,4 @@
-"""Run a RoDA grid (lib.roda_runner.run_grid) from the command line, resumable, for long background runs.
+"""Run a RoDA grid (lib.experiments.roda_grid.run_grid) from the command line, resumable, for long background runs.
 
     OMP_NUM_THREADS=1 python scripts/run_roda_grid.py --profile real_full --tasks mvtec/screw --seeds 0 \
         --methods patchcore,roda,roda_robust --out results/real_full/08_roda_runs.csv
@@ -25,8 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib import backbones, profiles, roda_runner
-from lib.utils import read_csv, seed_everything, timings_path, write_csv
+from lib.common import backbones
+from lib.common.utils import read_csv, seed_everything, timings_path, write_csv
+from lib.experiments import profiles
+from lib.experiments import roda_grid as roda_runner
 
 
 def main(argv=None):
@@ -51,7 +53,7 @@ def main(argv=None):
                    help="the method every other is compared with, cell by cell, in the summary (default: patchcore)")
     p.add_argument("--summary-only", action="store_true", help="only (re)write the summary of --out")
     p.add_argument("--curves", action="store_true",
-                   help="per-epoch curves instead (lib.roda_runner.epoch_curve, stop rule off, --epochs passes): "
+                   help="per-epoch curves instead (roda_grid.epoch_curve, stop rule off, --epochs passes): "
                         "one curve per task x corruption x seed x method appended to --out, finished ones skipped")
     p.add_argument("--epochs", type=int, default=None, help="with --curves: epochs per curve (default: profile)")
     args = p.parse_args(argv)
@@ -92,7 +94,7 @@ KEYS = ["task", "method", "condition", "seed"]
 def _fold(target: Path, sources, keys) -> int:
     """``target`` with the rows of ``sources`` appended, a source row replacing the target's rows of the same
     ``keys`` (all rows of that key, so a history's steps are replaced as a whole); written atomically."""
-    from lib.utils import atomic_path
+    from lib.common.utils import atomic_path
 
     frames = [pd.read_csv(target)] if target.is_file() else []
     for source in sources:
@@ -144,9 +146,9 @@ def curves(cfg, args, methods):
 
 
 def draw_curves(cfg, out: Path) -> None:
-    """``figures/<profile>/<out stem>.png``: the curves of ``out`` (lib.figures.epoch_curves), pixel AUROC."""
-    from lib import figures
-    from lib.utils import save_figure
+    """``figures/<profile>/<out stem>.png``: the curves of ``out`` (lib.reporting.figures.epoch_curves), pixel AUROC."""
+    from lib.common.utils import save_figure
+    from lib.reporting import figures
 
     path = Path(cfg["figures_dir"]) / f"{out.stem}.png"
     save_figure(figures.epoch_curves(pd.read_csv(out), title="pixel AUROC per adaptation epoch"), path)

@@ -40,7 +40,7 @@ def compare(ours: Path, golden: Path) -> tuple[str, str]:
     import numpy as np
     import pandas as pd
 
-    from lib.utils import is_timing_column
+    from lib.common.utils import is_timing_column
 
     if ours.read_bytes() == golden.read_bytes():
         return "identical", ""

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from lib import adaptation, bn_stats
-from lib.adaptation import (
+from lib.common.backbones import load_backbone
+from lib.roda import adaptation, bn_stats
+from lib.roda.adaptation import (
     AdaptationError,
     AdaptConfig,
     adapt,
@@ -10,8 +11,7 @@ from lib.adaptation import (
     bn_state,
     restore_bn_state,
 )
-from lib.backbones import load_backbone
-from lib.patchcore import PatchCore
+from lib.roda.patchcore import PatchCore
 
 
 class TensorDataset(torch.utils.data.Dataset):
@@ -145,7 +145,7 @@ def _defect(images, seed):
 
 
 def test_robust_adaptation_lowers_loss_and_raises_separation(fitted):
-    from lib.roda_runner import coverage_counts
+    from lib.experiments.roda_grid import coverage_counts
 
     source = bn_state(fitted.extractor)
     g = torch.Generator().manual_seed(11)
@@ -226,7 +226,7 @@ def test_scoring_never_touches_batchnorm_statistics():
     """Regression: the cache fingerprint's dry run restored ``extractor.train(extractor.training)``, and a fresh
     wrapper's flag was True, so every BatchNorm ran on batch statistics and each scored batch overwrote the
     running statistics (scores depended on batch composition and on what was scored before)."""
-    from lib.cache import extractor_fingerprint
+    from lib.common.cache import extractor_fingerprint
 
     ext = load_backbone("mobilenet_v2")
     extractor_fingerprint(ext)  # what every bank/feature cache key computes first
@@ -318,7 +318,7 @@ def test_bn_init_gated_records_its_choice_and_needs_the_reference(fitted):
 def test_a_runaway_cost_scale_stops_adaptation_as_diverged(fitted, monkeypatch):
     # the encoder "ran away": the plan's cost scale is inf. adapt reports a divergence (a result the runners
     # record as NaN), not the Sinkhorn eps error of bad input, and leaves the BatchNorm state restorable
-    from lib import alignment
+    from lib.roda import alignment
 
     source = bn_state(fitted.extractor)
     monkeypatch.setattr(alignment, "cost_scale", lambda C, mode="mean": torch.full((1, 1), float("inf")))

@@ -1,10 +1,11 @@
-"""Known-answer tests for lib.alignment: each loss is ~0 when source and target match, gradients reach the
+"""Known-answer tests for lib.roda.alignment: each loss is ~0 when source and target match, gradients reach the
 target features only through the cost, and the Gaussian losses match closed forms."""
 
 import pytest
 import torch
 
-from lib.alignment import (
+from lib.ot.transport import discretize, pairwise_cost
+from lib.roda.alignment import (
     ALIGNMENT_LOSSES,
     continuous_ot_loss,
     gaussian_kl_loss,
@@ -13,7 +14,6 @@ from lib.alignment import (
     roda_loss,
     source_stats,
 )
-from lib.transport import discretize, pairwise_cost
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,7 +190,7 @@ def test_a_runaway_cost_scale_is_a_divergence_not_an_eps_error():
     import pytest
     import torch
 
-    from lib.alignment import roda_loss
+    from lib.roda.alignment import roda_loss
 
     target = torch.full((6, 4), 1e20)
     bank = torch.zeros(5, 4)

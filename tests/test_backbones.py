@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lib import backbones as bb
-from lib.backbones import BACKBONES, BackboneError, FeatureExtractor, input_to_tap, load_backbone
+from lib.common import backbones as bb
+from lib.common.backbones import BACKBONES, BackboneError, FeatureExtractor, input_to_tap, load_backbone
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""BatchNorm statistics for a shifted target (lib.bn_stats): known answers on a toy network."""
+"""BatchNorm statistics for a shifted target (lib.roda.bn_stats): known answers on a toy network."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lib.bn_stats import (
+from lib.roda.bn_stats import (
     BNStatsError,
     bn_input_moments,
     gate_bn_stats,

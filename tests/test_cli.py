@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lib.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
-from lib.folders import list_images, read_rgb
-from lib.synthetic import make_synthetic_mvtec
+from lib.common.folders import list_images, read_rgb
+from lib.common.synthetic import make_synthetic_mvtec
+from lib.experiments.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -182,10 +182,12 @@ def test_help_on_every_command(capsys):
         with pytest.raises(SystemExit) as exc:
             main([*cmd, "--help"])
         assert exc.value.code == EXIT_OK and f"usage: roda {cmd[0]}" in capsys.readouterr().out
-    res = subprocess.run([sys.executable, "-m", "lib.cli", "--help"], capture_output=True, text=True, cwd=REPO,
+    res = subprocess.run([sys.executable, "-m", "lib.experiments.cli", "--help"], capture_output=True, text=True,
+                         cwd=REPO,
                          timeout=120, check=False)
     assert res.returncode == 0 and "usage: roda" in res.stdout and "adapt" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "lib.cli"], capture_output=True, text=True, cwd=REPO, timeout=120,
+    res = subprocess.run([sys.executable, "-m", "lib.experiments.cli"], capture_output=True, text=True, cwd=REPO,
+                         timeout=120,
                          check=False)
     assert res.returncode == EXIT_USAGE and "required" in res.stderr
 
@@ -193,7 +195,7 @@ def test_help_on_every_command(capsys):
 def test_adapt_bn_init_target_saves_the_folders_statistics(data, tmp_path):
     import torch
 
-    from lib.backbones import load_backbone
+    from lib.common.backbones import load_backbone
 
     target = data["category"] / "test"
     states = {}
@@ -246,7 +248,7 @@ def test_adapt_bn_init_gated_saves_what_its_gate_chose(data, tmp_path, capsys):
     assert info["bn_init"] == "gated" and info["bn_start"] in ("matched", "source")
     assert (info["bn_start"] == "matched") == (info["nn_matched"] < info["nn_source"])
     assert f"--bn-init gated kept the {info['bn_start']} statistics" in printed
-    from lib.backbones import load_backbone
+    from lib.common.backbones import load_backbone
 
     kept = matched["bn"] if info["bn_start"] == "matched" else {
         "0.running_mean": load_backbone("mobilenet_v2").bn_modules()[0].running_mean}
@@ -270,7 +272,7 @@ def test_adapt_runs_a_named_variant_and_flags_override_it(data, tmp_path, capsys
     error names the fix."""
     import torch
 
-    from lib.profiles import SLOW_LR
+    from lib.experiments.profiles import SLOW_LR
 
     target = data["category"] / "test"
     state = tmp_path / "v.pt"

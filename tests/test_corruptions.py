@@ -1,4 +1,4 @@
-"""lib.corruptions: seeded, side-effect-free corruptions that match imagecorruptions 1.1.2 bit for bit."""
+"""lib.common.corruptions: seeded, side-effect-free corruptions that match imagecorruptions 1.1.2 bit for bit."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib import corruptions as C
-from lib.corruptions import CORRUPTIONS, CorruptionSpec, all_corruption_names, corrupt, image_seed
+from lib.common import corruptions as C
+from lib.common.corruptions import CORRUPTIONS, CorruptionSpec, all_corruption_names, corrupt, image_seed
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

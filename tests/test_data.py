@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib.data import (
+from lib.common.data import (
     AnomalyDataset,
     DataError,
     Sample,

@@ -8,11 +8,11 @@ DOC = REPO / "docs" / "architecture.md"
 
 
 def named_modules() -> set[str]:
-    return set(re.findall(r"`lib/(\w+)\.py`", DOC.read_text(encoding="utf-8")))
+    return set(re.findall(r"`lib/(\w+/\w+)\.py`", DOC.read_text(encoding="utf-8")))
 
 
 def test_every_lib_module_is_described():
-    modules = {p.stem for p in (REPO / "lib").glob("*.py") if p.stem != "__init__"}
+    modules = {f"{p.parent.name}/{p.stem}" for p in (REPO / "lib").glob("*/*.py") if p.stem != "__init__"}
     missing = sorted(modules - named_modules())
     assert not missing, f"add a line for {missing} to the module table of docs/architecture.md"
 
@@ -24,7 +24,7 @@ def test_every_described_module_exists():
 
 def test_extending_names_real_places():
     text = (REPO / "docs" / "extending.md").read_text(encoding="utf-8")
-    from lib import registry
+    from lib.common import registry
 
     for name in ("EXTRA_CORRUPTIONS", "ALIGNMENT_METHODS", "OPENSET_METHODS", "LOADER_KINDS", "TASKS"):
         assert hasattr(registry, name)

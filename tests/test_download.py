@@ -1,4 +1,4 @@
-"""lib.download on a tiny local fake MVTec archive (file:// URL or path); no network."""
+"""lib.common.download on a tiny local fake MVTec archive (file:// URL or path); no network."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.download import (
+from lib.common.download import (
     MVTEC_AD_SHA256,
     MVTEC_AD_URL,
     MVTEC_CATEGORIES,

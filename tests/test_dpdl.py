@@ -8,9 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.backbones import input_to_tap, load_backbone
-from lib.data import DataError, Sample
-from lib.dpdl import (
+from lib.common.backbones import input_to_tap, load_backbone
+from lib.common.data import DataError, Sample
+from lib.common.metrics import image_auroc
+from lib.dpdl.baselines import DeviationLoss, build_model, focal_loss, run_openset, run_split
+from lib.dpdl.features import NormalizedInput
+from lib.dpdl.model import (
     DPDLNet,
     FeatureBank,
     GaussianPrototypes,
@@ -23,10 +26,7 @@ from lib.dpdl import (
     score_maps,
     topk_mean,
 )
-from lib.metrics import image_auroc
-from lib.openset import make_split
-from lib.openset_baselines import DeviationLoss, build_model, focal_loss, run_openset, run_split
-from lib.openset_maps import NormalizedInput
+from lib.dpdl.protocol import make_split
 
 
 def _toy_prototypes(eps=0.5):

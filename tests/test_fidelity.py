@@ -1,4 +1,4 @@
-"""The paper-vs-ours fidelity logic (lib/fidelity.py) and the reference numbers it reads."""
+"""The paper-vs-ours fidelity logic (lib/reporting/fidelity.py) and the reference numbers it reads."""
 
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import fidelity as fid
-from lib.claims import MVTEC_TASKS
+from lib.reporting import fidelity as fid
+from lib.reporting.claims import MVTEC_TASKS
 
 CONDS = ("gaussian_noise", "defocus_blur", "brightness", "contrast")
 

@@ -1,4 +1,5 @@
-"""lib.grid: a grid of cheap cells (no backbone), one of which dies on its first attempt. The other cells
+"""lib.experiments.executor: a grid of cheap cells (no backbone), one of which dies on its first attempt.
+The other cells
 finish and keep their files; a rerun computes only the lost cell. Serially, on a local process pool and on a
 local Ray instance."""
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.grid import cell_key, cell_path, collect, expand, run_cells, run_grid
+from lib.experiments.executor import cell_key, cell_path, collect, expand, run_cells, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +80,7 @@ def test_serial_grid_survives_a_failing_cell_and_reruns_only_it(tmp_path):
 
 def test_ray_grid_loses_only_the_killed_cell(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
-    # the local workers import lib.grid and this test module (cheap_cell) from the driver's environment
+    # the local workers import lib.experiments.executor and this test module (cheap_cell) from the driver's environment
     paths = [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
     monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here; silences Ray's FutureWarning
@@ -130,8 +131,8 @@ def test_an_ablation_cell_runs_deterministic_kernels_from_its_own_seed(tmp_path)
     generator's state before it."""
     import torch
 
-    from lib import profiles
-    from lib.grid import ablation_cell
+    from lib.experiments import profiles
+    from lib.experiments.executor import ablation_cell
 
     cfg = profiles.get_profile("smoke", device="cpu", out_dir=tmp_path)
     cell = dict(task="synthetic", seed=1, corruption="gaussian_noise", severity=5, method="roda",

@@ -56,7 +56,7 @@ def test_dpdl_merge_keeps_the_runs_timings(tmp_path):
     beside each (``*_timings.csv``) go with their rows into the merged table's timings."""
     import run_dpdl
 
-    from lib.utils import write_csv
+    from lib.common.utils import write_csv
 
     files = []
     for task, seconds in (("a", [1.5, 2.5]), ("b", [3.5, 4.5])):

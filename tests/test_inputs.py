@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lib import cache, pipeline, profiles
-from lib.data import (
+from lib.common import cache
+from lib.common.data import (
     DataError,
     Sample,
     labelled_folder_samples,
@@ -23,9 +23,11 @@ from lib.data import (
     load_task,
     preprocess,
 )
-from lib.settings import parse_assignments
-from lib.synthetic import make_synthetic_mvtec
-from lib.utils import OutputError, read_csv, write_csv
+from lib.common.synthetic import make_synthetic_mvtec
+from lib.common.utils import OutputError, read_csv, write_csv
+from lib.experiments import profiles
+from lib.experiments import roda_steps as pipeline
+from lib.experiments.settings import parse_assignments
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -122,7 +124,7 @@ def test_profiles_are_the_only_source_of_defaults():
 def test_real_profile_keeps_the_papers_schedules_on_one_category_and_real_full_the_grids():
     """Issue 9: `real` is sized to run in about two hours (one category) without cutting the schedules the
     papers report; the every-category grids are `real_full`'s and write to their own folder."""
-    from lib import line
+    from lib.experiments import drifting_line as line
 
     real, full = profiles.resolve("real", device="cpu"), profiles.resolve("real_full", device="cpu")
     assert real.tasks == ("mvtec/bottle",) and real.dpdl.tasks == ("mvtec/bottle",)
@@ -433,7 +435,7 @@ def test_smoke_profile_reruns_bit_identical(tmp_path, monkeypatch):
 def test_seeding_selects_deterministic_kernels():
     """The backward of ``x[rows]`` with repeated rows (the RoDA loss) accumulates with atomic adds on CPU
     unless torch's deterministic algorithms are on: with two threads its last bits changed between runs."""
-    from lib.utils import seed_everything
+    from lib.common.utils import seed_everything
 
     before = torch.are_deterministic_algorithms_enabled()
     try:
@@ -455,7 +457,7 @@ def test_seeding_selects_deterministic_kernels():
 
 
 def test_feature_cache_key_follows_files_shift_and_weights(synth_root, tiny_extractor, tmp_path):
-    from lib.patchcore import PatchCore
+    from lib.roda.patchcore import PatchCore
 
     task = load_task("mvtec/synthetic", synth_root)
     model = PatchCore(tiny_extractor, device="cpu")
@@ -493,7 +495,8 @@ def test_backbone_fingerprint_ignores_modules_no_tap_uses(tiny_extractor):
 def test_recorded_section_knows_when_the_run_wrote_the_recorded_file(tmp_path):
     """A "what we measured" section reads results/real_full/<table>; a real_full run writes that very file
     first, and must then not show its fresh table under the recorded label (notebooks 03 and 08)."""
-    from lib import figures, profiles
+    from lib.experiments import profiles
+    from lib.reporting import figures
 
     real = profiles.resolve("real_full", device="cpu")
     recorded = Path(real.results_dir) / "03_roda.csv"

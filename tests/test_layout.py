@@ -1,17 +1,14 @@
-"""The shape of lib: every module sits in one layer and imports only from its own layer or those below it.
+"""The shape of lib: one subpackage per concern, each importing only from itself or from packages below it.
 
-Layers, bottom to top (docs/architecture.md says what each module holds):
+Packages, bottom to top (docs/architecture.md says what each module holds):
 
-- ``base``: shared parts both papers use (data, corruptions, backbones, metrics, the registry, caches);
-- ``algorithms``: the methods (PatchCore, Sinkhorn/OT, alignment losses, adaptation, DPDL and the open-set
-  baselines); algorithms never import experiment glue;
-- ``runners``: experiment glue that turns profiles into result tables (RoDA and open-set runners, grid, CLI);
-- ``reporting``: figures and the paper-vs-ours fidelity verdicts.
+- ``common``: parts both papers share (data, corruptions, backbones, metrics, the registry, caches);
+- ``ot``: entropic optimal transport (Sinkhorn solvers, costs, the Eq. 6 discretisation, epsilon);
+- ``roda`` and ``dpdl``: the two papers' methods; neither imports the other, and neither imports experiment glue;
+- ``experiments``: profiles and settings, runners, the executor, the drifting line, the CLI;
+- ``reporting``: figures, claims and the paper-vs-ours verdicts.
 
-``config`` (the run profiles) is not a layer of its own: it may import ``base`` and is importable by runners
-and reporting only, so algorithms stay free of run settings.
-
-A new module must be added to :data:`LAYERS` below (and to docs/architecture.md); the test says so.
+The packages are read from the folders under ``lib/``; a new folder must be given a rank in :data:`RANK`.
 """
 
 from __future__ import annotations
@@ -25,102 +22,93 @@ import pytest
 LIB = Path(__file__).resolve().parent.parent / "lib"
 MAX_LINES = 500
 
-#: layer -> modules. Names of modules that other branches are adding are listed already, so that a merge
-#: only has to add what is new.
-LAYERS = {
-    "base": ("utils", "data", "synthetic", "corruptions", "backbones", "metrics", "registry", "cache", "download",
-             "folders", "openset", "backbone_registry", "weight_ports"),
-    "algorithms": ("patchcore", "transport", "sinkhorn", "eps_calibration", "alignment", "bn_stats", "adaptation",
-                   "stream", "dpdl", "prototypes",
-                   "openset_training", "openset_maps", "openset_baselines"),
-    "runners": ("pipeline", "roda_runner", "openset_runner", "line", "grid", "cli"),
-    "reporting": ("figures", "claims", "fidelity"),
-    "config": ("profiles", "settings"),
-}
-ORDER = ("base", "algorithms", "runners", "reporting")
-#: who may import a config module
-CONFIG_USERS = ("config", "runners", "reporting")
+#: package -> rank; a package may import packages of a lower rank (and itself), never its equals or those above
+RANK = {"common": 0, "ot": 1, "roda": 2, "dpdl": 2, "experiments": 3, "reporting": 4}
 
 
-def layer_of(module: str) -> str | None:
-    return next((layer for layer, mods in LAYERS.items() if module in mods), None)
+def packages() -> list[str]:
+    return sorted(p.name for p in LIB.iterdir() if p.is_dir() and (p / "__init__.py").exists())
 
 
-def lib_modules() -> list[str]:
-    return sorted(p.stem for p in LIB.glob("*.py") if p.stem != "__init__")
+def modules() -> list[str]:
+    """Every module of lib as ``package.module`` (``__init__`` included: a package's docstring is code too)."""
+    return sorted(f"{p.parent.name}.{p.stem}" for p in LIB.glob("*/*.py"))
 
 
-def lib_imports(module: str) -> set[str]:
-    """The lib modules that ``module`` imports anywhere in its source (module level or inside functions)."""
-    tree = ast.parse((LIB / f"{module}.py").read_text(encoding="utf-8"))
+def lib_imports(path: Path) -> set[str]:
+    """The lib packages that the file at ``path`` imports anywhere (module level or inside functions)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     found = set()
     for node in ast.walk(tree):
+        names = []
         if isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "lib" and len(parts) > 1:
-                    found.add(parts[1])
-        elif isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").split(".")[0] == "lib"):
-            parts = (node.module or "").split(".")
-            parts = parts[1:] if node.level == 0 else parts
-            if parts and parts[0]:
-                found.add(parts[0])
-            else:  # from . import x, y / from lib import x
-                found.update(alias.name for alias in node.names)
-    return found - {module}
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                raise AssertionError(f"{path}: relative import; lib uses absolute imports (from lib.<package>...)")
+            if node.module == "lib":
+                names = [f"lib.{alias.name}" for alias in node.names]
+            else:
+                names = [node.module or ""]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "lib" and len(parts) > 1:
+                found.add(parts[1])
+    return found
 
 
 def allowed(importer: str, imported: str) -> bool:
-    a, b = layer_of(importer), layer_of(imported)
-    if b == "config":
-        return a in CONFIG_USERS
-    if a == "config":
-        return b == "base"
-    return ORDER.index(b) <= ORDER.index(a)
+    return importer == imported or RANK[imported] < RANK[importer]
 
 
-def test_every_module_has_a_layer():
-    missing = [m for m in lib_modules() if layer_of(m) is None]
-    assert not missing, (f"lib modules without a layer: {missing}. Add each to LAYERS in tests/test_layout.py "
-                         "(base / algorithms / runners / reporting / config) and describe it in docs/architecture.md")
+def test_every_package_has_a_rank():
+    missing = [p for p in packages() if p not in RANK]
+    assert not missing, f"lib packages without a rank: {missing}; add each to RANK in tests/test_layout.py"
 
 
-def test_layer_table_names_each_module_once():
-    names = [m for mods in LAYERS.values() for m in mods]
-    assert len(names) == len(set(names))
+def test_no_loose_modules_at_the_top():
+    loose = sorted(p.name for p in LIB.glob("*.py") if p.name != "__init__.py")
+    assert not loose, f"modules directly under lib/: {loose}; move each into the package it belongs to"
 
 
-@pytest.mark.parametrize("module", lib_modules())
-def test_no_import_from_a_layer_above(module):
-    if layer_of(module) is None:
-        pytest.skip("no layer (see test_every_module_has_a_layer)")
-    bad = sorted(m for m in lib_imports(module) if layer_of(m) is not None and not allowed(module, m))
-    assert not bad, (f"lib/{module}.py ({layer_of(module)}) imports {', '.join(f'{m} ({layer_of(m)})' for m in bad)}: "
-                     "a module may import only from its own layer or below (profiles: runners and reporting only); "
-                     "move the shared piece down a layer")
+@pytest.mark.parametrize("module", modules())
+def test_no_import_from_a_package_at_or_above(module):
+    package, name = module.split(".")
+    imported = lib_imports(LIB / package / f"{name}.py")
+    unknown = sorted(imported - set(RANK) - {"__version__"})
+    assert not unknown, f"lib/{package}/{name}.py imports lib.{unknown[0]}, which is not a package"
+    bad = sorted(p for p in imported & set(RANK) if not allowed(package, p))
+    assert not bad, (f"lib/{package}/{name}.py imports lib.{', lib.'.join(bad)}: a package may import only "
+                     "from itself or from the packages below it (docs/architecture.md); move the shared piece down")
 
 
-@pytest.mark.parametrize("module", lib_modules())
+@pytest.mark.parametrize("module", modules())
 def test_module_size(module):
-    n = len((LIB / f"{module}.py").read_text(encoding="utf-8").splitlines())
-    hint = "split it into modules named for what they hold"
-    assert n <= MAX_LINES, f"lib/{module}.py has {n} lines (> {MAX_LINES}): {hint}"
+    package, name = module.split(".")
+    n = len((LIB / package / f"{name}.py").read_text(encoding="utf-8").splitlines())
+    assert n <= MAX_LINES, f"lib/{package}/{name}.py has {n} lines (> {MAX_LINES}): split it by what it holds"
 
 
 # ---------------------------------------------------------------- the checker itself, on known cases
 
-def test_import_parser_sees_every_form(tmp_path, monkeypatch):
-    (tmp_path / "m.py").write_text(
-        "import os\nfrom . import data, metrics\nfrom .utils import x\nimport lib.registry\nfrom lib.cache import y\n"
-        "from lib import patchcore\n\ndef f():\n    from .pipeline import z\n")
-    monkeypatch.setattr(sys.modules[__name__], "LIB", tmp_path)
-    assert lib_imports("m") == {"data", "metrics", "utils", "registry", "cache", "patchcore", "pipeline"}
+def test_import_parser_sees_every_form(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("import os\nfrom lib.common import data, metrics\nfrom lib.ot.sinkhorn import x\n"
+                   "import lib.roda.patchcore\nfrom lib import dpdl\n\n"
+                   "def f():\n    from lib.experiments.cli import z\n")
+    assert lib_imports(src) == {"common", "ot", "roda", "dpdl", "experiments"}
+    src.write_text("from .data import x\n")
+    with pytest.raises(AssertionError, match="relative import"):
+        lib_imports(src)
 
 
-def test_layer_rules_on_known_cases():
-    assert allowed("adaptation", "alignment") and allowed("fidelity", "claims") and allowed("pipeline", "data")
-    assert not allowed("adaptation", "pipeline")  # algorithms never import experiment glue
-    assert not allowed("data", "patchcore")
-    assert allowed("pipeline", "profiles") and allowed("fidelity", "profiles")
-    assert not allowed("adaptation", "profiles") and not allowed("data", "profiles")
-    assert allowed("profiles", "data") and not allowed("profiles", "pipeline")
+def test_rank_rules_on_known_cases():
+    assert allowed("roda", "ot") and allowed("roda", "common") and allowed("reporting", "experiments")
+    assert not allowed("roda", "experiments")  # algorithms never import experiment glue
+    assert not allowed("roda", "dpdl") and not allowed("dpdl", "roda")  # the papers stay apart
+    assert not allowed("common", "ot") and allowed("experiments", "roda")
+
+
+def test_lib_itself_is_checked():
+    assert set(packages()) == set(RANK), "RANK names a package that is not a folder, or misses one"
+    assert len(modules()) > 30 and sys.modules.get(__name__)

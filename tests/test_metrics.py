@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.metrics import image_auroc, mean_std, pixel_auroc, shortcut_auroc
+from lib.common.metrics import image_auroc, mean_std, pixel_auroc, shortcut_auroc
 
 
 def test_separable_case_is_perfect_and_reversed_is_zero():

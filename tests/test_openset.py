@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lib.data import DataError, Sample, Task
-from lib.openset import (
+from lib.common.data import DataError, Sample, Task
+from lib.dpdl.protocol import (
     aggregate_runs,
     anomaly_classes,
     kolektor_thirds,
@@ -104,7 +104,7 @@ def test_kolektor_thirds_are_labelled_by_their_mask(tmp_path):
 
 
 def test_labelled_task_splits_normals_75_25_and_plan(tmp_path):
-    from lib.synthetic import make_synthetic_labelled
+    from lib.common.synthetic import make_synthetic_labelled
 
     make_synthetic_labelled(tmp_path / "mini", n_normal=8, n_per_defect=2, size=32)
     task = load_openset_task("mini", tmp_path, image_size=64)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TinyExtractor
 
-from lib.patchcore import (
+from lib.roda.patchcore import (
     BankError,
     PatchCore,
     adaptive_mean_dim1,
@@ -218,8 +218,8 @@ def test_adaptive_mean_gradient(length, size):
 def test_coverage_counts_every_training_patch_once():
     """fit(coverage=True): each training patch counted at its nearest bank entry, so the counts sum to the
     number of training patches (the entries are training patches, each its own nearest: none is clamped)."""
-    from lib.backbones import load_backbone
-    from lib.patchcore import PatchCore
+    from lib.common.backbones import load_backbone
+    from lib.roda.patchcore import PatchCore
 
     g = torch.Generator().manual_seed(0)
     model = PatchCore(load_backbone("mobilenet_v2", weights="random"), coreset_ratio=0.1, device="cpu")

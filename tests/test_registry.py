@@ -1,8 +1,8 @@
-"""The registry of tasks, corruptions and methods (lib/registry.py)."""
+"""The registry of tasks, corruptions and methods (lib/common/registry.py)."""
 
 import pytest
 
-from lib import registry as reg
+from lib.common import registry as reg
 
 
 def test_builtin_tasks_and_mvtec_short_names():
@@ -55,8 +55,8 @@ def test_corruption_list_matches_imagecorruptions():
 
 
 def test_methods_resolve_lazily_to_callables():
-    assert reg.method_path("ttt++", "alignment") == "lib.alignment:moment_matching_loss"
-    from lib import alignment
+    assert reg.method_path("ttt++", "alignment") == "lib.roda.alignment:moment_matching_loss"
+    from lib.roda import alignment
 
     assert reg.method("roda", "alignment") is alignment.roda_loss
     for side, table in (("alignment", reg.ALIGNMENT_METHODS), ("openset", reg.OPENSET_METHODS)):
@@ -65,7 +65,7 @@ def test_methods_resolve_lazily_to_callables():
 
 
 def test_alignment_registry_matches_the_alignment_module():
-    from lib import alignment
+    from lib.roda import alignment
 
     assert set(reg.ALIGNMENT_METHODS) == set(alignment.ALIGNMENT_LOSSES)
 

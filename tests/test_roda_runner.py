@@ -3,7 +3,7 @@
 def test_versus_reference_counts_cells_above_and_below():
     import pandas as pd
 
-    from lib.roda_runner import versus_reference
+    from lib.experiments.roda_grid import versus_reference
 
     rows = []
     for cond, pc, ours in (("noise", 0.5, 0.7), ("blur", 0.8, 0.6), ("contrast", 0.6, 0.61)):
@@ -25,7 +25,7 @@ def test_files_beside_the_bank_are_reused_only_for_the_same_bank(tmp_path, monke
 
     import torch
 
-    from lib import roda_runner
+    from lib.experiments import roda_grid as roda_runner
 
     monkeypatch.setattr(roda_runner, "bank_path", lambda cfg, task, name, seed: tmp_path / "bank_s0.pt")
     model = SimpleNamespace(bank=torch.arange(12.0).reshape(6, 2), extractor=SimpleNamespace(name="net"))
@@ -49,8 +49,10 @@ def test_files_beside_the_bank_are_reused_only_for_the_same_bank(tmp_path, monke
 def test_epoch_curve_starts_from_the_statistics_it_aligns_from(tmp_path):
     """Epoch 0 of a curve is the state the alignment starts from: with bn_init='matched' it is the matched
     statistics (the adabn_matched row), not the source encoder; the source scores come along as reference."""
-    from lib import backbones, profiles, roda_runner
-    from lib.pipeline import fit_or_load_bank, resolve_task, target_split
+    from lib.common import backbones
+    from lib.experiments import profiles
+    from lib.experiments import roda_grid as roda_runner
+    from lib.experiments.roda_steps import fit_or_load_bank, resolve_task, target_split
 
     cfg = profiles.get_profile("smoke", device="cpu", out_dir=tmp_path)
     extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device="cpu")
@@ -73,7 +75,7 @@ def test_epoch_curve_starts_from_the_statistics_it_aligns_from(tmp_path):
     assert (curve.source_pixel_auroc == source["pixel_auroc"]).all()
     import pandas as pd
 
-    from lib import figures
+    from lib.reporting import figures
 
     two = pd.concat([curve.assign(method="roda"), curve.assign(method="other", condition="noise")])
     fig = figures.epoch_curves(two)  # one panel per task x corruption
@@ -85,7 +87,10 @@ def test_epoch_curve_of_a_task_without_masks_is_numeric_and_plots(tmp_path, monk
     plot and the per-epoch tables work (notebook 08 stopped at this plot on the default profile)."""
     import math
 
-    from lib import backbones, figures, profiles, roda_runner
+    from lib.common import backbones
+    from lib.experiments import profiles
+    from lib.experiments import roda_grid as roda_runner
+    from lib.reporting import figures
 
     real_evaluate = roda_runner.evaluate
 
@@ -110,8 +115,8 @@ def test_slow_variants_are_one_change_away_from_their_parents(tmp_path):
     epochs instead of the stop rule); `roda_matched_slow` from the paper's `roda` only in lr and bn_init."""
     from dataclasses import asdict
 
-    from lib.profiles import SLOW_LR, get_profile
-    from lib.roda_runner import config_for, method_specs
+    from lib.experiments.profiles import SLOW_LR, get_profile
+    from lib.experiments.roda_grid import config_for, method_specs
 
     cfg = get_profile("elpv", out_dir=tmp_path)
     specs = method_specs(cfg)
@@ -134,7 +139,9 @@ def test_a_resumed_grid_keeps_the_timings_of_its_finished_rows(tmp_path):
     which statistics its gate kept and the two distances it compared."""
     import pandas as pd
 
-    from lib import backbones, profiles, roda_runner
+    from lib.common import backbones
+    from lib.experiments import profiles
+    from lib.experiments import roda_grid as roda_runner
 
     cfg = profiles.get_profile("smoke", device="cpu", out_dir=tmp_path)
     extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device="cpu")

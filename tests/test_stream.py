@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from lib.adaptation import bn_state
-from lib.backbones import load_backbone
-from lib.patchcore import PatchCore
-from lib.stream import GuardConfig, OnlineAdapter, StreamAdapter, StreamConfig, StreamError, one_shot_adapt
+from lib.common.backbones import load_backbone
+from lib.roda.adaptation import bn_state
+from lib.roda.online import GuardConfig, OnlineAdapter, StreamAdapter, StreamConfig, StreamError, one_shot_adapt
+from lib.roda.patchcore import PatchCore
 
 
 def _textures(n, seed, size=64, shift=0.0):
@@ -103,7 +103,7 @@ def test_any_alignment_method_runs_and_bad_settings_fail(model):
     for method in ("ttt++", "ttac", "continuous_ot"):
         adapter = OnlineAdapter(model, method, lr=0.01)
         assert adapter.step(_textures(2, 30))["finite"]
-    from lib.adaptation import restore_bn_state
+    from lib.roda.adaptation import restore_bn_state
 
     restore_bn_state(model.extractor, source)
     rows = one_shot_adapt(model, [_textures(2, 31)], StreamConfig(method="ttt++", lr=0.01), epochs=2)
@@ -135,8 +135,8 @@ def test_source_check_goes_back_to_source_when_it_fits_better(model):
 def test_the_robust_options_are_fixed_on_the_first_batch_and_again_after_a_restart(model):
     """eps='auto', the semi-relaxed plan and coverage weights resolve from the batch itself (no labels): the
     same batch gives the same eps, another batch another, and restart() resolves afresh."""
-    from lib.adaptation import restore_bn_state
-    from lib.profiles import ROBUST_RODA
+    from lib.experiments.profiles import ROBUST_RODA
+    from lib.roda.adaptation import restore_bn_state
 
     source = bn_state(model.extractor)
     weights = torch.ones(model.bank.shape[0])

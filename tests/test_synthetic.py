@@ -1,4 +1,4 @@
-"""lib.synthetic: MVTec-layout and labelled-folder data sets, deterministic, atomic, idempotent."""
+"""lib.common.synthetic: MVTec-layout and labelled-folder data sets, deterministic, atomic, idempotent."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib.synthetic import MARKER, make_synthetic_labelled, make_synthetic_mvtec
+from lib.common.synthetic import MARKER, make_synthetic_labelled, make_synthetic_mvtec
 
 SMALL = dict(n_train=4, n_test_good=3, n_test_defect=4, size=64)
 

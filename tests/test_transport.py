@@ -1,4 +1,4 @@
-"""Known-answer tests for lib.transport: costs, log-domain Sinkhorn (vs POT), Eq. 6 discretization, Hungarian."""
+"""Known-answer tests for lib.ot.transport: costs, log-domain Sinkhorn (vs POT), Eq. 6 discretization, Hungarian."""
 
 import math
 import warnings
@@ -8,9 +8,9 @@ import ot
 import pytest
 import torch
 
-import lib.sinkhorn as sk
-import lib.transport as tr
-from lib.transport import (
+import lib.ot.sinkhorn as sk
+import lib.ot.transport as tr
+from lib.ot.transport import (
     SinkhornWarning,
     assignment_stats,
     discretize,
@@ -413,7 +413,7 @@ def test_semi_relaxed_gives_planted_outliers_little_mass():
     target, bank, outlier = _planted()
     C = pairwise_cost(target, bank)
     rho = float(C.min(1).values[~outlier].std())
-    from lib.eps_calibration import calibrate_eps
+    from lib.ot.epsilon import calibrate_eps
     eps = calibrate_eps(C, 8.0)
     P, info = tr.sinkhorn(C, eps, method="semi_relaxed", rho=rho, tol=1e-9, max_iter=20000)
     row = P.sum(1) * C.shape[0]  # row mass relative to the uniform 1/N
@@ -431,7 +431,7 @@ def test_semi_relaxed_gives_planted_outliers_little_mass():
 
 
 def test_calibrated_eps_gives_a_peaked_plan_and_mean_scaled_eps_does_not():
-    from lib.eps_calibration import calibrate_eps, entries_per_row
+    from lib.ot.epsilon import calibrate_eps, entries_per_row
 
     target, bank, _ = _planted(n_out=0, d=32)
     C = pairwise_cost(target, bank)
@@ -445,7 +445,7 @@ def test_calibrated_eps_gives_a_peaked_plan_and_mean_scaled_eps_does_not():
 
 
 def test_calibrate_eps_errors_name_the_fix():
-    from lib.eps_calibration import calibrate_eps
+    from lib.ot.epsilon import calibrate_eps
 
     C = pairwise_cost(*_problem(30, 10, seed=11))
     with pytest.raises(ValueError, match="between 1 and the bank size"):
@@ -487,7 +487,7 @@ def test_unbalanced_matches_pot_and_drops_far_bank_entries():
 
 
 def test_column_argmax_matches_torch_with_ties_to_the_first_row():
-    from lib.transport import column_argmax
+    from lib.ot.transport import column_argmax
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2500, 37, generator=g)
@@ -498,7 +498,7 @@ def test_column_argmax_matches_torch_with_ties_to_the_first_row():
 
 
 def test_all_finite_agrees_with_isfinite():
-    from lib.utils import all_finite
+    from lib.common.utils import all_finite
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 70, generator=g)
@@ -512,8 +512,8 @@ def test_all_finite_agrees_with_isfinite():
 def test_plans_do_not_share_the_reused_scratch():
     """Sinkhorn and the RoDA loss reuse one scratch buffer per name across calls: a returned plan must not
     live in it (a later call would overwrite it), and repeated calls give the same answer."""
-    from lib.alignment import roda_loss
-    from lib.utils import scratch
+    from lib.common.utils import scratch
+    from lib.roda.alignment import roda_loss
 
     a1 = scratch("test.buffer", (4, 5))
     a2 = scratch("test.buffer", (2, 3))

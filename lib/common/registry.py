@@ -1,0 +1,290 @@
+"""One registry of names: the tasks (datasets), the corruptions and the methods of both papers.
+
+A name resolves here, and only here, to what it means; unknown names raise :class:`RegistryError` with the
+known names and the closest matches. Nothing heavy is imported: methods are stored as dotted paths
+(``"lib.roda.alignment:roda_loss"``) and imported on :func:`method`, so any module may import the registry
+without an import cycle.
+
+Tasks
+    :data:`TASKS` maps a task name to a :class:`TaskSpec`: the loader kind (how ``lib.common.data`` reads it), the
+    folder under the data root, the RoDA-side geometry (resize / center crop), the protocols it serves and
+    the row of the papers' tables it corresponds to. KolektorSDD has two tasks: ``ksdd`` (the whole ~256 x 640
+    strips, RoDA side) and ``ksdd_thirds`` (each strip cut into three 256 x ~213 images, DPDL's protocol, the
+    paper's "SDD"). A user's own data is a task too: :func:`task` accepts a path to an MVTec-layout category
+    folder (``train/good``, ``test/<defect>``, optional ``ground_truth``) or to a folder with ``labels.csv``.
+
+Corruptions
+    :data:`PAPER_CORRUPTIONS` (RoDA Sec. 4.1, at severity 5), :data:`ALL_CORRUPTIONS` (every name of
+    ``imagecorruptions.get_corruption_names('all')``, in the package's order) and :data:`EXTRA_CORRUPTIONS`
+    (your own, name -> dotted path of the function).
+
+Methods
+    :data:`ALIGNMENT_METHODS` (RoDA side: the alignment losses of Tab. 1/4, ``"patchcore"`` = no adaptation)
+    and :data:`OPENSET_METHODS` (DPDL side: DPDL and the open-set baselines), name -> dotted path.
+
+To add a dataset, a corruption or a method, add one entry here (docs/extending.md).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "RegistryError", "TaskSpec", "TASKS", "MVTEC_CATEGORIES", "PAPER_CORRUPTIONS", "ALL_CORRUPTIONS",
+    "MIN_SIDE", "EXTRA_CORRUPTIONS", "ALIGNMENT_METHODS", "OPENSET_METHODS", "task", "task_name", "task_root",
+    "geometry", "corruption", "corruption_function", "method", "method_path", "paper_row", "LOADER_KINDS",
+    "unknown",
+]
+
+
+class RegistryError(KeyError):
+    """An unknown name; the message lists the known names and the closest matches."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def unknown(kind: str, name, known) -> RegistryError:
+    """The error for an unknown ``name`` of ``kind``: the close matches first, then every known name."""
+    known = sorted(map(str, known))
+    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return RegistryError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(known)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images and corruptions
+# ----------------------------------------------------------------------------------------------------
+
+#: imagecorruptions refuses images with a side below 32 px; the loaders refuse them too.
+MIN_SIDE = 32
+
+#: The four corruptions of RoDA (Sec. 4.1), used at severity 5.
+PAPER_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "brightness", "contrast")
+
+#: All names of ``imagecorruptions.get_corruption_names('all')``, in the package's order: the 15 common
+#: (ImageNet-C) corruptions, then the 4 validation ones.
+ALL_CORRUPTIONS = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+    "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate",
+)
+
+#: Corruptions beyond imagecorruptions: name -> dotted path of ``f(image, severity) -> image`` (uint8 HxWx3 in
+#: and out, severity 1..5). ``lib.common.corruptions.corrupt`` runs it under a seeded NumPy global state like the
+#: package's own, so a function drawing from ``np.random`` is deterministic per (image, name, severity, seed).
+EXTRA_CORRUPTIONS: dict[str, str] = {}
+
+CLEAN = "clean"
+
+
+def corruption(name: str) -> str:
+    """``name`` if it is a known corruption (or ``"clean"``); otherwise :class:`RegistryError`."""
+    if name == CLEAN or name in ALL_CORRUPTIONS or name in EXTRA_CORRUPTIONS:
+        return name
+    raise unknown("corruption", name, (CLEAN, *ALL_CORRUPTIONS, *EXTRA_CORRUPTIONS))
+
+
+def corruption_function(name: str):
+    """The function of an :data:`EXTRA_CORRUPTIONS` entry, imported on first use."""
+    if name not in EXTRA_CORRUPTIONS:
+        raise unknown("extra corruption", name, EXTRA_CORRUPTIONS)
+    return _resolve(EXTRA_CORRUPTIONS[name])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks
+# ----------------------------------------------------------------------------------------------------
+
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
+    "toothbrush", "transistor", "wood", "zipper",
+)
+
+#: how ``lib.common.data`` reads a task: the embedded ELPV set, an MVTec-layout category folder, a folder with
+#: ``labels.csv`` (columns path, label[, mask]), or one of the generated sets of ``lib.common.synthetic``
+LOADER_KINDS = ("elpv", "mvtec", "labelled", "synthetic", "synthetic_labelled")
+SQUARE = dict(resize=256, crop=224)  # PatchCore's geometry: shorter side 256, center crop 224
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task name means.
+
+    ``loader``: one of :data:`LOADER_KINDS`. ``folder``: the folder the data lives in, relative to the data
+    root (``mvtec/<category>`` tasks: the category; user tasks: an absolute path). ``geometry``: resize /
+    center crop on the RoDA side (the open-set protocol resizes to a square of its ``image_size``).
+    ``protocols``: ``"roda"`` (PatchCore / RoDA notebooks 02-04) and/or ``"openset"`` (notebook 05).
+    ``thirds``: cut each image into three along its long side (KolektorSDD as DPDL uses it).
+    ``paper``: (dataset, category) of the papers' result tables, None where the papers have no row.
+    """
+
+    name: str
+    loader: str
+    folder: str | None = None
+    geometry: dict = field(default_factory=lambda: dict(SQUARE))
+    protocols: tuple = ("roda", "openset")
+    thirds: bool = False
+    paper: tuple | None = None
+    description: str = ""
+
+    def __post_init__(self):
+        if self.loader not in LOADER_KINDS:
+            raise ValueError(f"task {self.name}: loader must be one of {LOADER_KINDS}, got {self.loader!r}")
+
+    @property
+    def category(self) -> str | None:
+        """The MVTec category (the folder's name) of an MVTec-layout task."""
+        return Path(self.folder).name if self.loader == "mvtec" and self.folder else None
+
+
+def _builtin_tasks() -> dict:
+    tasks = [
+        TaskSpec("elpv", "elpv", paper=("ELPV", None),
+                 description="embedded ELPV solar cells (2,624 images, no masks)"),
+        TaskSpec("synthetic", "synthetic", "synthetic", protocols=("roda",),
+                 description="generated MVTec-layout set with masks (tests, smoke profile)"),
+        TaskSpec("synthetic_labelled", "synthetic_labelled", "synthetic_labelled", protocols=("openset",),
+                 description="generated labels.csv set with defect classes (tests, smoke profile)"),
+        # KolektorSDD strips are ~256 x 640 (w x h): keep the whole strip, no crop (a 224 crop would cut away
+        # most of the surface where the cracks are)
+        TaskSpec("ksdd", "labelled", "ksdd", geometry=dict(resize=(448, 160), crop=None), protocols=("roda",),
+                 description="KolektorSDD, whole strips"),
+        TaskSpec("ksdd_thirds", "labelled", "ksdd", protocols=("openset",), thirds=True, paper=("SDD", None),
+                 description="KolektorSDD, each strip cut into thirds (DPDL's SDD)"),
+        TaskSpec("headct", "labelled", "headct", paper=("HeadCT", None), description="Head CT hemorrhage"),
+        TaskSpec("brainmri", "labelled", "brainmri", paper=("BrainMRI", None), description="Brain MRI tumour"),
+    ]
+    tasks += [TaskSpec(f"mvtec/{c}", "mvtec", c, paper=("MVTec", c), description=f"MVTec AD {c}")
+              for c in MVTEC_CATEGORIES]
+    return {t.name: t for t in tasks}
+
+
+#: task name -> :class:`TaskSpec`
+TASKS: dict[str, TaskSpec] = _builtin_tasks()
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or "\\" in name or Path(name).expanduser().is_dir()
+
+
+def _path_task(name: str) -> TaskSpec:
+    path = Path(name).expanduser().resolve()
+    if (path / "labels.csv").is_file():
+        return TaskSpec(str(path), "labelled", str(path), description=f"labelled folder {path}")
+    if (path / "train" / "good").is_dir() and (path / "test").is_dir():
+        return TaskSpec(str(path), "mvtec", str(path), description=f"MVTec-layout folder {path}")
+    raise RegistryError(
+        f"{path} is neither an MVTec-layout category folder (train/good/ and test/<defect>/) nor a folder with "
+        "labels.csv (columns path,label[,mask]): point to one of those")
+
+
+def task_name(name: str) -> str:
+    """The registry name of ``name``: a short MVTec category becomes ``mvtec/<category>``."""
+    name = str(name).strip()
+    if name in TASKS:
+        return name
+    if name in MVTEC_CATEGORIES:
+        return f"mvtec/{name}"
+    if _looks_like_path(name):
+        return name
+    raise unknown("task", name, (*TASKS, *MVTEC_CATEGORIES))
+
+
+def task(name, protocol: str | None = None) -> TaskSpec:
+    """The :class:`TaskSpec` of a task name, a short MVTec category or a path to the user's own folder.
+
+    ``protocol`` (``"roda"`` / ``"openset"``): refuse a task that the protocol does not serve, naming the one
+    that does (``ksdd`` vs ``ksdd_thirds``)."""
+    name = task_name(str(name))
+    spec = TASKS[name] if name in TASKS else _path_task(name)
+    if protocol is not None and protocol not in spec.protocols:
+        others = [t.name for t in TASKS.values() if t.folder == spec.folder and protocol in t.protocols]
+        hint = f"; use {others[0]!r}" if others else ""
+        raise RegistryError(f"task {name!r} is not part of the {protocol} protocol{hint}")
+    return spec
+
+
+def task_root(name, data_root=None) -> Path | None:
+    """The folder a task reads from, given the data root of a profile.
+
+    MVTec tasks: ``data_root/<category>`` or ``data_root/mvtec/<category>`` (as ``shared/data`` holds it), the
+    MVTec root is returned. Labelled folders: ``data_root/<folder>`` when it holds ``labels.csv``, else
+    ``data_root`` itself. User paths: the path (MVTec layout: its parent). ELPV: None (embedded)."""
+    spec = task(name)
+    if spec.loader == "elpv":
+        return None
+    folder = Path(spec.folder) if spec.folder else None
+    if folder is not None and folder.is_absolute():
+        return folder.parent if spec.loader == "mvtec" else folder
+    if data_root is None:
+        return None
+    root = Path(data_root).expanduser()
+    if spec.loader == "mvtec":
+        return root / "mvtec" if (root / "mvtec" / spec.folder).is_dir() else root
+    if spec.loader == "labelled":
+        return root / spec.folder if (root / spec.folder / "labels.csv").is_file() else root
+    return root
+
+
+def geometry(name, protocol: str = "roda", image_size: int = 224) -> dict:
+    """resize / crop of a task: its own on the RoDA side; a square ``image_size`` without crop (DRA/DevNet's
+    ``Resize((s, s))``) on the open-set side."""
+    if protocol == "openset":
+        return dict(resize=(int(image_size), int(image_size)), crop=None)
+    if protocol != "roda":
+        raise unknown("protocol", protocol, ("roda", "openset"))
+    return dict(task(name).geometry)
+
+
+def paper_row(name) -> tuple | None:
+    """(dataset, category) of the papers' tables for a task, None where the papers have no row."""
+    return TASKS[name].paper if name in TASKS else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Methods
+# ----------------------------------------------------------------------------------------------------
+
+#: RoDA side, Tab. 1/4: name -> alignment loss (``"ttt++"`` = moment matching, ``"ttac"`` = Gaussian KL).
+#: ``"patchcore"`` (no adaptation) is no loss and is not listed.
+ALIGNMENT_METHODS = {
+    "roda": "lib.roda.alignment:roda_loss",
+    "continuous_ot": "lib.roda.alignment:continuous_ot_loss",
+    "hungarian": "lib.roda.alignment:hungarian_loss",
+    "ttt++": "lib.roda.alignment:moment_matching_loss",
+    "ttac": "lib.roda.alignment:gaussian_kl_loss",
+}
+
+#: DPDL side: name -> model class trained under the open-set protocol.
+OPENSET_METHODS = {
+    "dpdl": "lib.dpdl.model:DPDLNet",
+    "devnet": "lib.dpdl.baselines:DevNet",
+    "dra": "lib.dpdl.baselines:DRA",
+    "flos": "lib.dpdl.baselines:FLOS",
+}
+
+_METHOD_TABLES = {"alignment": ALIGNMENT_METHODS, "openset": OPENSET_METHODS}
+
+
+def method_path(name: str, side: str) -> str:
+    """The dotted path ``"module:attribute"`` of a method of ``side`` (``"alignment"`` or ``"openset"``)."""
+    if side not in _METHOD_TABLES:
+        raise unknown("method side", side, _METHOD_TABLES)
+    table = _METHOD_TABLES[side]
+    if name not in table:
+        raise unknown(f"{side} method", name, table)
+    return table[name]
+
+
+def method(name: str, side: str):
+    """The callable behind a method name, imported on first use (no import cycle at module load)."""
+    return _resolve(method_path(name, side))
+
+
+def _resolve(path: str):
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)

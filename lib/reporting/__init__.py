@@ -1,0 +1,1 @@
+"""Reporting: figures, the papers' claims as data and the paper-vs-ours fidelity verdicts."""
