@@ -45,16 +45,16 @@ def real_features(n_target: int = 7840, n_bank: int = 2500, corruption: str = "g
     Target: the patches of ``n_target / 784`` shifted test images (a RoDA minibatch); bank: a greedy
     coreset of ``n_bank`` patches from clean training cells. Returns (model, target batch images, bank)."""
     from lib.common import backbones, data
-    from lib.experiments import roda_steps as pipeline
+    from lib.experiments import roda_steps
     from lib.roda.patchcore import PatchCore
 
     ext = backbones.load_backbone("mobilenet_v2")
     task = data.load_task("elpv")
     n_images = max(1, n_target // 784)
     model = PatchCore(ext, coreset_ratio=1.0, max_bank=n_bank, seed=seed, device="cpu")
-    train = pipeline.dataset(task, data.subsample(task.train, 40, seed))
+    train = roda_steps.dataset(task, data.subsample(task.train, 40, seed))
     model.fit(data.make_loader(train, batch_size=16))
-    test = pipeline.dataset(task, data.subsample(task.test, n_images, seed), corruption, 5, seed)
+    test = roda_steps.dataset(task, data.subsample(task.test, n_images, seed), corruption, 5, seed)
     images = torch.stack([test[i]["image"] for i in range(len(test))])
     return model, images
 

@@ -29,10 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.common import backbones, data
 from lib.common.utils import read_csv, write_csv
-from lib.dpdl import baselines as openset_baselines
-from lib.dpdl import features as openset_maps
+from lib.dpdl import baselines, features, protocol
 from lib.dpdl import model as dpdl
-from lib.dpdl import protocol as openset
 from lib.experiments import profiles
 
 VARIANTS = {"w/o DPL": dict(use_dpl=False), "w/o DFL": dict(use_dfl=False), "M_r": dict(heads=("r",)),
@@ -48,10 +46,10 @@ def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="gene
     dp = dict(cfg.dpdl, image_size=int(os.environ.get("IMAGE_SIZE", cfg.dpdl["image_size"])))
     seeds = [int(s) for s in seeds.split(",")]
     m_values = [int(m) for m in m_values.split(",")]
-    task = openset.load_openset_task(task_name, profiles.task_root(cfg, task_name), image_size=dp["image_size"])
+    task = protocol.load_openset_task(task_name, profiles.data_root_for(cfg, task_name), image_size=dp["image_size"])
     task = replace(task, train=tuple(data.subsample(task.train, dp.get("max_train"), 0)),
                    test=tuple(data.subsample(task.test, dp.get("max_test"), 0)))
-    splits = openset.split_plan(task, (setting,), m_values, seeds)
+    splits = protocol.split_plan(task, (setting,), m_values, seeds)
     deep_tap = backbones.BACKBONES[cfg.backbone].deep_tap
     device = os.environ.get("DEVICE", "cpu")
     # TAIL=1: partial fine-tuning, cache the activations before the last block and train that block;
@@ -62,7 +60,7 @@ def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="gene
     extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, layers=[tap], device=device)
     if end_to_end:
         tail, tap = backbones.input_to_tap(extractor), "input"
-        extractor = openset_maps.NormalizedInput(extractor)
+        extractor = features.NormalizedInput(extractor)
     else:
         tail = extractor.model.get_submodule(tail_name) if tail_name else None
     path = f"{cfg.cache_dir}/05_maps_{task_name.replace('/', '_')}_{cfg.backbone}_{dp['image_size']}" + \
@@ -92,7 +90,7 @@ def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="gene
     print(f"{finetune}, {dp['image_size']} px, {device}", flush=True)
     done = []
     for split in splits:  # one split at a time, the runs file rewritten after each (a stopped job keeps them)
-        part, _ = openset_baselines.run_openset([split], cache, specs, train, dp.get("pseudo_variants", 1),
+        part, _ = baselines.run_openset([split], cache, specs, train, dp.get("pseudo_variants", 1),
                                                 show_progress=False,
                                                 rotation_variants=dp.get("rotation_variants", 0))
         done.append(part)
@@ -102,7 +100,7 @@ def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="gene
         write_csv(runs, f"{prefix}_runs.csv")
         print(f"seed {split.seed}: " + ", ".join(f"{m} {a:.3f}" for m, a in zip(part["method"], part["auroc"])),
               f"({time.time() - start:.0f} s)", flush=True)
-    table = openset.aggregate_runs(runs, ["task", "setting", "n_anomalies", "method"])
+    table = protocol.aggregate_runs(runs, ["task", "setting", "n_anomalies", "method"])
     write_csv(table, f"{prefix}.csv")
     print(table.to_string(), f"\n{time.time() - start:.0f} s")
 

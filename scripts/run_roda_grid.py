@@ -7,6 +7,9 @@
     python scripts/run_roda_grid.py --out results/real_full/08_roda_grid.csv --merge A.csv B.csv \
         --history results/real_full/08_roda_grid_histories.csv --merge-history A_hist.csv B_hist.csv
 
+    python scripts/run_roda_grid.py --backend ray --address auto --profile full --out results/full/grid
+        # notebook 03's table as independent cells on a Ray cluster (or --backend processes: local workers)
+
 Parallel jobs must not share an output file, so each writes its own; ``--merge`` folds their rows (and each
 one's ``*_timings.csv``) into ``--out`` (a later file's row replaces an earlier one's for the same task, method,
 corruption and seed), ``--merge-history`` their per-step histories into ``--history``, atomically.
@@ -27,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.common import backbones
 from lib.common.utils import read_csv, seed_everything, timings_path, write_csv
-from lib.experiments import profiles
-from lib.experiments import roda_grid as roda_runner
+from lib.experiments import profiles, roda_grid
+
+DEFAULT_METHODS = "patchcore,ttt++,ttac,roda,roda_robust"
 
 
 def main(argv=None):
@@ -38,7 +42,8 @@ def main(argv=None):
     p.add_argument("--merge", nargs="+", default=None, help="grid CSVs of parallel jobs to fold into --out")
     p.add_argument("--merge-history", nargs="+", default=None, help="their histories, folded into --history")
     p.add_argument("--corruptions", default=",".join(profiles.CORRUPTIONS))
-    p.add_argument("--methods", default="patchcore,ttt++,ttac,roda,roda_robust")
+    p.add_argument("--methods", default=None, help=f"comma-separated (default: {DEFAULT_METHODS}; with "
+                   "--backend ray / processes / serial: the profile's)")
     p.add_argument("--seeds", default="0")
     p.add_argument("--bank-seed", type=int, default=0, help="one bank per task built with this seed (-1: per seed)")
     p.add_argument("--out", required=True)
@@ -56,36 +61,65 @@ def main(argv=None):
                    help="per-epoch curves instead (roda_grid.epoch_curve, stop rule off, --epochs passes): "
                         "one curve per task x corruption x seed x method appended to --out, finished ones skipped")
     p.add_argument("--epochs", type=int, default=None, help="with --curves: epochs per curve (default: profile)")
+    p.add_argument("--backend", default="table", choices=("table", "ray", "processes", "serial"),
+                   help="table (default): one process, rows appended to --out as they finish; ray / processes / "
+                        "serial: the profile's cells (lib.experiments.roda_cells) through lib.experiments.executor, "
+                        "one result file per cell under the folder --out, the table in <out>/grid.csv")
+    p.add_argument("--address", default=None, help="--backend ray: 'auto' on a cluster node, 'ray://head:10001'")
+    p.add_argument("--workers", type=int, default=2, help="--backend processes: local worker processes")
+    p.add_argument("--cpus-per-cell", type=float, default=1)
+    p.add_argument("--gpus-per-cell", type=float, default=0)
     args = p.parse_args(argv)
     if args.merge or args.merge_history:
         return merge(args)
+    if args.backend != "table":
+        return cells(args)
     if not args.summary_only:
         if not args.tasks:
             p.error("--tasks is required (unless --summary-only or --merge)")
         torch.set_num_threads(args.threads)
         seed_everything(0)  # deterministic kernels; every run seeds its own generators from its seed
         cfg = profiles.get_profile(args.profile, data_root=args.data_root)
-        specs = roda_runner.method_specs(cfg)
+        specs = roda_grid.method_specs(cfg)
         if args.variants:
             import json
 
             specs.update(json.loads(args.variants))
-        unknown = [m for m in args.methods.split(",") if m not in specs]
+        unknown = [m for m in (args.methods or DEFAULT_METHODS).split(",") if m not in specs]
         if unknown:
             raise SystemExit(f"unknown methods {unknown}: the profile's are {sorted(specs)}; others (e.g. "
                              "hungarian, continuous_ot) through --variants "
                              "'{\"hungarian\": {\"method\": \"hungarian\"}}'")
-        methods = {m: specs[m] for m in args.methods.split(",")}
+        methods = {m: specs[m] for m in (args.methods or DEFAULT_METHODS).split(",")}
         if args.curves:
             return curves(cfg, args, methods)
         extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device=cfg.device)
-        roda_runner.run_grid(cfg, extractor, args.tasks.split(","), args.corruptions.split(","), methods,
+        roda_grid.run_grid(cfg, extractor, args.tasks.split(","), args.corruptions.split(","), methods,
                              [int(s) for s in args.seeds.split(",")], args.out, history_csv=args.history,
                              bank_seed=None if args.bank_seed < 0 else args.bank_seed, note=args.note)
     out = Path(args.out)
     summary = Path(args.summary) if args.summary else out.with_name(f"{out.stem}_vs_{args.reference}.csv")
-    write_csv(roda_runner.versus_reference(pd.read_csv(out), reference=args.reference, margin=0.05), summary)
+    write_csv(roda_grid.versus_reference(pd.read_csv(out), reference=args.reference, margin=0.05), summary)
     print(f"summary: {summary}")
+
+
+def cells(args) -> int:
+    """The profile's table (task x corruption x severity x seed x method) as independent cells."""
+    from lib.experiments import executor, roda_cells
+
+    methods = args.methods.split(",") if args.methods else None
+    todo = roda_cells.profile_cells(args.profile, methods=methods, seeds=[int(s) for s in args.seeds.split(",")],
+                                    data_root=args.data_root, categories=None)
+    if args.tasks:
+        todo = [c for c in todo if c["task"] in args.tasks.split(",")]
+    run = executor.run_parallel(roda_cells.roda_cell, todo, args.out, backend=args.backend, address=args.address,
+                                workers=args.workers, threads=args.threads, num_cpus=args.cpus_per_cell,
+                                num_gpus=args.gpus_per_cell)
+    print(f"{len(run.ran)} cells ran, {len(run.skipped)} were done already, {len(run.failed)} failed; "
+          f"table: {Path(args.out) / 'grid.csv'}")
+    for cell, error in run.failed:
+        print(f"FAILED {cell}: {error.splitlines()[0]}")
+    return 1 if run.failed else 0
 
 
 KEYS = ["task", "method", "condition", "seed"]
@@ -135,7 +169,7 @@ def curves(cfg, args, methods):
         if (task, corruption, seed, name) in keys:
             continue
         t0 = time.time()
-        curve = roda_runner.epoch_curve(cfg, extractor, task, corruption, methods[name], seed=seed,
+        curve = roda_grid.epoch_curve(cfg, extractor, task, corruption, methods[name], seed=seed,
                                         epochs=args.epochs, bank_seed=max(args.bank_seed, 0))
         curve = curve.assign(method=name, note=args.note, seconds=round(time.time() - t0, 1))
         done = pd.concat([done, curve], ignore_index=True)
@@ -156,4 +190,4 @@ def draw_curves(cfg, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -26,6 +26,6 @@ def test_extending_names_real_places():
     text = (REPO / "docs" / "extending.md").read_text(encoding="utf-8")
     from lib.common import registry
 
-    for name in ("EXTRA_CORRUPTIONS", "ALIGNMENT_METHODS", "OPENSET_METHODS", "LOADER_KINDS", "TASKS"):
+    for name in ("EXTRA_CORRUPTIONS", "METHOD_TABLES", "LOADER_KINDS", "TASKS"):
         assert hasattr(registry, name)
     assert "RODA_PAIRS" in text and "registry" in text

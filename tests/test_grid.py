@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.experiments.executor import cell_key, cell_path, collect, expand, run_cells, run_grid
+from lib.experiments.executor import cell_key, cell_path, collect, expand, run_cells, run_parallel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,9 +44,9 @@ def test_expand_and_keys_are_stable():
     assert cell_key({"a": 1, "b": "x"}) == cell_key({"b": "x", "a": 1})
     assert len(cell_key({"a": 1})) == 16 and cell_key({"a": 1}) != cell_key({"a": 2})
     with pytest.raises(ValueError, match="same cell twice"):
-        run_grid(cheap_cell, [{"seed": 0, "severity": 1}] * 2, "unused", backend="serial")
+        run_parallel(cheap_cell, [{"seed": 0, "severity": 1}] * 2, "unused", backend="serial")
     with pytest.raises(TypeError, match="JSON"):
-        run_grid(cheap_cell, [{"seed": object()}], "unused", backend="serial")
+        run_parallel(cheap_cell, [{"seed": object()}], "unused", backend="serial")
 
 
 def _check_first_run(first, cells, crash, tmp_path):
@@ -71,10 +71,10 @@ def _check_second_run(second, cells, crash, tmp_path):
 
 def test_serial_grid_survives_a_failing_cell_and_reruns_only_it(tmp_path):
     cells, crash = _grid(tmp_path, hard_crash=False)
-    first = run_grid(cheap_cell, cells, tmp_path, backend="serial")
+    first = run_parallel(cheap_cell, cells, tmp_path, backend="serial")
     assert "planned failure" in first.failed[0][1]
     _check_first_run(first, cells, crash, tmp_path)
-    second = run_grid(cheap_cell, cells, tmp_path, backend="serial")
+    second = run_parallel(cheap_cell, cells, tmp_path, backend="serial")
     _check_second_run(second, cells, crash, tmp_path)
 
 
@@ -87,11 +87,11 @@ def test_ray_grid_loses_only_the_killed_cell(tmp_path, monkeypatch):
     cells, crash = _grid(tmp_path, hard_crash=True)
     init = dict(num_cpus=2, object_store_memory=80 * 2**20)
     try:
-        first = run_grid(cheap_cell, cells, tmp_path, backend="ray", max_retries=0, init_kwargs=init)
+        first = run_parallel(cheap_cell, cells, tmp_path, backend="ray", max_retries=0, init_kwargs=init)
         # the worker died: Ray reports a crashed worker for that cell and nothing else
         assert "Worker" in first.failed[0][1] or "died" in first.failed[0][1], first.failed
         _check_first_run(first, cells, crash, tmp_path)
-        second = run_grid(cheap_cell, cells, tmp_path, backend="ray", max_retries=0, init_kwargs=init)
+        second = run_parallel(cheap_cell, cells, tmp_path, backend="ray", max_retries=0, init_kwargs=init)
     finally:
         ray.shutdown()
     _check_second_run(second, cells, crash, tmp_path)
@@ -100,14 +100,14 @@ def test_ray_grid_loses_only_the_killed_cell(tmp_path, monkeypatch):
 
 def test_process_pool_grid_uses_two_processes_and_reruns_only_the_failed_cell(tmp_path):
     cells, crash = _grid(tmp_path, hard_crash=False)
-    first = run_grid(cheap_cell, cells, tmp_path, backend="processes", workers=2)
+    first = run_parallel(cheap_cell, cells, tmp_path, backend="processes", workers=2)
     assert "planned failure" in first.failed[0][1]
     _check_first_run(first, cells, crash, tmp_path)
     assert os.getpid() not in set(first.table["pid"])  # the cells ran in the pool, not here
-    second = run_grid(cheap_cell, cells, tmp_path, backend="processes", workers=2)
+    second = run_parallel(cheap_cell, cells, tmp_path, backend="processes", workers=2)
     _check_second_run(second, cells, crash, tmp_path)
     with pytest.raises(ValueError, match="workers and threads"):
-        run_grid(cheap_cell, [{"seed": 9, "severity": 1}], tmp_path / "x", backend="processes", workers=0)
+        run_parallel(cheap_cell, [{"seed": 9, "severity": 1}], tmp_path / "x", backend="processes", workers=0)
 
 
 def test_run_cells_keeps_the_order_runs_duplicates_once_and_names_a_failure(tmp_path):
@@ -132,7 +132,7 @@ def test_an_ablation_cell_runs_deterministic_kernels_from_its_own_seed(tmp_path)
     import torch
 
     from lib.experiments import profiles
-    from lib.experiments.executor import ablation_cell
+    from lib.experiments.roda_cells import ablation_cell
 
     cfg = profiles.get_profile("smoke", device="cpu", out_dir=tmp_path)
     cell = dict(task="synthetic", seed=1, corruption="gaussian_noise", severity=5, method="roda",

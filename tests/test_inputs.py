@@ -25,8 +25,7 @@ from lib.common.data import (
 )
 from lib.common.synthetic import make_synthetic_mvtec
 from lib.common.utils import OutputError, read_csv, write_csv
-from lib.experiments import profiles
-from lib.experiments import roda_steps as pipeline
+from lib.experiments import profiles, roda_steps
 from lib.experiments.settings import parse_assignments
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,7 +123,7 @@ def test_profiles_are_the_only_source_of_defaults():
 def test_real_profile_keeps_the_papers_schedules_on_one_category_and_real_full_the_grids():
     """Issue 9: `real` is sized to run in about two hours (one category) without cutting the schedules the
     papers report; the every-category grids are `real_full`'s and write to their own folder."""
-    from lib.experiments import drifting_line as line
+    from lib.experiments import drifting_line
 
     real, full = profiles.resolve("real", device="cpu"), profiles.resolve("real_full", device="cpu")
     assert real.tasks == ("mvtec/bottle",) and real.dpdl.tasks == ("mvtec/bottle",)
@@ -133,7 +132,7 @@ def test_real_profile_keeps_the_papers_schedules_on_one_category_and_real_full_t
     assert "roda_robust" in real.roda.variants  # notebook 08 compares the leads with it
     assert set(real.roda.variants) < set(full.roda.variants) and len(full.tasks) == 4
     assert Path(real.results_dir).name == "real" and Path(full.results_dir).name == "real_full"
-    assert len(line.line_settings(real)["seeds"]) == 1 and len(line.line_settings(full)["seeds"]) == 3
+    assert len(drifting_line.line_settings(real)["seeds"]) == 1 and len(drifting_line.line_settings(full)["seeds"]) == 3
 
 
 def test_config_json_of_a_clone_elsewhere_is_not_other_settings_but_a_changed_value_is(tmp_path):
@@ -272,26 +271,26 @@ def _cfg(tmp_path, **patchcore):
 
 def test_bank_cache_is_keyed_by_data_and_settings(tmp_path, synth_root, tiny_extractor):
     task = load_task("mvtec/synthetic", synth_root)
-    _, info = pipeline.fit_or_load_bank(_cfg(tmp_path), task, tiny_extractor)
+    _, info = roda_steps.fit_or_load_bank(_cfg(tmp_path), task, tiny_extractor)
     assert not info["cached"]
-    _, info = pipeline.fit_or_load_bank(_cfg(tmp_path), task, tiny_extractor)
+    _, info = roda_steps.fit_or_load_bank(_cfg(tmp_path), task, tiny_extractor)
     assert info["cached"]
-    model, info = pipeline.fit_or_load_bank(_cfg(tmp_path, coreset_ratio=0.3), task, tiny_extractor)
+    model, info = roda_steps.fit_or_load_bank(_cfg(tmp_path, coreset_ratio=0.3), task, tiny_extractor)
     assert not info["cached"] and model.coreset_ratio == 0.3  # another ratio: rebuilt, not the old bank
     # the same category under another data root: the new images are read
     other = shutil.copytree(synth_root, tmp_path / "other")
     task2 = load_task("mvtec/synthetic", other)
-    _, info = pipeline.fit_or_load_bank(_cfg(tmp_path, coreset_ratio=0.3), task2, tiny_extractor)
+    _, info = roda_steps.fit_or_load_bank(_cfg(tmp_path, coreset_ratio=0.3), task2, tiny_extractor)
     assert not info["cached"]
     # an edited training image
     img = Path(task2.train[0].path)
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(img)
-    _, info = pipeline.fit_or_load_bank(_cfg(tmp_path, coreset_ratio=0.3), task2, tiny_extractor)
+    _, info = roda_steps.fit_or_load_bank(_cfg(tmp_path, coreset_ratio=0.3), task2, tiny_extractor)
     assert not info["cached"]
     # other backbone weights under the same name
     with torch.no_grad():
         next(tiny_extractor.parameters()).add_(1.0)
-    _, info = pipeline.fit_or_load_bank(_cfg(tmp_path, coreset_ratio=0.3), task2, tiny_extractor)
+    _, info = roda_steps.fit_or_load_bank(_cfg(tmp_path, coreset_ratio=0.3), task2, tiny_extractor)
     assert not info["cached"]
 
 
@@ -314,8 +313,8 @@ def test_shifted_images_are_cached_and_identical(synth_root):
     task = load_task("mvtec/synthetic", synth_root)
     samples = list(task.test)
     store = cache.ImageCache()
-    plain = pipeline.AnomalyDataset(samples, corruption="gaussian_noise", severity=3, seed=1, **task.geometry())
-    cached = pipeline.AnomalyDataset(samples, corruption="gaussian_noise", severity=3, seed=1, cache=store,
+    plain = roda_steps.AnomalyDataset(samples, corruption="gaussian_noise", severity=3, seed=1, **task.geometry())
+    cached = roda_steps.AnomalyDataset(samples, corruption="gaussian_noise", severity=3, seed=1, cache=store,
                                      **task.geometry())
     first = [cached[i]["image"] for i in range(len(samples))]
     assert store.misses == len(samples) and store.hits == 0
@@ -323,7 +322,7 @@ def test_shifted_images_are_cached_and_identical(synth_root):
     assert store.hits == len(samples)
     for a, b, c in zip(first, again, (plain[i]["image"] for i in range(len(samples)))):
         assert torch.equal(a, b) and torch.equal(a, c)
-    other_seed = pipeline.AnomalyDataset(samples, corruption="gaussian_noise", severity=3, seed=2, cache=store,
+    other_seed = roda_steps.AnomalyDataset(samples, corruption="gaussian_noise", severity=3, seed=2, cache=store,
                                          **task.geometry())
     assert not torch.equal(other_seed[0]["image"], first[0])
 
@@ -409,8 +408,8 @@ def test_smoke_profile_never_writes_into_the_users_data_root(tmp_path):
     user.mkdir()
     cfg = profiles.resolve("smoke", device="cpu", data_root=user, out_dir=tmp_path / "out")
     assert cfg.data_root == str(user)
-    assert str(profiles.task_root(cfg, "synthetic")).startswith(str(tmp_path / "out"))
-    assert str(profiles.task_root(cfg, "synthetic_labelled")).startswith(str(tmp_path / "out"))
+    assert str(profiles.data_root_for(cfg, "synthetic")).startswith(str(tmp_path / "out"))
+    assert str(profiles.data_root_for(cfg, "synthetic_labelled")).startswith(str(tmp_path / "out"))
     assert list(user.iterdir()) == []
 
 
@@ -461,7 +460,7 @@ def test_feature_cache_key_follows_files_shift_and_weights(synth_root, tiny_extr
 
     task = load_task("mvtec/synthetic", synth_root)
     model = PatchCore(tiny_extractor, device="cpu")
-    key = lambda *a: pipeline.features_key(model, task, list(task.test), *a)
+    key = lambda *a: roda_steps.features_key(model, task, list(task.test), *a)
     assert key("contrast", 5, 0) == key("contrast", 5, 0)
     assert len({key("contrast", 5, 0), key("contrast", 4, 0), key("contrast", 5, 1), key(None, 5, 0)}) == 4
     assert key(None, 5, 0) == key(None, 5, 1)  # clean images do not depend on the shift seed

@@ -59,15 +59,21 @@ def test_methods_resolve_lazily_to_callables():
     from lib.roda import alignment
 
     assert reg.method("roda", "alignment") is alignment.roda_loss
-    for side, table in (("alignment", reg.ALIGNMENT_METHODS), ("openset", reg.OPENSET_METHODS)):
-        for name in table:
+    assert reg.method_path("dpdl", "openset") == "lib.dpdl.model:DPDLNet"
+    for side in reg.METHOD_TABLES:
+        for name in reg.methods(side):
             assert callable(reg.method(name, side)), (side, name)
+    with pytest.raises(reg.RegistryError, match="ttac"):
+        reg.method("tac", "alignment")
 
 
-def test_alignment_registry_matches_the_alignment_module():
+def test_method_names_are_the_modules_own_tables():
+    from lib.dpdl import baselines
     from lib.roda import alignment
 
-    assert set(reg.ALIGNMENT_METHODS) == set(alignment.ALIGNMENT_LOSSES)
+    assert reg.methods("alignment") == alignment.ALIGNMENT_LOSSES
+    assert reg.methods("openset") == baselines.METHODS
+    assert reg.methods("alignment") is not alignment.ALIGNMENT_LOSSES  # a copy: callers cannot edit the table
 
 
 def test_user_folders_by_path(tmp_path):

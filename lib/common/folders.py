@@ -21,10 +21,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib.common.data import MIN_SIDE, DataError, center_crop, labelled_folder_samples, mvtec_samples, resize_size
+from lib.common.data import (
+    IMAGE_SUFFIXES,
+    MIN_SIDE,
+    DataError,
+    center_crop,
+    labelled_folder_samples,
+    mvtec_samples,
+    resize_size,
+)
 from lib.common.utils import atomic_path, progress
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)

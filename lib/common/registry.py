@@ -1,9 +1,9 @@
 """One registry of names: the tasks (datasets), the corruptions and the methods of both papers.
 
 A name resolves here, and only here, to what it means; unknown names raise :class:`RegistryError` with the
-known names and the closest matches. Nothing heavy is imported: methods are stored as dotted paths
-(``"lib.roda.alignment:roda_loss"``) and imported on :func:`method`, so any module may import the registry
-without an import cycle.
+known names and the closest matches. Nothing heavy is imported: the method tables are named by dotted
+paths (:data:`METHOD_TABLES`) and imported on :func:`methods`, so any module may import the registry without an
+import cycle.
 
 Tasks
     :data:`TASKS` maps a task name to a :class:`TaskSpec`: the loader kind (how ``lib.common.data`` reads it), the
@@ -19,10 +19,12 @@ Corruptions
     (your own, name -> dotted path of the function).
 
 Methods
-    :data:`ALIGNMENT_METHODS` (RoDA side: the alignment losses of Tab. 1/4, ``"patchcore"`` = no adaptation)
-    and :data:`OPENSET_METHODS` (DPDL side: DPDL and the open-set baselines), name -> dotted path.
+    :func:`methods` reads the two sides' own tables: ``"alignment"`` (RoDA side,
+    ``lib.roda.alignment.ALIGNMENT_LOSSES``; ``"patchcore"`` = no adaptation) and ``"openset"`` (DPDL side,
+    ``lib.dpdl.baselines.METHODS``).
 
-To add a dataset, a corruption or a method, add one entry here (docs/extending.md).
+To add a dataset or a corruption, add one entry here; a method is one entry in its side's table
+(docs/extending.md).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 
 __all__ = [
     "RegistryError", "TaskSpec", "TASKS", "MVTEC_CATEGORIES", "PAPER_CORRUPTIONS", "ALL_CORRUPTIONS",
-    "MIN_SIDE", "EXTRA_CORRUPTIONS", "ALIGNMENT_METHODS", "OPENSET_METHODS", "task", "task_name", "task_root",
+    "MIN_SIDE", "EXTRA_CORRUPTIONS", "METHOD_TABLES", "methods", "task", "task_name", "task_root",
     "geometry", "corruption", "corruption_function", "method", "method_path", "paper_row", "LOADER_KINDS",
     "unknown",
 ]
@@ -249,40 +251,35 @@ def paper_row(name) -> tuple | None:
 # Methods
 # ----------------------------------------------------------------------------------------------------
 
-#: RoDA side, Tab. 1/4: name -> alignment loss (``"ttt++"`` = moment matching, ``"ttac"`` = Gaussian KL).
-#: ``"patchcore"`` (no adaptation) is no loss and is not listed.
-ALIGNMENT_METHODS = {
-    "roda": "lib.roda.alignment:roda_loss",
-    "continuous_ot": "lib.roda.alignment:continuous_ot_loss",
-    "hungarian": "lib.roda.alignment:hungarian_loss",
-    "ttt++": "lib.roda.alignment:moment_matching_loss",
-    "ttac": "lib.roda.alignment:gaussian_kl_loss",
+#: side -> the table of that side's methods, ``"module:attribute"``, imported on first use. The tables live next
+#: to the code they name (one registry: the names are those tables' keys). RoDA side: the alignment losses of
+#: Tab. 1/4 (``"ttt++"`` = moment matching, ``"ttac"`` = Gaussian KL; ``"patchcore"``, no adaptation, is no
+#: loss). DPDL side: DPDL and the open-set baselines, name -> model class.
+METHOD_TABLES = {
+    "alignment": "lib.roda.alignment:ALIGNMENT_LOSSES",
+    "openset": "lib.dpdl.baselines:METHODS",
 }
 
-#: DPDL side: name -> model class trained under the open-set protocol.
-OPENSET_METHODS = {
-    "dpdl": "lib.dpdl.model:DPDLNet",
-    "devnet": "lib.dpdl.baselines:DevNet",
-    "dra": "lib.dpdl.baselines:DRA",
-    "flos": "lib.dpdl.baselines:FLOS",
-}
 
-_METHOD_TABLES = {"alignment": ALIGNMENT_METHODS, "openset": OPENSET_METHODS}
+def methods(side: str) -> dict:
+    """name -> callable of every method of ``side`` (``"alignment"`` or ``"openset"``)."""
+    if side not in METHOD_TABLES:
+        raise unknown("method side", side, METHOD_TABLES)
+    return dict(_resolve(METHOD_TABLES[side]))
 
 
-def method_path(name: str, side: str) -> str:
-    """The dotted path ``"module:attribute"`` of a method of ``side`` (``"alignment"`` or ``"openset"``)."""
-    if side not in _METHOD_TABLES:
-        raise unknown("method side", side, _METHOD_TABLES)
-    table = _METHOD_TABLES[side]
+def method(name: str, side: str):
+    """The callable behind a method name (its module is imported on first use: no import cycle at load)."""
+    table = methods(side)
     if name not in table:
         raise unknown(f"{side} method", name, table)
     return table[name]
 
 
-def method(name: str, side: str):
-    """The callable behind a method name, imported on first use (no import cycle at module load)."""
-    return _resolve(method_path(name, side))
+def method_path(name: str, side: str) -> str:
+    """Where a method lives, ``"module:attribute"`` (for messages and docs)."""
+    fn = method(name, side)
+    return f"{fn.__module__}:{fn.__qualname__}"
 
 
 def _resolve(path: str):

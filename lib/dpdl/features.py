@@ -27,10 +27,10 @@ import torchvision.transforms.functional as TF
 from lib.common.data import AnomalyDataset
 from lib.common.utils import progress, stable_hash, torch_save
 
-__all__ = ["AUGMENTATIONS", "MapCache", "NormalizedInput", "augment_image", "cutmix_pseudo_anomaly",
+__all__ = ["AUGMENTATION_POOL", "MapCache", "NormalizedInput", "augment_image", "cutmix_pseudo_anomaly",
            "random_rotation"]
 
-AUGMENTATIONS = ("cutmix", "rotate")
+AUGMENTATION_POOL = ("cutmix", "rotate")
 
 
 def cutmix_pseudo_anomaly(image: torch.Tensor, generator: torch.Generator, area=(0.02, 0.15),
@@ -68,8 +68,8 @@ def random_rotation(image: torch.Tensor, generator: torch.Generator, max_angle: 
 
 def augment_image(image: torch.Tensor, kind: str, generator: torch.Generator, max_angle: float = 180.0):
     """One pool variant: ``"rotate"`` (rotation) or ``"cutmix"`` (CutMix pseudo anomaly, then rotation)."""
-    if kind not in AUGMENTATIONS:
-        raise ValueError(f"augmentation kind must be one of {AUGMENTATIONS}, got {kind!r}")
+    if kind not in AUGMENTATION_POOL:
+        raise ValueError(f"augmentation kind must be one of {AUGMENTATION_POOL}, got {kind!r}")
     if kind == "cutmix":
         image = cutmix_pseudo_anomaly(image, generator)
     return random_rotation(image, generator, max_angle) if max_angle > 0 else image

@@ -4,12 +4,12 @@ A *cell* is a small dict of plain values, e.g. ``{"task": "mvtec/screw", "corrup
 "severity": 5, "seed": 0, "method": "patchcore"}``; a *cell function* takes that dict and returns a dict of
 metrics (plain numbers or strings). Both pickle, so a cell can run in another process or on another machine.
 
-:func:`run_grid` runs every cell that has no result file yet:
+:func:`run_parallel` runs every cell that has no result file yet:
 
 * ``backend="ray"`` dispatches the cells as Ray tasks: a local Ray instance by default, or the cluster at
   ``address`` (``"auto"`` inside a cluster, ``"ray://head:10001"`` from outside);
 * ``backend="processes"`` runs them on ``workers`` local processes (``threads`` torch threads each): both
-  cores of a small machine without Ray, e.g. notebook 04's ablation runs on the ``real`` profile (a worker
+  cores of a small machine without Ray, e.g. notebook 04's ablation runs (a worker
   that dies, rather than a cell that raises, breaks the pool: the unfinished cells are reported failed);
 * ``backend="serial"`` runs them one after the other in this process (also what ``"auto"`` falls back to
   when Ray is not installed).
@@ -106,7 +106,7 @@ def run_cell(fn: Callable[[dict], dict], cell: dict, out_dir) -> dict:
 
 @dataclass
 class GridRun:
-    """What :func:`run_grid` did: the merged ``table`` of all finished cells, and per-cell bookkeeping."""
+    """What :func:`run_parallel` did: the merged ``table`` of all finished cells, and per-cell bookkeeping."""
 
     table: pd.DataFrame  # noqa: F821 - pandas is imported where the table is built
     ran: list[dict] = field(default_factory=list)  # cells computed in this call
@@ -126,9 +126,10 @@ def ray_available() -> bool:
     return True
 
 
-def run_grid(fn: Callable[[dict], dict], cells: list[dict], out_dir, backend: str = "auto", address: str | None = None,
-             num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 3, init_kwargs: dict | None = None,
-             csv_name: str | None = "grid.csv", workers: int = 2, threads: int = 1, desc: str | None = None) -> GridRun:
+def run_parallel(fn: Callable[[dict], dict], cells: list[dict], out_dir, backend: str = "auto",
+                 address: str | None = None, num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 3,
+                 init_kwargs: dict | None = None, csv_name: str | None = "grid.csv", workers: int = 2,
+                 threads: int = 1, desc: str | None = None) -> GridRun:
     """Run ``fn`` on every cell without a result file under ``out_dir``; merge all results.
 
     ``backend``: ``"ray"``, ``"serial"``, or ``"auto"`` (Ray when installed, else serial). ``address``: a Ray
@@ -252,72 +253,6 @@ def collect(out_dir, cells: list[dict] | None = None) -> pd.DataFrame:  # noqa: 
 # ----------------------------------------------------------------------------------------------------
 
 
-_EXTRACTORS: dict = {}  # per process: a worker loads the backbone once for all the cells it runs
-
-
-def _adapt_cell(cfg, cell: dict, fraction: float, overrides: dict):
-    """The run behind a RoDA cell: bank of (task, seed), split of ``fraction``, adaptation, evaluation.
-    Returns ``(result, history, bank metadata, extractor)`` of :func:`lib.experiments.roda_grid.adapt_and_evaluate`."""
-    from lib.common.backbones import load_backbone
-    from lib.common.utils import seed_everything
-    from lib.experiments import roda_grid as roda_runner
-    from lib.experiments import roda_steps as pipeline
-
-    # each cell from the same state, whatever ran before it in this process, with torch's deterministic
-    # kernels (a worker process or a notebook kernel that never seeded would otherwise accumulate the RoDA
-    # loss's gradient with unordered atomic adds on two or more threads)
-    seed_everything(int(cell["seed"]))
-    name = (cfg["backbone"], cfg.get("backbone_weights"), cfg["device"])
-    if name not in _EXTRACTORS:
-        _EXTRACTORS[name] = load_backbone(*name[:2], device=cfg["device"])
-    extractor, seed = _EXTRACTORS[name], int(cell["seed"])
-    task = pipeline.resolve_task(cfg, cell["task"])
-    model, bank = pipeline.fit_or_load_bank(cfg, task, extractor, seed=seed)
-    if fraction >= 1.0:  # Table 5's transductive row: adapt on every target image, evaluate on the same
-        adapt_split = eval_split = list(task.test)
-    else:
-        adapt_split, eval_split = pipeline.target_split(task, fraction, seed)
-    config = roda_runner.config_from_profile(cfg, cell["method"], seed=seed, **overrides)
-    res, hist = roda_runner.adapt_and_evaluate(model, task, adapt_split, eval_split, cell["corruption"],
-                                              int(cell["severity"]), config, eval_seed=seed,
-                                              batch_size=cfg["patchcore"]["batch_size"])
-    return res, hist, bank, extractor
-
-
-def roda_cell(cell: dict) -> dict:
-    """One row of notebook 03's table (``results/<profile>/03_roda.csv``) as a cell function.
-
-    ``cell``: ``profile``, ``task``, ``corruption``, ``severity``, ``seed``, ``method`` (``"patchcore"``: no
-    adaptation; else a method of :mod:`lib.roda.adaptation`), and optionally ``data_root``, ``device`` (default
-    ``"auto"``: the GPU Ray gave the worker, else CPU), ``out_dir`` (where the profile's cache of banks lives).
-    The bank of (task, backbone, seed) is built once per machine and cached like the notebooks do.
-    """
-    from lib.experiments.profiles import get_profile
-
-    cfg = get_profile(cell.get("profile", "default"), data_root=cell.get("data_root"),
-                      device=cell.get("device", "auto"), out_dir=cell.get("out_dir"))
-    res, _, bank, extractor = _adapt_cell(cfg, cell, cfg["corruption"]["adapt_fraction"], {})
-    return dict(backbone=extractor.name, image_auroc=float(res["image_auroc"]), pixel_auroc=float(res["pixel_auroc"]),
-                adapt_seconds=round(float(res["adapt_seconds"]), 1), steps=int(res["steps"]),
-                diverged=res["diverged"], bank_size=int(bank["bank_size"]), device=cfg["device"])
-
-
-def ablation_cell(cfg, cell: dict) -> dict:
-    """One adaptation run of notebook 04 (none for ``method="patchcore"``), scored on its seed's evaluation split.
-
-    ``cfg``: the notebook's resolved profile (bind it with ``functools.partial``); ``cell``: ``task``,
-    ``seed``, ``corruption``, ``severity``, ``method``, ``fraction`` (the adaptation share of the target
-    images; ``>= 1``: adapt on every target image and evaluate on the same images, Table 5's transductive
-    row) and ``overrides``
-    (:func:`lib.experiments.roda_grid.config_from_profile` keywords, e.g. ``augment``, ``steps``).
-    Returns image / pixel AUROC, steps, adaptation seconds and the last loss.
-    """
-    res, hist, _, _ = _adapt_cell(cfg, cell, float(cell["fraction"]), dict(cell.get("overrides") or {}))
-    return dict(image_auroc=float(res["image_auroc"]), pixel_auroc=float(res["pixel_auroc"]), steps=int(res["steps"]),
-                adapt_seconds=float(res["adapt_seconds"]),
-                final_loss=float(hist.loss.iloc[-1]) if len(hist) else float("nan"))
-
-
 def run_cells(fn: Callable[[dict], dict], cells: list[dict], workers: int = 1, threads: int = 1,
               desc: str | None = None) -> list[dict]:
     """The metrics of ``fn`` on each cell, in order; identical cells run once. ``workers`` 1: in this process
@@ -330,59 +265,10 @@ def run_cells(fn: Callable[[dict], dict], cells: list[dict], workers: int = 1, t
         found = {k: fn(dict(c)) for k, c in progress(list(unique.items()), desc=desc or "runs")}
     else:
         with tempfile.TemporaryDirectory(prefix="grid-") as tmp:
-            run = run_grid(fn, list(unique.values()), tmp, backend="processes", workers=workers, threads=threads,
+            run = run_parallel(fn, list(unique.values()), tmp, backend="processes", workers=workers, threads=threads,
                            csv_name=None, desc=desc)
             if run.failed:
                 cell, error = run.failed[0]
                 raise RuntimeError(f"{len(run.failed)} of {len(unique)} runs failed; first {cell}: {error}")
             found = {k: json.loads(cell_path(tmp, c).read_text())["metrics"] for k, c in unique.items()}
     return [dict(found[cell_key(c)]) for c in cells]
-
-
-def profile_cells(profile: str = "default", methods=None, seeds=None, **profile_kwargs) -> list[dict]:
-    """The cells of notebook 03's table for a profile: task x corruption x severity x seed x method.
-
-    ``profile_kwargs`` go to
-    :func:`lib.experiments.profiles.get_profile` (``data_root``, ``categories``, ...) and the ones a
-    worker needs (``data_root``, ``out_dir``, ``device``) are copied into every cell."""
-    from lib.experiments.profiles import get_profile
-
-    cfg = get_profile(profile, **profile_kwargs)
-    extra = {k: str(v) for k, v in profile_kwargs.items() if k in ("data_root", "out_dir", "device") and v is not None}
-    cells = expand(profile=profile, task=list(cfg["tasks"]), corruption=list(cfg["corruption"]["names"]),
-                   severity=int(cfg["corruption"]["severity"]), seed=list(seeds or cfg["seeds"]),
-                   method=list(methods or cfg["roda"]["methods"]))
-    return [dict(c, **extra) for c in cells]
-
-
-def main(argv=None) -> int:
-    """``python -m lib.experiments.executor --profile full --address auto --out results/full/grid``
-    (``--gpus-per-cell 1`` on a GPU cluster)"""
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Run notebook 03's RoDA table as a grid of independent cells.")
-    ap.add_argument("--profile", default="default")
-    ap.add_argument("--out", required=True, help="folder of cells/*.json and grid.csv (shared by reruns)")
-    ap.add_argument("--backend", default="auto", choices=("auto", "ray", "serial"))
-    ap.add_argument("--address", default=None, help="Ray cluster: 'auto' on a cluster node, 'ray://head:10001'")
-    ap.add_argument("--cpus-per-cell", type=float, default=1)
-    ap.add_argument("--gpus-per-cell", type=float, default=0)
-    ap.add_argument("--data-root", default=None)
-    ap.add_argument("--categories", default=None, help="comma-separated MVTec categories (full profile)")
-    ap.add_argument("--methods", default=None, help="comma-separated; default: the profile's")
-    ap.add_argument("--seeds", default=None, help="comma-separated; default: the profile's")
-    args = ap.parse_args(argv)
-    cells = profile_cells(args.profile, methods=args.methods and args.methods.split(","),
-                          seeds=args.seeds and [int(s) for s in args.seeds.split(",")], data_root=args.data_root,
-                          categories=args.categories)
-    run = run_grid(roda_cell, cells, args.out, backend=args.backend, address=args.address,
-                   num_cpus=args.cpus_per_cell, num_gpus=args.gpus_per_cell)
-    print(f"{len(run.ran)} cells ran, {len(run.skipped)} were done already, {len(run.failed)} failed; "
-          f"table: {Path(args.out) / 'grid.csv'}")
-    for cell, error in run.failed:
-        print(f"FAILED {cell}: {error.splitlines()[0]}")
-    return 1 if run.failed else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -464,16 +464,15 @@ def save_config(cfg: Profile) -> Path:
     return write_json(data, path)
 
 
-def task_root(cfg: dict, task: str):
-    """The data root a task reads from: generated tasks read the profile's ``generated_root`` (never a
-    user's data folder); MVTec tasks accept either the MVTec root itself or a folder that holds ``mvtec/``
-    (as ``../shared/data`` does)."""
+def data_root_for(cfg: dict, task: str):
+    """The data root a profile's task reads from: generated tasks read the profile's ``generated_root`` (never a
+    user's data folder); MVTec tasks accept the MVTec root itself or a folder that holds ``mvtec/`` (as
+    ``../shared/data`` does; :func:`lib.common.registry.task_root` decides); other tasks read the data root."""
     if task in ("synthetic", "synthetic_labelled"):
         return Path(cfg["generated_root"])
     root = cfg.get("data_root")
     if root is None:
         return None
-    root = Path(root)
-    if task.startswith("mvtec/") and (root / "mvtec" / task.split("/", 1)[1]).is_dir():
-        return root / "mvtec"
-    return root
+    if task.startswith("mvtec/"):
+        return registry.task_root(task, root)
+    return Path(root)

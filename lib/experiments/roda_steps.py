@@ -17,13 +17,13 @@ import pandas as pd
 from lib.common import cache
 from lib.common.data import AnomalyDataset, Task, load_task, make_loader, stratified_split, subsample
 from lib.common.metrics import image_auroc, pixel_auroc
-from lib.experiments.profiles import task_root
+from lib.experiments.profiles import data_root_for
 from lib.roda.patchcore import BANK_FORMAT, BankError, PatchCore
 
 
 def resolve_task(cfg, name: str) -> Task:
     """The task ``name`` under the profile: its data root, caps on train/test size, geometry."""
-    task = load_task(name, task_root(cfg, name))
+    task = load_task(name, data_root_for(cfg, name))
     pc = cfg["patchcore"]
     train = subsample(task.train, pc.get("max_train"), seed=0)
     test = subsample(task.test, pc.get("max_test"), seed=0)

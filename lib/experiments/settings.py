@@ -153,9 +153,9 @@ def _backbones():
 
 
 def _methods():
-    from lib.common.registry import ALIGNMENT_METHODS
+    from lib.common.registry import methods
 
-    return ("patchcore", *ALIGNMENT_METHODS)
+    return ("patchcore", *methods("alignment"))
 
 
 def _from(module: str, name: str):

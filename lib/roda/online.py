@@ -45,11 +45,19 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from lib.roda.adaptation import DATA_DRIVEN_KEYS, bn_state, is_data_driven, resolve_loss_options, restore_bn_state
+from lib.roda.adaptation import (
+    AUGMENTATIONS,
+    DATA_DRIVEN_KEYS,
+    bn_state,
+    is_data_driven,
+    resolve_loss_options,
+    restore_bn_state,
+)
 from lib.roda.alignment import ALIGNMENT_LOSSES
 from lib.roda.patchcore import nearest_distances
 
-AUGMENTATIONS = ("none", "flip_rot90")
+#: the offline augmentations a stream can use (``copy`` repeats a batch, which a stream has no use for)
+STREAM_AUGMENTATIONS = tuple(a for a in AUGMENTATIONS if a != "copy")
 ACTIONS = ("warmup", "adapt", "hold", "reset", "source")
 
 
@@ -98,8 +106,8 @@ class OnlineAdapter:
                  seed: int = 0, bank_weights=None):
         if method not in ALIGNMENT_LOSSES:
             raise StreamError(f"unknown method {method!r}: choose one of {sorted(ALIGNMENT_LOSSES)}")
-        if augment not in AUGMENTATIONS:
-            raise StreamError(f"unknown augment {augment!r}: choose one of {AUGMENTATIONS}")
+        if augment not in STREAM_AUGMENTATIONS:
+            raise StreamError(f"unknown augment {augment!r}: choose one of {STREAM_AUGMENTATIONS}")
         if model.bank is None or model.bank.shape[0] == 0:
             raise StreamError("the memory bank is empty: fit PatchCore (or load a bank) first")
         self.model, self.method, self.augment = model, method, augment
