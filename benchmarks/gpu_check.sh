@@ -63,7 +63,7 @@ has leads && for task in ${RODA_TASKS//,/ }; do
   name=${task//\//_}
   timeout "${SECONDS_LEADS:-480}" $PY scripts/run_roda_grid.py --profile real_full --data-root "$DATA" --tasks "$task" \
     --corruptions gaussian_noise,defocus_blur,brightness,contrast --seeds "$RODA_SEEDS" \
-    --methods L1_eps_plan_spread,L6_semi_relaxed --variants "$($PY -c 'import json; from lib.experiments.roda_grid import DIAGNOSIS_LEADS as D; print(json.dumps({k: D[k] for k in ("L1_eps_plan_spread", "L6_semi_relaxed")}))')" \
+    --methods L1_eps_plan_spread,L6_semi_relaxed --variants "$($PY -c 'import json; from lib.experiments.profile_table import DIAGNOSIS_VARIANTS as D; print(json.dumps({k: D[k] for k in ("L1_eps_plan_spread", "L6_semi_relaxed")}))')" \
     --bank-seed 0 --threads 2 --note "lead diagnosis on CUDA" --out "$WORK/leads_$name.csv" \
     --history "$WORK/leads_${name}_hist.csv" > "$WORK/leads_$name.log" 2>&1 &
   pids+=($!)

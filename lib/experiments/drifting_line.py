@@ -37,29 +37,11 @@ from lib.roda.online import (
     one_shot_adapt,
 )
 
-#: per-profile size of the simulated line; ``cfg["stream"]`` (e.g. ``--set stream.corruption=brightness``)
-#: overrides any key
-#: the line of the ELPV and real profiles: a ramp 0 -> 5 -> 0, two batches of 8 per severity window
-_RAMP = dict(severities=(0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0), batches_per_window=2, batch_size=8, one_shot_batches=2,
-             one_shot_epochs=5)
-LINE_SETTINGS = {
-    "smoke": dict(severities=(0, 3, 5, 3, 0), batches_per_window=1, batch_size=4, one_shot_batches=1,
-                  one_shot_epochs=2, seeds=None),
-    "default": dict(_RAMP, seeds=None),
-    "real": dict(_RAMP, seeds=(0,)),
-    "real_full": dict(_RAMP, seeds=(0, 1, 2)),
-}
-LINE_SETTINGS["full"] = LINE_SETTINGS["real_full"]
-_COMMON = dict(corruption="gaussian_noise", method="roda", steps_per_batch=1, source_check=1,
-               guard=dict(warmup=1, hold_ratio=1.5, patience=3, collapse_ratio=0.5, momentum=0.8),
-               strategies=("none", "one_shot", "stream", "stream_unguarded"))
-
 
 def line_settings(cfg) -> dict:
-    """The line of profile ``cfg.name`` with ``cfg["stream"]`` applied; seeds default to the profile's."""
-    s = copy.deepcopy(dict(_COMMON, **LINE_SETTINGS.get(cfg["name"], LINE_SETTINGS["default"])))
-    for key, value in dict(cfg.get("stream") or {}).items():
-        s[key] = dict(s[key], **value) if isinstance(s.get(key), dict) else value
+    """The line of the profile (its ``stream`` section, a plain dict); seeds ``None`` mean the profile's."""
+    s = copy.deepcopy(dict(cfg["stream"]))
+    s["guard"] = dict(s["guard"])
     s["seeds"] = tuple(cfg["seeds"]) if s["seeds"] is None else tuple(int(v) for v in s["seeds"])
     s["severities"] = tuple(int(v) for v in s["severities"])
     return s

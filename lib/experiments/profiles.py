@@ -29,7 +29,6 @@ override; ``null`` (``None``) is a value like any other (``--set patchcore.max_t
 
 from __future__ import annotations
 
-import copy
 import difflib
 import json
 import os
@@ -37,12 +36,12 @@ import warnings
 from pathlib import Path
 
 from lib.common import registry
-from lib.common.data import SHARED_DATA, is_labelled_folder
-from lib.common.registry import MVTEC_CATEGORIES
-from lib.common.registry import PAPER_CORRUPTIONS as CORRUPTIONS
+from lib.common.data import is_labelled_folder
 from lib.common.utils import REPO_ROOT, ensure_writable, resolve_device, write_json
+from lib.experiments.profile_table import _BASE, PROFILES, ROBUST_RODA, SLOW_LR  # noqa: F401  (re-exported)
 from lib.experiments.settings import (
     DERIVED_KEYS,
+    FREE_DICTS,
     SPEC,
     Section,
     SettingsError,
@@ -52,191 +51,7 @@ from lib.experiments.settings import (
     thaw,
     unknown_key_message,
 )
-
-#: the label-free robust RoDA (``roda.variants["roda_robust"]``); docs/choices.md, RoDA section
-ROBUST_RODA = dict(method="roda", drop_last=True, stop=dict(rel_tol=0.01, min_epochs=2),
-                   loss=dict(eps="auto", entries_per_row=8, ot="semi_relaxed", rho="auto", rho_std=1.0,
-                             weights="coverage", rule="mass", mass_fraction=0.5))
-
-#: lr of the ``*_slow`` variants, a tenth of the paper's 0.003: at 0.003 the batches' mean nearest-bank distance rose
-#: between epochs in 35 of 40 ``roda_robust_matched`` grid runs (the step overshoots); chosen from that unlabeled trace
-SLOW_LR = 0.0003
-
-_BASE = dict(
-    backbone="mobilenet_v2",
-    backbone_weights=None,
-    compare_backbones=("mobilenet_v2", "efficientnet_lite0"),
-    data_root=None,
-    tasks=("elpv",),
-    geometry=None,  # None: the dataset's own (registry.TASKS[name].geometry); else dict(resize=..., crop=...)
-    seeds=(0,),
-    patchcore=dict(coreset_ratio=0.01, max_bank=None, max_train=None, max_test=None, batch_size=16),
-    corruption=dict(names=CORRUPTIONS, severity=5, adapt_fraction=0.2),
-    roda=dict(epochs=10, lr=0.003, momentum=0.9, batch_size=10, eps=0.05, rule="or", cost="l2",
-              cost_norm="mean", bn_mode="eval", bn_init="source", augment="flip_rot90",
-              methods=("patchcore", "ttt++", "ttac", "roda"),
-              # our named options, reported beside the paper's rule, never in its place
-              variants={"roda_and": dict(method="roda", loss=dict(rule="and")),
-                        # AdaBN (not in the papers): BatchNorm statistics re-estimated on the unlabeled adaptation
-                        # split, no alignment loss; and the literal RoDA started from those statistics
-                        "adabn": dict(method="patchcore", bn_init="target"),
-                        "roda_adabn": dict(method="roda", bn_init="target"),
-                        # label-free robust configuration (docs/choices.md, RoDA section; notebook 08): eps from
-                        # the first adaptation batch's plan spread, target marginal KL-relaxed, bank marginal by
-                        # coverage, row pairs kept by plan mass, no remainder batch, stop when the batches'
-                        # nearest-bank distance levels off
-                        "roda_robust": copy.deepcopy(ROBUST_RODA),
-                        # AdaBN referenced to the training images' statistics (lib.roda.bn_stats.match_bn_stats),
-                        # alone and before the robust alignment
-                        "adabn_matched": dict(method="patchcore", bn_init="matched"),
-                        "roda_robust_matched": dict(copy.deepcopy(ROBUST_RODA), bn_init="matched"),
-                        # the same at a tenth of the step (SLOW_LR) and the paper's fixed epochs (no stop rule)
-                        "roda_robust_matched_slow": dict(copy.deepcopy(ROBUST_RODA), bn_init="matched",
-                                                         lr=SLOW_LR, stop=None),
-                        # matched statistics only where they bring the split nearer the bank (bn_stats.gate_bn_stats)
-                        "roda_robust_gated_slow": dict(copy.deepcopy(ROBUST_RODA), bn_init="gated", lr=SLOW_LR,
-                                                       stop=None),
-                        # the paper's RoDA (Eq. 5-6 as written) with the matched statistics and the small step
-                        "roda_matched_slow": dict(method="roda", bn_init="matched", lr=SLOW_LR),
-                        # and the small step alone (the paper's RoDA from the source statistics)
-                        "roda_slow": dict(method="roda", lr=SLOW_LR)}),
-    # epochs: the RoDA/baseline epochs of notebook 04 (None: roda.epochs); table5_schedule: "epochs"
-    # (every Table 5 row runs roda.epochs passes, so 80%/100% take 4-5x the steps) or "steps" (every
-    # row takes the 20% row's number of steps: more data, same optimisation)
-    ablation=dict(tasks=None, corruptions=None, seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5),
-                  eps_grid=(0.01, 0.05, 0.1, 0.5), epochs_grid=(1, 3, 10), lr_grid=(0.001, 0.01),
-                  choice_corruptions=CORRUPTIONS, extra_corruptions=True, epochs=None, table5_schedule="epochs",
-                  workers=1,  # notebook 04's runs on this many local processes of one thread each (1: in the kernel)
-                  # notebook 08 (RoDA diagnosis): None = the profile's tasks / corruptions / seeds / every lead
-                  diagnosis=dict(tasks=None, corruptions=None, seeds=None, leads=None, curve_corruptions=None,
-                                 curve_epochs=None, bank_seed=0)),
-    # pseudo_variants / rotation_variants: the seeded augmentation pool per training normal (lib.dpdl.features);
-    # dpdl_kwargs: further DPDLNet arguments (lib.dpdl.model documents each)
-    dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), n_anomalies=(10, 1), hard=False, image_size=224,
-              epochs=10, iterations=20, batch_size=16, n_prototypes=32, eps=1e-3, pseudo_variants=4,
-              rotation_variants=2, dpdl_kwargs={},
-              # the defaults notebook 05 carried (None: see DERIVED)
-              methods=("dpdl", "devnet", "dra", "flos"), max_train=None, max_test=None, hard_seeds=None,
-              hard_n_anomalies=None, ablation_seeds=None, sensitivity_seeds=None,
-              sensitivity=dict(n_prototypes=(8, 16, 32, 64), eps=(1e-3, 1e-2, 1e-1, 1.0), kappa=(1.0, 5.0, 10.0, 20.0),
-                               lam=(0.001, 0.01, 0.1, 1.0))),
-    # notebook 06: rows of the qualitative map figure (one RoDA adaptation per row)
-    figures=dict(qualitative_rows=4),
-)
-
-#: a dict-valued setting that an override replaces as a whole (its keys are free, not settings)
-FREE_DICTS = ("geometry", "roda.variants", "dpdl.sensitivity", "dpdl.dpdl_kwargs")
-
-
-def _merge(base: dict, over: dict, prefix: str = "") -> dict:
-    """``base`` with ``over`` applied: sections merge key by key, every other value (``None`` and the
-    free dicts of :data:`FREE_DICTS` included) replaces the old one. Returns plain dicts."""
-    out = thaw(base)
-    for k, v in (over or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and key not in FREE_DICTS:
-            out[k] = _merge(out[k], v, prefix=f"{key}.")
-        else:
-            out[k] = thaw(v)
-    return out
-
-
-# ELPV at the scale the default profile had up to v0.4 (hours on 2 cores: its v0.4 renders took 41 min for
-# notebook 04 and 31 min for 05): 3 seeds for the RoDA ablations, 5 for DPDL, every named RoDA variant;
-# its tables are the ELPV tables the README discusses
-_ELPV = dict(
-    tasks=("elpv",),
-    patchcore=dict(coreset_ratio=0.01, max_bank=2000, max_train=120, max_test=150, batch_size=16),
-    roda=dict(epochs=3),
-    figures=dict(qualitative_rows=2),
-    # notebook 08 on ELPV illustrates the diagnosis (one seed, two corruptions: about a quarter of an
-    # hour); the per-lead grid with 3 seeds and 4 corruptions belongs to the real profile
-    ablation=dict(seeds=(0, 1, 2), corruptions=("gaussian_noise", "brightness"), severities=(1, 3, 5),
-                  eps_grid=(0.02, 0.2), epochs_grid=(1, 5), lr_grid=(0.001,),
-                  choice_corruptions=("gaussian_noise",), extra_corruptions=True, table5_schedule="steps",
-                  diagnosis=dict(corruptions=("gaussian_noise", "brightness"), seeds=(0,),
-                                 curve_corruptions=("gaussian_noise",))),
-    # the paper's 50 x 20 schedule (batch 48) is cut to 10 x 20 (batch 48) on a frozen backbone;
-    # ELPV capped at 300 training normals and 400 test images so the cached maps take minutes; the hard
-    # setting (mono / poly) runs at M = 10 with 3 seeds (the real profile: 5), the ablations with 3 seeds
-    dpdl=dict(tasks=("elpv",), seeds=(0, 1, 2, 3, 4), image_size=224, epochs=10, iterations=20, batch_size=48,
-              max_train=300, max_test=400, hard=True, hard_n_anomalies=(10,), hard_seeds=(0, 1, 2),
-              ablation_seeds=(0, 1, 2), sensitivity_seeds=(0, 1),
-              sensitivity=dict(dpl_weight=(0.1, 1.0), dpl_margin=(0.3, 3.0))),
-)
-
-
-# every real category, 3-5 seeds and every named variant: a night on 2 cores (named `real` up to v0.9; its tables
-# are results/real_full/, most of them from the resumable scripts)
-_REAL_FULL = dict(
-    data_root=str(SHARED_DATA),
-    tasks=("mvtec/screw", "mvtec/bottle", "mvtec/tire", "ksdd"),
-    patchcore=dict(coreset_ratio=0.01, max_bank=2500, max_train=None, max_test=None, batch_size=16),
-    roda=dict(epochs=10),
-    # notebook 04 at the paper's 10 epochs (ablation.epochs None: roda.epochs) on MVTec screw, 3 seeds, its
-    # runs on both cores; Table 5 at equal steps, open choices under noise only, every corruption: default only
-    ablation=dict(seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5), eps_grid=(0.02, 0.2), epochs_grid=(1, 10),
-                  lr_grid=(0.001,), choice_corruptions=("gaussian_noise",), extra_corruptions=False,
-                  table5_schedule="steps", workers=2),
-    dpdl=dict(tasks=("mvtec/screw", "headct", "brainmri", "ksdd_thirds", "elpv"), hard=True, seeds=(0, 1, 2, 3, 4),
-              hard_seeds=(0, 1, 2, 3, 4), image_size=224, epochs=50, iterations=20, batch_size=16),
-)
-
-
-PROFILES = {
-    "smoke": dict(
-        tasks=("synthetic",),
-        compare_backbones=("mobilenet_v2",),
-        geometry=dict(resize=128, crop=112),
-        patchcore=dict(coreset_ratio=0.05, max_bank=200, max_train=8, max_test=12, batch_size=8),
-        corruption=dict(names=("gaussian_noise", "contrast")),
-        # batch 2: the smoke adaptation split (2-3 images) must hold one full batch (drop_last)
-        roda=dict(epochs=1, batch_size=2),
-        figures=dict(qualitative_rows=2),
-        ablation=dict(seeds=(0, 1), corruptions=("gaussian_noise",), severities=(1, 5), eps_grid=(0.5,),
-                      epochs_grid=(2,), lr_grid=(), choice_corruptions=("gaussian_noise",), extra_corruptions=False,
-                      table5_schedule="steps",
-                      diagnosis=dict(corruptions=("gaussian_noise",), seeds=(0,), curve_corruptions=("gaussian_noise",),
-                                     curve_epochs=2)),
-        dpdl=dict(tasks=("synthetic_labelled",), seeds=(0, 1), n_anomalies=(2, 1), image_size=64, epochs=1,
-                  iterations=2, batch_size=8, n_prototypes=4, ablation_seeds=(0,), sensitivity_seeds=(0,),
-                  pseudo_variants=1, rotation_variants=1,
-                  sensitivity=dict(n_prototypes=(2, 4), eps=(1e-3, 1e-2), kappa=(1.0, 10.0), lam=(0.01, 0.1))),
-    ),
-    # the main job (`make run`): every notebook on ELPV in under 20 minutes on 2 CPU cores: sizes of 01/02/07 as
-    # in `elpv`, RoDA 2 epochs, three of the named variants, one seed for the grids, DPDL 2 seeds at 5 x 20
-    "default": _merge(_ELPV, dict(
-        roda=dict(epochs=2, variants={k: _BASE["roda"]["variants"][k]
-                                      for k in ("adabn_matched", "roda_robust", "roda_robust_matched")}),
-        ablation=dict(seeds=(0,), severities=(1, 5), epochs_grid=(1, 3), lr_grid=(), extra_corruptions=False,
-                      diagnosis=dict(corruptions=("gaussian_noise",), curve_epochs=3)),
-        dpdl=dict(seeds=(0, 1), epochs=5, hard_seeds=(0,), ablation_seeds=(0,), sensitivity_seeds=(0,)))),
-    "elpv": _ELPV,
-    # the papers' schedules on real data in about 2 hours on 2 CPU cores (issue 9): `real_full` on one MVTec category
-    # (bottle, the smallest), five of the named variants, DPDL with 3 seeds, notebook 08 on two corruptions
-    "real": _merge(_REAL_FULL, dict(
-        tasks=("mvtec/bottle",),
-        roda=dict(variants={k: _BASE["roda"]["variants"][k] for k in
-                            ("adabn_matched", "roda_slow", "roda_robust", "roda_robust_matched_slow",
-                             "roda_robust_gated_slow")}),
-        ablation=dict(diagnosis=dict(corruptions=("gaussian_noise", "brightness"), seeds=(0,),
-                                     curve_corruptions=("gaussian_noise",))),
-        dpdl=dict(tasks=("mvtec/bottle",), seeds=(0, 1, 2), hard_n_anomalies=(10,), hard_seeds=(0,),
-                  ablation_seeds=(0, 1, 2), sensitivity_seeds=(0,)))),
-    "real_full": _REAL_FULL,
-    "full": dict(
-        backbone="wide_resnet50_2",
-        backbone_weights="IMAGENET1K_V1",
-        compare_backbones=("wide_resnet50_2", "mobilenet_v2", "efficientnet_lite0"),
-        tasks=tuple(f"mvtec/{c}" for c in MVTEC_CATEGORIES),
-        patchcore=dict(coreset_ratio=0.1, max_bank=None, max_train=None, max_test=None, batch_size=32),
-        roda=dict(epochs=10),
-        ablation=dict(seeds=(0, 1, 2), severities=(1, 2, 3, 4, 5)),
-        dpdl=dict(tasks=tuple(f"mvtec/{c}" for c in MVTEC_CATEGORIES), hard=True, image_size=448, epochs=50,
-                  iterations=20),
-    ),
-}
-
+from lib.experiments.settings import merge_settings as _merge
 
 OVERRIDES_ENV = "REPRO_PROFILE_OVERRIDES"
 

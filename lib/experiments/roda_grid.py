@@ -42,13 +42,6 @@ from lib.roda.alignment import roda_loss
 from lib.roda.bn_stats import bn_input_moments
 from lib.roda.patchcore import coverage_counts
 
-#: per-method defaults that the paper's baselines need (applied before the profile's overrides)
-METHOD_DEFAULTS = {
-    # the TTT++ code's normalisation of Eq. 3: CORAL scaling 1/(4 d^2), mean over dims
-    "ttt++": dict(loss=dict(coral_scaling=True, mean_reduction="mean")),
-    # TTAC's Gaussian KL is ~10^3-10^4 on 256-d features: divide by its first value
-    "ttac": dict(normalize_loss=True),
-}
 #: profile ``roda`` keys that become loss options of the OT methods
 OT_LOSS_KEYS = {"roda": ("eps", "cost", "cost_norm", "rule"), "continuous_ot": ("eps", "cost", "cost_norm")}
 
@@ -65,7 +58,7 @@ def config_from_profile(cfg, method: str, seed: int = 0, **overrides) -> AdaptCo
     values) and any :class:`AdaptConfig` field."""
     r = copy.deepcopy(dict(cfg["roda"]))
     r.update(overrides.pop("roda", {}))
-    spec = copy.deepcopy(METHOD_DEFAULTS.get(method, {}))
+    spec = copy.deepcopy(dict((r.get("method_defaults") or {}).get(method, {})))
     loss = {k: r[k] for k in OT_LOSS_KEYS.get(method, ())}
     loss.update(spec.pop("loss", {}))
     loss.update(overrides.pop("loss", {}))
@@ -74,20 +67,6 @@ def config_from_profile(cfg, method: str, seed: int = 0, **overrides) -> AdaptCo
     fields.update(spec)
     fields.update(overrides)
     return AdaptConfig(method=method, seed=seed, loss=loss, **fields)
-
-
-#: the diagnosis of notebook 08: each lead of issue 12 as one controlled change away from the paper-literal
-#: ``roda`` (the profile's eps 0.05 x mean cost, uniform marginals, Eq. 6 "or", every batch, all epochs)
-DIAGNOSIS_LEADS = {
-    "roda": dict(method="roda"),
-    "L1_eps_plan_spread": dict(method="roda", loss=dict(eps="auto", entries_per_row=8)),
-    "L2_rule_mutual": dict(method="roda", loss=dict(rule="and")),
-    "L2_rule_mass": dict(method="roda", loss=dict(rule="mass")),
-    "L3_coverage_marginal": dict(method="roda", loss=dict(weights="coverage")),
-    "L4_drop_last": dict(method="roda", drop_last=True),
-    "L5_stop_rule": dict(method="roda", stop=dict(rel_tol=0.01, min_epochs=2)),
-    "L6_semi_relaxed": dict(method="roda", loss=dict(eps="auto", entries_per_row=8, ot="semi_relaxed", rho="auto")),
-}
 
 
 def method_specs(cfg) -> dict:

@@ -229,6 +229,10 @@ SPEC: dict[str, Rule] = {
     "ablation.diagnosis.curve_corruptions": _seq(_CORRUPTION, nullable=True),
     "ablation.diagnosis.curve_epochs": _int(1, nullable=True),
     "ablation.diagnosis.bank_seed": _int(0, nullable=True),
+    # notebook 07's drifting line (lib.experiments.drifting_line); seeds None: the profile's
+    "stream.seeds": _seq(_SEED, nullable=True),
+    "stream.severities": _seq(_int(0, high=5)),
+    "stream.corruption": _CORRUPTION,
     "ablation.extra_corruptions": Rule("bool"),
     "ablation.epochs": _int(1, nullable=True),
     "ablation.table5_schedule": Rule("str", choices=("epochs", "steps")),
@@ -388,3 +392,21 @@ class Section(dict):
 
     def to_dict(self) -> dict:
         return thaw(self)
+
+
+#: a dict-valued setting that an override replaces as a whole (its keys are free, not settings)
+FREE_DICTS = ("geometry", "roda.variants", "roda.method_defaults", "ablation.diagnosis.variants", "dpdl.sensitivity",
+              "dpdl.dpdl_kwargs")
+
+
+def merge_settings(base: dict, over: dict, prefix: str = "") -> dict:
+    """``base`` with ``over`` applied: sections merge key by key, every other value (``None`` and the
+    free dicts of :data:`FREE_DICTS` included) replaces the old one. Returns plain dicts."""
+    out = thaw(base)
+    for k, v in (over or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and key not in FREE_DICTS:
+            out[k] = merge_settings(out[k], v, prefix=f"{key}.")
+        else:
+            out[k] = thaw(v)
+    return out
