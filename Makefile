@@ -1,5 +1,7 @@
 # Two commands set up everything on a fresh machine (see README):
-#   make run    - create the venv if missing, run every notebook on the embedded default data
+#   make run    - create the venv if missing, run every notebook on the embedded default data; everything it
+#                 writes (tables, figures, executed notebooks, caches) goes under runs/main/, which git ignores
+#                 (the committed reference tables in results/default/ change only through make render)
 #   make test   - create the venv if missing, lint (ruff) and run the test suite
 #   make elpv   - the same notebooks on ELPV at the larger scale of the elpv profile (hours, see README)
 #   make real   - every notebook on real MVTec bottle at the papers' schedules (../shared/data; about 2 h)
@@ -23,7 +25,7 @@ $(STAMP): requirements.txt requirements-weights.txt pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(PY) scripts/run_notebooks.py --profile default
+	$(PY) scripts/run_notebooks.py --profile default --out-dir runs/main
 
 lint: setup
 	$(PY) -m ruff check .
