@@ -1,6 +1,7 @@
 # Two commands set up everything on a fresh machine (see README):
 #   make run    - create the venv if missing, run every notebook on the embedded default data
 #   make test   - create the venv if missing, lint (ruff) and run the test suite
+#   make test-fast - lint and the test suite without the notebook smoke runs (pytest -m "not notebook")
 #   make elpv   - the same notebooks on ELPV at the larger scale of the elpv profile (hours, see README)
 #   make real   - every notebook on real MVTec bottle at the papers' schedules (../shared/data; about 2 h)
 #   make real-full - every real category, 3-5 seeds, every variant (a night on 2 cores)
@@ -11,7 +12,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint elpv real real-full smoke bench lab render
+.PHONY: setup run test test-fast lint elpv real real-full smoke bench lab render
 
 setup: $(STAMP)
 
@@ -30,6 +31,9 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest
+
+test-fast: lint
+	$(PY) -m pytest -m "not notebook"
 
 elpv: setup
 	$(PY) scripts/run_notebooks.py --profile elpv
