@@ -36,8 +36,8 @@ A number in prose sits between two inline markers (the number itself on one line
 
 - ``column=name`` (required): the column read; ``agg=``: ``mean`` (default), ``std`` (ddof 1), ``min``, ``max``,
   ``median``, ``sum``, ``count``, ``only`` (the rows must hold exactly one value: an error otherwise), or
-  ``pm`` (``mean ± std``); ``latest=col``, ``percent=name`` and ``digits=N`` as for tables; ``sign=1`` prints ``+`` before a
-  positive number; ``absolute=1`` prints its absolute value (for prose that says "below" or "lost");
+  ``pm`` (``mean ± std``); ``latest=col``, ``percent=name`` and ``digits=N`` as for tables; ``sign=1`` prints
+  ``+`` before a positive number; ``absolute=1`` prints its absolute value (for prose that says "below" or "lost");
   ``minus=col:value`` subtracts the same number computed with ``where=col:value`` in place of the marker's
   own ``where`` on ``col`` (a difference such as "RoDA minus PatchCore": ``where=method:roda |
   minus=method:patchcore``);
