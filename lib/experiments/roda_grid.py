@@ -76,7 +76,7 @@ def config_from_profile(cfg, method: str, seed: int = 0, **overrides) -> AdaptCo
     return AdaptConfig(method=method, seed=seed, loss=loss, **fields)
 
 
-#: the diagnosis of notebook 08: each lead of issue 12 as one controlled change away from the paper-literal
+#: the diagnosis of notebook 08: each choice of the paper-literal RoDA changed alone, one controlled change away from
 #: ``roda`` (the profile's eps 0.05 x mean cost, uniform marginals, Eq. 6 "or", every batch, all epochs)
 DIAGNOSIS_LEADS = {
     "roda": dict(method="roda"),
