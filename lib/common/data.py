@@ -134,7 +134,8 @@ def labelled_folder_samples(root) -> list[Sample]:
     root = _require_root(root, "a labelled image folder")
     table = root / "labels.csv"
     if not table.is_file():
-        raise DataError(f"wrong layout: {root} has no labels.csv (columns image,label,defect,mask; see docs/settings.md 'Data')")
+        raise DataError(f"wrong layout: {root} has no labels.csv (columns image,label,defect,mask; "
+                        "see docs/settings.md 'Data')")
     samples, missing, bad = [], [], []
     with open(table, newline="") as fh:
         reader = csv.DictReader(fh)
