@@ -23,8 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-#: the profiles of lib/experiments/profiles.py (kept equal by tests/test_inputs.py; the script parses its arguments before
-#: it imports lib)
+#: the profiles of lib/experiments/profiles.py (kept equal by tests/test_inputs.py; the script parses its
+#: arguments before it imports lib)
 PROFILE_NAMES = ("smoke", "default", "elpv", "real", "real_full", "full")
 
 
