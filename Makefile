@@ -3,6 +3,7 @@
 #                 writes (tables, figures, executed notebooks, caches) goes under runs/main/, which git ignores
 #                 (the committed reference tables in results/default/ change only through make render)
 #   make test   - create the venv if missing, lint (ruff) and run the test suite
+#   make test-fast - lint and the test suite without the notebook smoke runs (pytest -m "not notebook")
 #   make elpv   - the same notebooks on ELPV at the larger scale of the elpv profile (hours, see README)
 #   make real   - every notebook on real MVTec bottle at the papers' schedules (../shared/data; about 2 h)
 #   make real-full - every real category, 3-5 seeds, every variant (a night on 2 cores)
@@ -13,7 +14,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint elpv real real-full smoke bench lab render
+.PHONY: setup run test test-fast lint elpv real real-full smoke bench lab render
 
 setup: $(STAMP)
 
@@ -32,6 +33,9 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest
+
+test-fast: lint
+	$(PY) -m pytest -m "not notebook"
 
 elpv: setup
 	$(PY) scripts/run_notebooks.py --profile elpv

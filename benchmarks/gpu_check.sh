@@ -6,7 +6,7 @@
 #   3. DPDL and DRA fine-tuned end to end at 448 px (the papers' setting) on HeadCT and BrainMRI, M = 10,
 #      one job per (task, seed) sharing the GPU (about 80 s per run with two jobs; more jobs share it better).
 #      Merge with `scripts/run_dpdl.py --compare results/real_full/05_v06_448_runs.csv ... <WORK>/*_runs.csv`.
-#   4. (CHECKS=leads) issue 12's leads that are too slow on CPU (the plan's-spread epsilon alone, and with the
+#   4. (CHECKS=leads) notebook 08's controlled changes too slow on CPU (the plan's-spread epsilon alone, and with the
 #      semi-relaxed plan: hundreds of Sinkhorn iterations a step) on real categories, one job per task.
 #      Carry the data (RODA_TASKS under DATA_ROOT; mind the 64 MiB carry limit: two MVTec categories at a time).
 #      Fold in with `scripts/run_roda_grid.py --out results/real_full/08_lead_grid.csv --merge <WORK>/leads_*.csv`.
@@ -21,7 +21,7 @@ PY=${PY:-python3}
 SECONDS_DPDL=${SECONDS_DPDL:-330}   # per DPDL job
 EPOCHS=${EPOCHS:-50}                # DPDL epochs of 20 iterations (the paper: 50)
 DEVICE=${DEVICE:-cuda}              # of the DPDL jobs (the other checks use device=auto)
-SEEDS=${SEEDS:-2,3,4}               # v0.6 ran seeds 0-1 end to end and 0-4 frozen
+SEEDS=${SEEDS:-2,3,4}               # seeds 0-1 end to end and 0-4 frozen are in results/real_full/05_v06_448_runs.csv
 TASKS=${TASKS:-headct,brainmri}
 MODES=${MODES:-input}               # input: end to end; frozen: the frozen backbone at the same size
 SIZE=${SIZE:-448}                    # DPDL image size (the papers: 448)

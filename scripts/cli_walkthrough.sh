@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's three-command walkthrough, tried end to end on a real MVTec category with a simulated camera
+# The three-command walkthrough of README.md and docs/cli.md, tried end to end on a real MVTec category with a simulated camera
 # change, labels read only by `roda evaluate` at the end. Usage (from the repository root):
 #
 #   bash scripts/cli_walkthrough.sh ../shared/data/mvtec/bottle gaussian_noise 3 [OUT_TXT]

@@ -10,7 +10,7 @@ score the three states. The recorded runs were made on the ``smoke`` profile (th
     python scripts/dev_bn_init.py smoke results/dev/bn_init_synthetic.csv 0,1
     python scripts/dev_bn_init.py default results/dev/bn_init_elpv.csv 0,1,2 2
 
-Column ``nn`` (added in v0.9, so the recorded v0.3 files lack it; `results/dev/bn_gate_*.csv` have it) is
+Column ``nn`` (the recorded `results/dev/bn_init_*.csv` files predate it; `results/dev/bn_gate_*.csv` have it) is
 the adaptation split's mean nearest-bank distance in that state (:func:`lib.roda.bn_stats.nearest_bank_distance`):
 the signal of ``bn_init="gated"``, which keeps ``matched`` where its ``nn`` is below ``source``'s.
 """

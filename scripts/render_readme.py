@@ -14,6 +14,9 @@ Options (all optional):
 
 - ``columns=a,b,c``: the columns shown, in this order (default: all);
 - ``where=col:v1,v2``: keep rows whose ``col`` is one of the values (repeat the option for more columns);
+- ``latest=col``: of the rows ``where`` kept, only those whose ``col`` holds the newest value (the largest in
+  natural order, digit runs compared as numbers: ``2.10`` after ``2.9``, ISO dates in date order), so a marker
+  follows the most recent measurement appended to a log such as ``benchmarks/results/notebook_timings.csv``;
 - ``by=a,b``: one row per group; the other shown columns become ``mean ± std`` over the group's rows
   (e.g. seeds), or the mean alone when the group has one row;
 - ``percent=a,b``: multiply these columns by 100 (AUROCs stored as fractions);
@@ -33,8 +36,8 @@ A number in prose sits between two inline markers (the number itself on one line
 
 - ``column=name`` (required): the column read; ``agg=``: ``mean`` (default), ``std`` (ddof 1), ``min``, ``max``,
   ``median``, ``sum``, ``count``, ``only`` (the rows must hold exactly one value: an error otherwise), or
-  ``pm`` (``mean ± std``); ``percent=name`` and ``digits=N`` as for tables; ``sign=1`` prints ``+`` before a
-  positive number; ``absolute=1`` prints its absolute value (for prose that says "below" or "lost");
+  ``pm`` (``mean ± std``); ``latest=col``, ``percent=name`` and ``digits=N`` as for tables; ``sign=1`` prints
+  ``+`` before a positive number; ``absolute=1`` prints its absolute value (for prose that says "below" or "lost");
   ``minus=col:value`` subtracts the same number computed with ``where=col:value`` in place of the marker's
   own ``where`` on ``col`` (a difference such as "RoDA minus PatchCore": ``where=method:roda |
   minus=method:patchcore``);
@@ -43,9 +46,10 @@ A number in prose sits between two inline markers (the number itself on one line
 - ``agg=spearman | against=other``: the Spearman rank correlation of ``column`` with the column ``other``
   over the selected rows (after ``by``, over the group means).
 
-``python scripts/render_readme.py`` rewrites the README in place (atomically); ``--check`` writes nothing and
-exits 1 naming each table that differs from its CSV (for the test command). A missing CSV or column is an
-error naming the marker's line.
+``python scripts/render_readme.py`` rewrites the README and every page of ``docs/`` in place (atomically; CSV paths
+relative to the repository); ``python scripts/render_readme.py FILE ...`` only those files, CSV paths relative to
+each file's folder unless ``--root`` names another. ``--check`` writes nothing and exits 1 naming each table that
+differs from its CSV (for the test command). A missing CSV or column is an error naming the marker's line.
 """
 
 from __future__ import annotations
@@ -62,9 +66,12 @@ import pandas as pd
 START = re.compile(r"<!--\s*table:\s*(?P<spec>.*?)\s*-->", re.S)
 END = "<!-- /table -->"
 VALUE = re.compile(r"<!--\s*value:\s*(?P<spec>[^>]*?)\s*-->(?P<body>[^<\n]*)<!-- /value -->")
-TABLE_KEYS = ("columns", "where", "by", "count", "percent", "digits", "sort", "rename", "pivot")
-VALUE_KEYS = ("where", "column", "agg", "percent", "digits", "sign", "absolute", "minus", "by", "against")
+TABLE_KEYS = ("columns", "where", "latest", "by", "count", "percent", "digits", "sort", "rename", "pivot")
+VALUE_KEYS = ("where", "latest", "column", "agg", "percent", "digits", "sign", "absolute", "minus", "by", "against")
 AGGREGATES = ("mean", "std", "min", "max", "median", "sum", "count", "only", "pm", "spearman")
+
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class ReadmeError(ValueError):
@@ -85,7 +92,7 @@ def parse_spec(spec: str, keys=TABLE_KEYS) -> tuple[str, dict]:
         if key == "where":
             column, _, values = value.partition(":")
             options["where"].append((column.strip(), [v.strip() for v in values.split(",")]))
-        elif key in ("count", "pivot", "column", "agg", "against"):
+        elif key in ("count", "pivot", "column", "agg", "against", "latest"):
             options[key] = value.strip()
         elif key == "minus":
             column, _, other = value.partition(":")
@@ -106,19 +113,32 @@ def _number(value, digits: int) -> str:
     return str(value)
 
 
-def _select(df: pd.DataFrame, where) -> pd.DataFrame:
-    """The rows of ``df`` whose column ``c`` is one of the values, for every ``(c, values)`` of ``where``."""
+def _natural_key(value) -> tuple:
+    """Sort key of ``value`` as text with its digit runs compared as numbers (``v2.10`` after ``v2.9``)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", str(value)) if part)
+
+
+def _select(df: pd.DataFrame, where, latest: str | None = None) -> pd.DataFrame:
+    """The rows of ``df`` whose column ``c`` is one of the values, for every ``(c, values)`` of ``where``; with
+    ``latest``, of those only the rows whose column ``latest`` holds the newest value (:func:`_natural_key`)."""
     for column, values in where:
         if column not in df.columns:
             raise ReadmeError(f"where: no column {column!r}; the CSV has {list(df.columns)}")
         df = df[df[column].astype(str).isin(values)]
+    if latest:
+        if latest not in df.columns:
+            raise ReadmeError(f"latest: no column {latest!r}; the CSV has {list(df.columns)}")
+        if not df.empty:
+            newest = max(df[latest].astype(str), key=_natural_key)
+            df = df[df[latest].astype(str) == newest]
     return df
 
 
 def render_table(df: pd.DataFrame, options: dict) -> str:
     """The Markdown table of ``df`` shaped by ``options`` (see the module docstring)."""
     digits = options.get("digits", 2)
-    df = _select(df, options.get("where", []))
+    df = _select(df, options.get("where", []), options.get("latest"))
     columns = options.get("columns") or list(df.columns)
     count = options.get("count") if options.get("by") else None
     missing = [c for c in columns + options.get("by", []) + options.get("percent", []) + options.get("sort", [])
@@ -187,7 +207,7 @@ def _reduce(df: pd.DataFrame, options: dict):
         raise ReadmeError(f"agg={agg!r}: use one of {', '.join(AGGREGATES)}")
     if column not in df.columns:
         raise ReadmeError(f"no column {column!r}; the CSV has {list(df.columns)}")
-    rows = _select(df, options.get("where", []))
+    rows = _select(df, options.get("where", []), options.get("latest"))
     other = options.get("against")
     if (agg == "spearman") != bool(other):
         raise ReadmeError("agg=spearman and against=COLUMN go together")
@@ -243,8 +263,27 @@ def _pivot(df: pd.DataFrame, options: dict, columns: list, count) -> tuple[pd.Da
     return wide, list(wide.columns)
 
 
+FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.S | re.M)
+
+
 def render(text: str, root: Path) -> tuple[str, list[str]]:
-    """(the README with every table regenerated, the markers' CSV paths whose table changed)."""
+    """(the README with every table regenerated, the markers' CSV paths whose table changed). Markers inside
+    fenced code blocks are examples (docs/extending.md shows how to write one) and are left as they are."""
+    blocks = []
+
+    def mask(match):
+        placeholder = f"\0FENCE{len(blocks)}\0" + "\n" * match.group(0).count("\n")  # same line numbers
+        blocks.append((placeholder, match.group(0)))
+        return placeholder
+
+    out, changed = _render_tables(FENCE.sub(mask, text), root)
+    for placeholder, block in blocks:
+        out = out.replace(placeholder, block, 1)
+    return out, changed
+
+
+def _render_tables(text: str, root: Path) -> tuple[str, list[str]]:
+    """:func:`render` of a text without fenced code blocks."""
     out, changed, pos = [], [], 0
     for match in START.finditer(text):
         if match.start() < pos:
@@ -302,20 +341,33 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("readme", nargs="?", default=str(Path(__file__).resolve().parent.parent / "README.md"))
+    parser.add_argument("files", nargs="*", help="Markdown files (default: README.md and docs/*.md of the repository)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when a table is out of date")
-    parser.add_argument("--root", default=None, help="folder the CSV paths are relative to (default: the README's)")
+    parser.add_argument("--root", default=None,
+                        help="folder the CSV paths are relative to (default: the repository for the default files, "
+                             "else each file's folder)")
     args = parser.parse_args(argv)
-    readme = Path(args.readme)
+    if args.files:
+        files, root = [Path(f) for f in args.files], args.root
+    else:
+        files, root = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))], args.root or REPO
+    status = 0
+    for path in files:
+        status = max(status, _one(path, Path(root) if root else path.parent, args.check))
+    return status
+
+
+def _one(readme: Path, root: Path, check: bool) -> int:
+    """Render (or with ``check`` compare) one Markdown file; the exit status of :func:`main` for it."""
     if not readme.is_file():
         print(f"error: {readme} does not exist", file=sys.stderr)
         return 2
     try:
-        text, changed = render(readme.read_text(encoding="utf-8"), Path(args.root) if args.root else readme.parent)
+        text, changed = render(readme.read_text(encoding="utf-8"), root)
     except ReadmeError as err:
         print(f"error: {readme}: {err}", file=sys.stderr)
         return 2
-    if args.check:
+    if check:
         for item in changed:
             print(f"{readme}: out of date, {item}", file=sys.stderr)
         if changed:

@@ -93,6 +93,14 @@ def test_the_readme_tables_match_their_csvs():
     assert rr.main(["--check", str(repo / "README.md")]) == 0
 
 
+def test_the_docs_tables_match_their_csvs():
+    """The pages of docs/ carry markers too, their CSV paths relative to the repository (the default file list)."""
+    repo = Path(__file__).resolve().parent.parent
+    pages = sorted((repo / "docs").glob("*.md"))
+    assert any("<!-- value:" in p.read_text(encoding="utf-8") for p in pages)
+    assert rr.main(["--check", "--root", str(repo), *map(str, pages)]) == 0
+
+
 def test_inline_values_are_read_from_the_csv(readme):
     text = ("A <!-- value: results/x.csv | where=method:a | column=auroc | percent=auroc | digits=1 -->0"
             "<!-- /value -->, "
@@ -167,3 +175,37 @@ def test_inline_range_over_group_means_and_rank_correlation():
         rr.render_value(df, dict(rho, by=["row"]))
     with pytest.raises(rr.ReadmeError, match="by: no column"):
         rr.render_value(df, dict(lo, by=["task"]))
+
+
+def test_latest_keeps_the_newest_rows_after_where():
+    # a timings log: the same notebooks measured again in later releases; 2.10 is newer than 2.9 (natural order)
+    df = pd.DataFrame(dict(version=["2.5", "2.5", "2.9", "2.9", "2.10", "2.10", "2.9"],
+                           profile=["d", "d", "d", "d", "r", "r", "r"], notebook=["a", "b", "a", "b", "a", "b", "c"],
+                           minutes=[1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 99.0]))
+    _, total = rr.parse_spec("t.csv | where=profile:d | latest=version | column=minutes | agg=sum | digits=1",
+                             rr.VALUE_KEYS)
+    assert rr.render_value(df, total) == "7.0"  # 3 + 4 of 2.9, not 1 + 2 of 2.5 nor the profile-r rows
+    _, real = rr.parse_spec("t.csv | where=profile:r | latest=version | column=minutes | agg=sum | digits=1",
+                            rr.VALUE_KEYS)
+    assert rr.render_value(df, real) == "30.0"  # 2.10 after 2.9 (text order would pick 2.9 and give 99.0)
+    _, only_c = rr.parse_spec("t.csv | where=notebook:c | latest=version | column=minutes | agg=only | digits=1",
+                              rr.VALUE_KEYS)
+    assert rr.render_value(df, only_c) == "99.0"  # the newest row of what where= kept, not of the whole file
+    assert rr.render_value(df, dict(total, latest=None)) == "10.0"  # without latest=: every profile-d row
+    _, table = rr.parse_spec("t.csv | columns=notebook,minutes | where=profile:d | latest=version | digits=1")
+    assert rr.render_table(df, table).splitlines()[2:] == ["| a | 3.0 |", "| b | 4.0 |"]
+    with pytest.raises(rr.ReadmeError, match="latest: no column 'date'"):
+        rr.render_value(df, dict(total, latest="date"))
+    dates = pd.DataFrame(dict(date=["2026-11-30", "2026-12-01", "2026-12-01"], v=[1.0, 2.0, 4.0]))
+    assert rr.render_value(dates, dict(column="v", latest="date", where=[], digits=1)) == "3.0"
+
+
+def test_markers_inside_fenced_code_are_examples(readme):
+    example = ("```markdown\n<!-- table: results/nope.csv | columns=a -->\n<!-- /table -->\n"
+               "<!-- value: results/nope.csv | column=a -->1<!-- /value -->\n```\n")
+    readme.write_text(example + readme.read_text())
+    assert rr.main([str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(example) and "| t | a | 81.0 ± 1.4 |" in text  # example untouched, table rendered
+    with pytest.raises(rr.ReadmeError, match="line 10 .*'tsk'"):  # the fenced lines still count
+        rr.render(text.replace("columns=task", "columns=tsk"), readme.parent)

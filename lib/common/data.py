@@ -100,7 +100,7 @@ def mvtec_samples(root, category: str, split: str) -> list[Sample]:
     if not split_dir.is_dir() or (split == "train" and not (split_dir / "good").is_dir()):
         raise DataError(
             f"wrong layout under {folder}: expected {folder}/train/good and {folder}/test/<defect> "
-            "(the MVTec AD layout; see README 'Data')"
+            "(the MVTec AD layout; see docs/settings.md 'Data')"
         )
     samples = []
     for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
@@ -134,7 +134,8 @@ def labelled_folder_samples(root) -> list[Sample]:
     root = _require_root(root, "a labelled image folder")
     table = root / "labels.csv"
     if not table.is_file():
-        raise DataError(f"wrong layout: {root} has no labels.csv (columns image,label,defect,mask; see README 'Data')")
+        raise DataError(f"wrong layout: {root} has no labels.csv (columns image,label,defect,mask; "
+                        "see docs/settings.md 'Data')")
     samples, missing, bad = [], [], []
     with open(table, newline="") as fh:
         reader = csv.DictReader(fh)

@@ -113,9 +113,9 @@ _BASE = dict(
                 strategies=("none", "one_shot", "stream", "stream_unguarded")),
 )
 
-# ELPV at the scale the default profile had up to v0.4 (hours on 2 cores: its v0.4 renders took 41 min for
-# notebook 04 and 31 min for 05): 3 seeds for the RoDA ablations, 5 for DPDL, every named RoDA variant;
-# its tables are the ELPV tables the README discusses
+# ELPV at a larger scale than the default profile (hours on 2 cores: its renders took 41 min for notebook 04
+# and 31 min for 05): 3 seeds for the RoDA ablations, 5 for DPDL, every named RoDA variant;
+# its tables are the ELPV tables docs/results_roda.md and docs/results_dpdl.md discuss
 _ELPV = dict(
     tasks=("elpv",),
     patchcore=dict(coreset_ratio=0.01, max_bank=2000, max_train=120, max_test=150, batch_size=16),
@@ -138,8 +138,8 @@ _ELPV = dict(
 )
 
 
-# every real category, 3-5 seeds and every named variant: a night on 2 cores (named `real` up to v0.9; its tables
-# are results/real_full/, most of them from the resumable scripts)
+# every real category, 3-5 seeds and every named variant: a night on 2 cores (its tables are results/real_full/,
+# most of them from the resumable scripts)
 _REAL_FULL = dict(
     data_root=str(SHARED_DATA),
     tasks=("mvtec/screw", "mvtec/bottle", "mvtec/tire", "ksdd"),
@@ -187,7 +187,7 @@ PROFILES = {
                       diagnosis=dict(corruptions=("gaussian_noise",), curve_epochs=3)),
         dpdl=dict(seeds=(0, 1), epochs=5, hard_seeds=(0,), ablation_seeds=(0,), sensitivity_seeds=(0,)))),
     "elpv": _ELPV,
-    # the papers' schedules on real data in about 2 hours on 2 CPU cores (issue 9): `real_full` on one MVTec category
+    # the papers' schedules on real data in about 2 hours on 2 CPU cores: `real_full` on one MVTec category
     # (bottle, the smallest), five of the named variants, DPDL with 3 seeds, notebook 08 on two corruptions
     "real": _merge(_REAL_FULL, dict(
         tasks=("mvtec/bottle",),
