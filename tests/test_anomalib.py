@@ -216,8 +216,9 @@ def test_cli_adapts_a_checkpoint_that_anomalibs_engine_predicts_with(data, tmp_p
 def test_a_model_that_is_not_a_patchcore_is_refused(data, tmp_path, capsys):
     from anomalib.models import Padim
 
+    padim = Padim(backbone="resnet18", layers=["layer1"], pre_trained=False, n_features=32)
     with pytest.raises(PatchcoreError, match="got Padim"):
-        adapt_patchcore(Padim(backbone="resnet18", layers=["layer1"], pre_trained=False, n_features=32), data["shifted"])
+        adapt_patchcore(padim, data["shifted"])
     with pytest.raises(PatchcoreError, match="got Linear"):
         adapt_patchcore(torch.nn.Linear(2, 2), data["shifted"])
     other = tmp_path / "padim.ckpt"  # a Lightning checkpoint of another model

@@ -180,6 +180,9 @@ class AnomalibPatchCore:
     def __init__(self, torch_model, bank_rows: int | None = None, seed: int = 0, dry_run_size: int = 64):
         if getattr(torch_model, "tiler", None) is not None:
             raise PatchcoreError("the PatchCore model tiles its input (model.tiler): adapt a model without tiling")
+        if getattr(torch_model.feature_extractor, "_uses_intermediates", False):
+            raise PatchcoreError(f"backbone {torch_model.backbone!r} is a transformer (token features, no BatchNorm): "
+                                 "RoDA adapts the BatchNorm layers of a CNN backbone (resnet18, wide_resnet50_2, ...)")
         memory_bank = torch_model.memory_bank
         if memory_bank.ndim != 2 or memory_bank.shape[0] == 0:
             raise PatchcoreError("the PatchCore memory bank is empty: fit the model (anomalib's Engine.fit) first")
