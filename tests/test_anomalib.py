@@ -236,3 +236,15 @@ def test_only_lightning_checkpoints_take_the_anomalib_path(tmp_path):
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
         z.writestr("archive/data.pkl", b"no version here")
     assert not any(is_lightning_checkpoint(tmp_path / n) for n in ("bank.pt", "broken.ckpt", "other.zip", "none"))
+
+
+def test_without_anomalib_the_error_says_how_to_install(monkeypatch, tmp_path):
+    import sys
+
+    from lib.roda.anomalib_model import require_anomalib
+
+    monkeypatch.setitem(sys.modules, "anomalib", None)  # what `import anomalib` meets where it is not installed
+    with pytest.raises(PatchcoreError, match=r"roda-dpdl-repro\[anomalib\]"):
+        require_anomalib()
+    with pytest.raises(PatchcoreError, match="pip install"):
+        load_patchcore(tmp_path / "model.ckpt")
