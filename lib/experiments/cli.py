@@ -26,6 +26,7 @@ import torch
 from lib.common.data import DataError
 from lib.common.folders import FolderDataset, labelled_items, list_images, scan, write_overlays
 from lib.common.utils import progress, seed_everything, write_csv, write_json
+from lib.experiments.anomalib_cli import command_for, extend_parser
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -52,8 +53,7 @@ def _existing(path: str, kind: str) -> Path:
     p = Path(path).expanduser()
     ok = p.is_dir() if kind == "folder" else p.is_file()
     if not ok:
-        raise CliError(f"{kind} {p} does not exist" + (" (or is not a folder)" if kind == "folder" else ""),
-                       EXIT_USAGE)
+        raise CliError(f"{kind} {p} does not exist" + (" (or is not a folder)" if kind == "folder" else ""), EXIT_USAGE)
     return p
 
 
@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="JSON file for the summary")
     common(p)
     p.set_defaults(run=cmd_evaluate)
-    return ap
+    return extend_parser(ap)  # anomalib checkpoints: lib.experiments.anomalib_cli
 
 
 @contextmanager
@@ -477,7 +477,7 @@ def main(argv=None) -> int:
     seed_everything(args.seed)
     try:
         with _quiet_library(args.quiet):
-            return args.run(args)
+            return (command_for(args) or args.run)(args)  # an anomalib checkpoint: its own commands
     except CliError as err:
         print(f"roda {args.command}: error: {err}", file=sys.stderr)
         return err.code
