@@ -23,7 +23,8 @@ Environment: ``TAIL=1 TAIL_LAYER=features.18`` fine-tunes that backbone block on
 (default ``features.17``) activations; ``TAIL=1 TAIL_INPUT=input`` fine-tunes the whole network up to the
 deep tap end to end on cached normalised images; ``DEVICE=cuda`` trains and caches on the GPU; ``THREADS``
 sets the CPU threads (1); ``DATA_ROOT`` replaces the profile's data root; ``IMAGE_SIZE`` overrides the
-profile's ``dpdl.image_size``. Method names: any of lib.dpdl.baselines.METHODS, or the DPDL variants below.
+profile's ``dpdl.image_size``; ``OUT_DIR`` puts ``--tables``' results/ and figures/ there instead of the
+repository. Method names: any of lib.dpdl.baselines.METHODS, or the DPDL variants below.
 Settings are the profile's (``elpv`` for elpv, ``real_full`` otherwise; ``PROFILE=real_full`` for the uncapped
 ELPV) unless given.
 """
@@ -149,7 +150,8 @@ def write_tables(profile, *files):
     """Notebook 05's tables of ``profile`` from job files (see the module docstring); prints what it wrote."""
     if not files:
         raise SystemExit("--tables PROFILE JOB.csv [JOB.csv ...]: name the job files to fold")
-    cfg = profiles.get_profile(profile, data_root=os.environ.get("DATA_ROOT"))  # writes its config.json
+    cfg = profiles.get_profile(profile, data_root=os.environ.get("DATA_ROOT"),  # writes its config.json
+                               out_dir=os.environ.get("OUT_DIR"))
     jobs = {Path(f): read_csv(f) for f in files}
     ablation_files = [f for f, runs in jobs.items() if set(runs["method"]) & set(VARIANTS)]
     runs = _fold([f for f in jobs if f not in ablation_files]) if len(ablation_files) < len(jobs) else None
