@@ -141,6 +141,12 @@ def _ordered(runs: pd.DataFrame, cfg, methods) -> pd.DataFrame:
     return runs.iloc[keys.sort_values(list(keys.columns), kind="stable").index].reset_index(drop=True)
 
 
+def _schedule(runs: pd.DataFrame) -> str:
+    """``, schedule 50x20x16`` (epochs x iterations x batch) for a figure title, when the runs name theirs."""
+    schedules = sorted(runs["schedule"].dropna().unique()) if "schedule" in runs else []
+    return f", schedule {' / '.join(schedules)}" if schedules else ""
+
+
 def _fold(files) -> pd.DataFrame:
     runs = pd.concat([read_csv(f) for f in files], ignore_index=True)  # with their timings
     return runs.drop_duplicates(subset=RUN_KEYS, keep="last")
@@ -180,7 +186,8 @@ def write_tables(profile, *files):
         for m in sorted(general.n_anomalies.unique(), reverse=True):
             sub = general[general.n_anomalies == m]
             fig = figures.auroc_bars(sub, x="task", y="auroc", hue="method", err="sd", ylim=(0.4, 1.0),
-                                     title=f"General setting, M = {m} (mean ± std over {sub.seed.nunique()} seeds)")
+                                     title=f"General setting, M = {m} (mean ± std over {sub.seed.nunique()} seeds"
+                                           f"{_schedule(sub)})")
             written.append(save_figure(fig, figs / f"05_general_M{m}.png"))
     if ablation_files:
         ablation = _fold(ablation_files)
@@ -190,8 +197,8 @@ def write_tables(profile, *files):
         table, delta = tables.ablation_tables(ablation)
         write(table, "05_ablation.csv")
         write(delta, "05_ablation_delta.csv")
-        fig = figures.auroc_bars(ablation, x="task", y="auroc", hue="method", err="sd", ylim=(0.4, 1.0),
-                                 title=f"Ablations, general setting, M = {ablation.n_anomalies.max()}")
+        title = f"Ablations, general setting, M = {ablation.n_anomalies.max()}{_schedule(ablation)}"
+        fig = figures.auroc_bars(ablation, x="task", y="auroc", hue="method", err="sd", ylim=(0.4, 1.0), title=title)
         written.append(save_figure(fig, figs / "05_ablation.png"))
     for path in written:
         print(path)
