@@ -15,7 +15,9 @@ writes, under its names, in ``results/<PROFILE>/`` (and its figures in ``figures
 ``05_ablation.csv`` and ``05_ablation_delta.csv`` (its ``dpdl`` rows are the full model, ``DPDL``); every other
 job gives ``05_general_runs.csv`` / ``05_hard_runs.csv`` by its ``setting``, and with them ``05_general.csv``,
 ``05_hard.csv``, ``05_where_dpdl_wins.csv`` and ``05_protocol.csv`` (lib.dpdl.tables, as in the notebook). A
-later job's row replaces an earlier one's with the same task, setting, seen class, M, method and seed.
+later job's row replaces an earlier one's with the same task, setting, seen class, M, method and seed. To add
+jobs to the current tables name those first, e.g. ``--tables real_full results/real_full/05_general_runs.csv
+results/real_full/05_hard_runs.csv NEW.csv``; a runs table that would lose runs is not replaced.
 ``--compare`` joins runs of different configurations (fine-tuning, size, device) into one table with a
 ``config`` column.
 
@@ -147,6 +149,19 @@ def _schedule(runs: pd.DataFrame) -> str:
     return f", schedule {' / '.join(schedules)}" if schedules else ""
 
 
+def _check_nothing_lost(path: Path, new: pd.DataFrame | None) -> None:
+    """Refuse to replace the runs table at ``path`` by one that lacks some of its runs (a partial list of jobs)."""
+    if not path.is_file():
+        return
+    old = pd.read_csv(path)
+    keys = [k for k in RUN_KEYS if k in old]
+    kept = set(map(tuple, new[keys].astype(str).to_numpy())) if new is not None and len(new) else set()
+    lost = [k for k in map(tuple, old[keys].astype(str).to_numpy()) if k not in kept]
+    if lost:
+        raise SystemExit(f"{path} holds {len(lost)} runs that the jobs do not (e.g. {dict(zip(keys, lost[0]))}): "
+                         f"name it among the jobs to keep them (a later job's row replaces its own)")
+
+
 def _fold(files) -> pd.DataFrame:
     runs = pd.concat([read_csv(f) for f in files], ignore_index=True)  # with their timings
     return runs.drop_duplicates(subset=RUN_KEYS, keep="last")
@@ -156,8 +171,8 @@ def write_tables(profile, *files):
     """Notebook 05's tables of ``profile`` from job files (see the module docstring); prints what it wrote."""
     if not files:
         raise SystemExit("--tables PROFILE JOB.csv [JOB.csv ...]: name the job files to fold")
-    cfg = profiles.get_profile(profile, data_root=os.environ.get("DATA_ROOT"),  # writes its config.json
-                               out_dir=os.environ.get("OUT_DIR"))
+    where = dict(data_root=os.environ.get("DATA_ROOT"), out_dir=os.environ.get("OUT_DIR"))
+    cfg = profiles.resolve(profile, device="cpu", **where)  # checked first; get_profile below writes config.json
     jobs = {Path(f): read_csv(f) for f in files}
     ablation_files = [f for f, runs in jobs.items() if set(runs["method"]) & set(VARIANTS)]
     runs = _fold([f for f in jobs if f not in ablation_files]) if len(ablation_files) < len(jobs) else None
@@ -168,12 +183,22 @@ def write_tables(profile, *files):
         written.append(write_csv(df, out / name))
 
     methods = list(cfg.dpdl.get("methods", openset_baselines.METHODS))
-    general = hard = None
+    general = hard = ablation = None
     if runs is not None:
         general = _ordered(runs[runs.setting == "general"], cfg, methods)
         hard = _ordered(runs[runs.setting == "hard"], cfg, methods)
+        if not len(general):
+            raise SystemExit("the jobs hold no general-setting runs: the tables of both settings are written together")
+        _check_nothing_lost(out / "05_general_runs.csv", general)
+        _check_nothing_lost(out / "05_hard_runs.csv", hard)
+    if ablation_files:
+        ablation = _fold(ablation_files)
+        ablation["method"] = ablation["method"].replace({"dpdl": tables.ABLATION_BASE})
+        ablation = _ordered(ablation, cfg, [tables.ABLATION_BASE, *VARIANTS])
+        _check_nothing_lost(out / "05_ablation_runs.csv", ablation)
+    profiles.get_profile(profile, device="cpu", **where)  # the folders checked and config.json written beside
+    if general is not None:
         write(tables.protocol_table(general, hard), "05_protocol.csv")
-    if general is not None and len(general):
         write(general, "05_general_runs.csv")
         general_table = tables.general_table(general)
         write(general_table, "05_general.csv")
@@ -189,10 +214,7 @@ def write_tables(profile, *files):
                                      title=f"General setting, M = {m} (mean ± std over {sub.seed.nunique()} seeds"
                                            f"{_schedule(sub)})")
             written.append(save_figure(fig, figs / f"05_general_M{m}.png"))
-    if ablation_files:
-        ablation = _fold(ablation_files)
-        ablation["method"] = ablation["method"].replace({"dpdl": tables.ABLATION_BASE})
-        ablation = _ordered(ablation, cfg, [tables.ABLATION_BASE, *VARIANTS])
+    if ablation is not None:
         write(ablation, "05_ablation_runs.csv")
         table, delta = tables.ablation_tables(ablation)
         write(table, "05_ablation.csv")
@@ -202,7 +224,7 @@ def write_tables(profile, *files):
         written.append(save_figure(fig, figs / "05_ablation.png"))
     for path in written:
         print(path)
-    for name, df in (("general", general), ("hard", hard), ("ablation", ablation if ablation_files else None)):
+    for name, df in (("general", general), ("hard", hard), ("ablation", ablation)):
         if df is not None and len(df) and "schedule" in df:
             seeds = sorted(int(s) for s in df.seed.unique())
             print(f"{name}: schedule(s) {sorted(df['schedule'].dropna().unique())}, seeds {seeds}")

@@ -90,3 +90,11 @@ def test_dpdl_tables_fold_jobs_into_the_notebook_tables(tmp_path, monkeypatch):
     assert set(pd.read_csv(out / "05_ablation_runs.csv").method) == {"DPDL", "M_r"}
     assert len(pd.read_csv(out / "05_protocol.csv")) == 3  # two general splits, one hard
     assert {p.name for p in (tmp_path / "figures" / "smoke").iterdir()} == {"05_general_M10.png", "05_ablation.png"}
+    before = (out / "05_general_runs.csv").read_bytes()
+    with pytest.raises(SystemExit, match="05_general_runs.csv holds 3 runs"):  # a new job would drop the others
+        run_dpdl.write_tables("smoke", hard, again)
+    with pytest.raises(SystemExit, match="05_hard_runs.csv holds 2 runs"):
+        run_dpdl.write_tables("smoke", out / "05_general_runs.csv", again)
+    assert (out / "05_general_runs.csv").read_bytes() == before
+    run_dpdl.write_tables("smoke", out / "05_general_runs.csv", out / "05_hard_runs.csv", again)  # adding a job
+    assert (out / "05_general_runs.csv").read_bytes() == before
