@@ -5,7 +5,8 @@
 #      compare with the same grid on CPU (the same code path, no device-specific branch);
 #   3. DPDL and DRA fine-tuned end to end at 448 px (the papers' setting) on HeadCT and BrainMRI, M = 10,
 #      one job per (task, seed) sharing the GPU (about 80 s per run with two jobs; more jobs share it better).
-#      Merge with `scripts/run_dpdl.py --compare results/real_full/05_v06_448_runs.csv ... <WORK>/*_runs.csv`.
+#      Fold in with `scripts/run_dpdl.py --compare results/real_full/05_finetune_runs.csv
+#      results/real_full/05_finetune_runs.csv <WORK>/dpdl*_runs.csv` (the table is also one of the inputs).
 #   4. (CHECKS=leads) notebook 08's controlled changes too slow on CPU (the plan's-spread epsilon alone, and with the
 #      semi-relaxed plan: hundreds of Sinkhorn iterations a step) on real categories, one job per task.
 #      Carry the data (RODA_TASKS under DATA_ROOT; mind the 64 MiB carry limit: two MVTec categories at a time).
@@ -21,7 +22,7 @@ PY=${PY:-python3}
 SECONDS_DPDL=${SECONDS_DPDL:-330}   # per DPDL job
 EPOCHS=${EPOCHS:-50}                # DPDL epochs of 20 iterations (the paper: 50)
 DEVICE=${DEVICE:-cuda}              # of the DPDL jobs (the other checks use device=auto)
-SEEDS=${SEEDS:-2,3,4}               # seeds 0-1 end to end and 0-4 frozen are in results/real_full/05_v06_448_runs.csv
+SEEDS=${SEEDS:-2,3,4}               # results/real_full/05_finetune_runs.csv holds seeds 0-1 end to end, 0-4 frozen
 TASKS=${TASKS:-headct,brainmri}
 MODES=${MODES:-input}               # input: end to end; frozen: the frozen backbone at the same size
 SIZE=${SIZE:-448}                    # DPDL image size (the papers: 448)
@@ -51,7 +52,7 @@ has dpdl && for task in ${TASKS//,/ }; do
     for mode in ${MODES//,/ }; do
       if [ "$mode" = input ]; then ft="TAIL=1 TAIL_INPUT=input"; else ft=""; fi
       env $ft DEVICE="$DEVICE" IMAGE_SIZE="$SIZE" DATA_ROOT="$DATA" THREADS=2 timeout "$SECONDS_DPDL" \
-        $PY scripts/run_dpdl.py "$task" "$WORK/dpdl${SIZE}_${mode}_${task}_s${seed}" "$seed" 10 dpdl,dra "$EPOCHS" \
+        $PY scripts/run_dpdl.py "$task" "$WORK/dpdl${SIZE}_${mode}_${task}_s${seed}_runs.csv" "$seed" 10 dpdl,dra "$EPOCHS" \
         > "$WORK/dpdl${SIZE}_${mode}_${task}_s${seed}.log" 2>&1 &
       pids+=($!)
     done
@@ -63,7 +64,7 @@ has leads && for task in ${RODA_TASKS//,/ }; do
   name=${task//\//_}
   timeout "${SECONDS_LEADS:-480}" $PY scripts/run_roda_grid.py --profile real_full --data-root "$DATA" --tasks "$task" \
     --corruptions gaussian_noise,defocus_blur,brightness,contrast --seeds "$RODA_SEEDS" \
-    --methods L1_eps_plan_spread,L6_semi_relaxed --variants "$($PY -c 'import json; from lib.experiments.profile_table import DIAGNOSIS_VARIANTS as D; print(json.dumps({k: D[k] for k in ("L1_eps_plan_spread", "L6_semi_relaxed")}))')" \
+    --methods L1_eps_plan_spread,L6_semi_relaxed --variants "$($PY -c 'import json; from lib.experiments.roda_grid import DIAGNOSIS_LEADS as D; print(json.dumps({k: D[k] for k in ("L1_eps_plan_spread", "L6_semi_relaxed")}))')" \
     --bank-seed 0 --threads 2 --note "lead diagnosis on CUDA" --out "$WORK/leads_$name.csv" \
     --history "$WORK/leads_${name}_hist.csv" > "$WORK/leads_$name.log" 2>&1 &
   pids+=($!)

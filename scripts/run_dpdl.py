@@ -1,19 +1,34 @@
-"""Direct runs of the notebook-05 runner (lib.dpdl.baselines.run_openset) outside papermill, for the
-real-data DPDL measurements quoted in the README (``results/real_full/05_new_*.csv``). Usage:
+"""Direct runs of the notebook-05 runner (lib.dpdl.baselines.run_openset) outside papermill, one dataset and
+setting per job (parallel jobs and long real-data grids in the background; a job's file is rewritten after every
+split, so a stopped job keeps what it finished), and the fold of those jobs into notebook 05's own tables. Usage:
 
-    OMP_NUM_THREADS=1 python scripts/run_dpdl.py TASK OUT_PREFIX SEEDS M_VALUES METHODS [EPOCHS] [SETTING]
+    OMP_NUM_THREADS=1 python scripts/run_dpdl.py TASK JOB.csv SEEDS M_VALUES METHODS [EPOCHS] [SETTING]
+    python scripts/run_dpdl.py --tables PROFILE JOB.csv [JOB.csv ...]
+    python scripts/run_dpdl.py --compare OUT.csv JOB.csv [JOB.csv ...]
 
-e.g. ``scripts/run_dpdl.py elpv results/elpv/05_pilot 0 10 dpdl,dra,"w/o DPL"``;
-``scripts/run_dpdl.py --merge OUT.csv A_runs.csv B_runs.csv ...`` concatenates runs files into one table;
-``--compare OUT.csv A_runs.csv ...`` joins runs of different configurations (fine-tuning, size, device).
+A job writes its runs (one row per split and method, the notebook's ``*_runs.csv`` columns plus ``schedule``,
+``image_size``, ``finetune`` and ``device``) to ``JOB.csv``, e.g.
+``scripts/run_dpdl.py headct runs/dpdl/headct_general.csv 0,1,2,3,4 10,1 dpdl,devnet,dra,flos 50``; keep job
+files outside ``results/`` (``runs/`` is not tracked). ``--tables`` folds job files into the tables notebook 05
+writes, under its names, in ``results/<PROFILE>/`` (and its figures in ``figures/<PROFILE>/``; the profile's
+``config.json`` beside them): a job that ran DPDL variants (:data:`VARIANTS`) gives ``05_ablation_runs.csv``,
+``05_ablation.csv`` and ``05_ablation_delta.csv`` (its ``dpdl`` rows are the full model, ``DPDL``); every other
+job gives ``05_general_runs.csv`` / ``05_hard_runs.csv`` by its ``setting``, and with them ``05_general.csv``,
+``05_hard.csv``, ``05_where_dpdl_wins.csv`` and ``05_protocol.csv`` (lib.dpdl.tables, as in the notebook). A
+later job's row replaces an earlier one's with the same task, setting, seen class, M, method and seed. To add
+jobs to the current tables name those first, e.g. ``--tables real_full results/real_full/05_general_runs.csv
+results/real_full/05_hard_runs.csv NEW.csv``; a runs table that would lose runs is not replaced.
+``--compare`` joins runs of different configurations (fine-tuning, size, device) into one table with a
+``config`` column.
 
 Environment: ``TAIL=1 TAIL_LAYER=features.18`` fine-tunes that backbone block on cached ``TAIL_INPUT``
 (default ``features.17``) activations; ``TAIL=1 TAIL_INPUT=input`` fine-tunes the whole network up to the
 deep tap end to end on cached normalised images; ``DEVICE=cuda`` trains and caches on the GPU; ``THREADS``
 sets the CPU threads (1); ``DATA_ROOT`` replaces the profile's data root; ``IMAGE_SIZE`` overrides the
-profile's ``dpdl.image_size``. Method names: any of
-lib.dpdl.baselines.METHODS, or the DPDL variants below. Settings are the profile's (``elpv`` for elpv,
-``real_full`` otherwise; ``PROFILE=real_full`` for the uncapped ELPV) unless given.
+profile's ``dpdl.image_size``; ``OUT_DIR`` puts ``--tables``' results/ and figures/ there instead of the
+repository. Method names: any of lib.dpdl.baselines.METHODS, or the DPDL variants below.
+Settings are the profile's (``elpv`` for elpv, ``real_full`` otherwise; ``PROFILE=real_full`` for the uncapped
+ELPV) unless given.
 """
 
 import os
@@ -28,25 +43,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.common import backbones, data
-from lib.common.utils import read_csv, write_csv
-from lib.dpdl import baselines, features, protocol
+from lib.common.utils import read_csv, save_figure, write_csv
+from lib.dpdl import baselines
+from lib.dpdl import features
 from lib.dpdl import model as dpdl
+from lib.dpdl import protocol
+from lib.dpdl import tables
 from lib.experiments import profiles
+from lib.reporting import figures
 
+#: DPDL variants by their label in notebook 05's ablation tables (its order first, then two more head subsets)
 VARIANTS = {"w/o DPL": dict(use_dpl=False), "w/o DFL": dict(use_dfl=False), "M_r": dict(heads=("r",)),
             "M_n + M_r": dict(heads=("n", "r")), "M_a + M_r": dict(heads=("a", "r")),
-            "literal M_r": dict(residual="bridge"), "bridge DPL": dict(dpl_form="bridge"),
-            "M_a": dict(heads=("a",)), "M_a + M_n": dict(heads=("a", "n"))}
+            "Eq. 22 literal": dict(residual="bridge"), "bridge DPL": dict(dpl_form="bridge"),
+            "M_a + M_n": dict(heads=("a", "n")), "M_a": dict(heads=("a",))}
+#: the keys of one run: a later job's row replaces an earlier one's with the same keys
+RUN_KEYS = ["task", "setting", "seen_class", "n_anomalies", "method", "seed"]
 
 
-def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="general"):
+def main(task_name, out, seeds, m_values, methods, epochs=None, setting="general"):
+    if not out.endswith(".csv"):
+        example = f"runs/dpdl/{task_name.replace('/', '_')}_{setting}.csv"
+        raise SystemExit(f"the job file must be a .csv path (e.g. {example}), got {out!r}")
     torch.set_num_threads(int(os.environ.get("THREADS", 1)))
     cfg = profiles.get_profile(os.environ.get("PROFILE") or ("elpv" if task_name == "elpv" else "real_full"),
                                data_root=os.environ.get("DATA_ROOT"))
     dp = dict(cfg.dpdl, image_size=int(os.environ.get("IMAGE_SIZE", cfg.dpdl["image_size"])))
     seeds = [int(s) for s in seeds.split(",")]
     m_values = [int(m) for m in m_values.split(",")]
-    task = protocol.load_openset_task(task_name, profiles.data_root_for(cfg, task_name), image_size=dp["image_size"])
+    task = protocol.load_openset_task(task_name, profiles.task_root(cfg, task_name), image_size=dp["image_size"])
     task = replace(task, train=tuple(data.subsample(task.train, dp.get("max_train"), 0)),
                    test=tuple(data.subsample(task.test, dp.get("max_test"), 0)))
     splits = protocol.split_plan(task, (setting,), m_values, seeds)
@@ -97,38 +122,112 @@ def main(task_name, prefix, seeds, m_values, methods, epochs=None, setting="gene
         runs = pd.concat(done, ignore_index=True)
         runs["schedule"] = f"{train.epochs}x{train.iterations}x{train.batch_size}"
         runs["image_size"], runs["finetune"], runs["device"] = dp["image_size"], finetune, str(device)
-        write_csv(runs, f"{prefix}_runs.csv")
+        write_csv(runs, out)
         print(f"seed {split.seed}: " + ", ".join(f"{m} {a:.3f}" for m, a in zip(part["method"], part["auroc"])),
               f"({time.time() - start:.0f} s)", flush=True)
-    table = protocol.aggregate_runs(runs, ["task", "setting", "n_anomalies", "method"])
-    write_csv(table, f"{prefix}.csv")
-    print(table.to_string(), f"\n{time.time() - start:.0f} s")
+    table = protocol.aggregate_runs(runs, ["task", "setting", "seen_class", "n_anomalies", "method"])
+    print(table.to_string(), f"\n{out}: {len(runs)} runs, {time.time() - start:.0f} s")
 
 
-def merge(out, *files):
-    """Concatenate per-dataset ``*_runs.csv`` files into ``out`` (one table for the README), a later file's
-    rows replacing an earlier one's with the same task, setting, seen class, M, method and seed; and write
-    ``<out>_dpdl_paired.csv``: DPDL minus each baseline per cell, paired by seed (mean, std, seeds), with
-    the per-seed differences in ``<out>_dpdl_paired_seeds.csv``."""
-    import pandas as pd
+def _ordered(runs: pd.DataFrame, cfg, methods) -> pd.DataFrame:
+    """Rows in the notebook's order: task (the profile's), setting, M (the profile's), seen class, seed, method."""
+    runs = runs.reset_index(drop=True)
 
-    keys = ["task", "setting", "seen_class", "n_anomalies", "method", "seed"]
+    def rank(column, order):
+        known = {v: i for i, v in enumerate(order)}
+        return runs[column].map(lambda v: known.get(v, len(known)))
+
+    keys = pd.DataFrame({"task": rank("task", cfg.dpdl["tasks"]), "setting": rank("setting", protocol.SETTINGS),
+                         "m": rank("n_anomalies", cfg.dpdl["n_anomalies"]), "seen": runs["seen_class"].astype(str),
+                         "seed": runs["seed"], "method": rank("method", methods)})
+    return runs.iloc[keys.sort_values(list(keys.columns), kind="stable").index].reset_index(drop=True)
+
+
+def _schedule(runs: pd.DataFrame) -> str:
+    """``, schedule 50x20x16`` (epochs x iterations x batch) for a figure title, when the runs name theirs."""
+    schedules = sorted(runs["schedule"].dropna().unique()) if "schedule" in runs else []
+    return f", schedule {' / '.join(schedules)}" if schedules else ""
+
+
+def _check_nothing_lost(path: Path, new: pd.DataFrame | None) -> None:
+    """Refuse to replace the runs table at ``path`` by one that lacks some of its runs (a partial list of jobs)."""
+    if not path.is_file():
+        return
+    old = pd.read_csv(path)
+    keys = [k for k in RUN_KEYS if k in old]
+    kept = set(map(tuple, new[keys].astype(str).to_numpy())) if new is not None and len(new) else set()
+    lost = [k for k in map(tuple, old[keys].astype(str).to_numpy()) if k not in kept]
+    if lost:
+        raise SystemExit(f"{path} holds {len(lost)} runs that the jobs do not (e.g. {dict(zip(keys, lost[0]))}): "
+                         f"name it among the jobs to keep them (a later job's row replaces its own)")
+
+
+def _fold(files) -> pd.DataFrame:
     runs = pd.concat([read_csv(f) for f in files], ignore_index=True)  # with their timings
-    runs = runs.drop_duplicates(subset=[k for k in keys if k in runs], keep="last")
-    write_csv(runs, out)
-    print(f"{out}: {len(runs)} runs from {len(files)} files")
-    cell = [k for k in keys[:4] if k in runs]
-    wide = runs.pivot_table(index=cell + ["seed"], columns="method", values="auroc")
-    rows, per_seed = [], []
-    for base in [m for m in wide.columns if m != "dpdl"]:
-        diff = (wide["dpdl"] - wide[base]).dropna()  # paired by seed
-        per_seed.append(diff.rename("dpdl_minus").reset_index().assign(baseline=base))
-        for key, g in diff.groupby(level=cell):
-            rows.append(dict(zip(cell, key), baseline=base, dpdl_minus=g.mean(), std=g.std(ddof=1), seeds=len(g)))
-    paired = Path(out).with_name(Path(out).stem + "_dpdl_paired.csv")
-    write_csv(pd.DataFrame(rows), paired)
-    write_csv(pd.concat(per_seed, ignore_index=True), paired.with_name(paired.stem + "_seeds.csv"))
-    print(f"{paired} (and _seeds): DPDL minus each baseline, paired by seed")
+    return runs.drop_duplicates(subset=RUN_KEYS, keep="last")
+
+
+def write_tables(profile, *files):
+    """Notebook 05's tables of ``profile`` from job files (see the module docstring); prints what it wrote."""
+    if not files:
+        raise SystemExit("--tables PROFILE JOB.csv [JOB.csv ...]: name the job files to fold")
+    where = dict(data_root=os.environ.get("DATA_ROOT"), out_dir=os.environ.get("OUT_DIR"))
+    cfg = profiles.resolve(profile, device="cpu", **where)  # checked first; get_profile below writes config.json
+    jobs = {Path(f): read_csv(f) for f in files}
+    ablation_files = [f for f, runs in jobs.items() if set(runs["method"]) & set(VARIANTS)]
+    runs = _fold([f for f in jobs if f not in ablation_files]) if len(ablation_files) < len(jobs) else None
+    out, figs = Path(cfg.results_dir), Path(cfg.figures_dir)
+    written = []
+
+    def write(df, name):
+        written.append(write_csv(df, out / name))
+
+    methods = list(cfg.dpdl.get("methods", baselines.METHODS))
+    general = hard = ablation = None
+    if runs is not None:
+        general = _ordered(runs[runs.setting == "general"], cfg, methods)
+        hard = _ordered(runs[runs.setting == "hard"], cfg, methods)
+        if not len(general):
+            raise SystemExit("the jobs hold no general-setting runs: the tables of both settings are written together")
+        _check_nothing_lost(out / "05_general_runs.csv", general)
+        _check_nothing_lost(out / "05_hard_runs.csv", hard)
+    if ablation_files:
+        ablation = _fold(ablation_files)
+        ablation["method"] = ablation["method"].replace({"dpdl": tables.ABLATION_BASE})
+        ablation = _ordered(ablation, cfg, [tables.ABLATION_BASE, *VARIANTS])
+        _check_nothing_lost(out / "05_ablation_runs.csv", ablation)
+    profiles.get_profile(profile, device="cpu", **where)  # the folders checked and config.json written beside
+    if general is not None:
+        write(tables.protocol_table(general, hard), "05_protocol.csv")
+        write(general, "05_general_runs.csv")
+        general_table = tables.general_table(general)
+        write(general_table, "05_general.csv")
+        hard_table = None
+        if len(hard):
+            write(hard, "05_hard_runs.csv")
+            hard_table = tables.hard_table(hard)
+            write(hard_table, "05_hard.csv")
+        write(tables.where_dpdl_wins(general_table, hard_table), "05_where_dpdl_wins.csv")
+        for m in sorted(general.n_anomalies.unique(), reverse=True):
+            sub = general[general.n_anomalies == m]
+            fig = figures.auroc_bars(sub, x="task", y="auroc", hue="method", err="sd", ylim=(0.4, 1.0),
+                                     title=f"General setting, M = {m} (mean ± std over {sub.seed.nunique()} seeds"
+                                           f"{_schedule(sub)})")
+            written.append(save_figure(fig, figs / f"05_general_M{m}.png"))
+    if ablation is not None:
+        write(ablation, "05_ablation_runs.csv")
+        table, delta = tables.ablation_tables(ablation)
+        write(table, "05_ablation.csv")
+        write(delta, "05_ablation_delta.csv")
+        title = f"Ablations, general setting, M = {ablation.n_anomalies.max()}{_schedule(ablation)}"
+        fig = figures.auroc_bars(ablation, x="task", y="auroc", hue="method", err="sd", ylim=(0.4, 1.0), title=title)
+        written.append(save_figure(fig, figs / "05_ablation.png"))
+    for path in written:
+        print(path)
+    for name, df in (("general", general), ("hard", hard), ("ablation", ablation)):
+        if df is not None and len(df) and "schedule" in df:
+            seeds = sorted(int(s) for s in df.seed.unique())
+            print(f"{name}: schedule(s) {sorted(df['schedule'].dropna().unique())}, seeds {seeds}")
 
 
 def compare(out, *files):
@@ -146,8 +245,8 @@ def compare(out, *files):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--merge"]:
-        merge(*sys.argv[2:])
+    if sys.argv[1:2] == ["--tables"]:
+        write_tables(*sys.argv[2:])
     elif sys.argv[1:2] == ["--compare"]:
         compare(*sys.argv[2:])
     else:

@@ -1,7 +1,7 @@
 """Run a RoDA grid (lib.experiments.roda_grid.run_grid) from the command line, resumable, for long background runs.
 
     OMP_NUM_THREADS=1 python scripts/run_roda_grid.py --profile real_full --tasks mvtec/screw --seeds 0 \
-        --methods patchcore,roda,roda_robust --out results/real_full/08_roda_runs.csv
+        --methods patchcore,roda,roda_robust --out runs/roda_grid/screw.csv    # a job's own file, outside results/
     python scripts/run_roda_grid.py --curves --tasks mvtec/bottle --methods roda_robust_matched \
         --out results/real_full/08_epoch_curves.csv     # AUROC after every epoch, the stop rule off
     python scripts/run_roda_grid.py --out results/real_full/08_roda_grid.csv --merge A.csv B.csv \

@@ -1,5 +1,5 @@
-"""scripts/run_roda_grid.py --merge: parallel jobs' grid files folded into one table, a later row replacing an
-earlier one of the same cell, timings beside, histories replaced cell by cell."""
+"""scripts/run_roda_grid.py --merge and scripts/run_dpdl.py --tables: parallel jobs' files folded into one table,
+a later row replacing an earlier one of the same cell, timings beside, histories replaced cell by cell."""
 
 import sys
 from pathlib import Path
@@ -51,19 +51,50 @@ def test_merge_history_needs_its_target(tmp_path):
         run_roda_grid.main(["--out", str(tmp_path / "g.csv"), "--merge-history", str(tmp_path / "h.csv")])
 
 
-def test_dpdl_merge_keeps_the_runs_timings(tmp_path):
-    """scripts/run_dpdl.py --merge reads per-dataset runs tables and writes one: the wall-clock times kept
-    beside each (``*_timings.csv``) go with their rows into the merged table's timings."""
+def test_dpdl_tables_fold_jobs_into_the_notebook_tables(tmp_path, monkeypatch):
+    """scripts/run_dpdl.py --tables: jobs folded into notebook 05's own names, a later job's row replacing an
+    earlier one's, the wall-clock times kept beside their rows, a job with DPDL variants giving the ablation
+    tables (its dpdl rows the full model, DPDL), and no other file."""
     import run_dpdl
 
-    from lib.common.utils import write_csv
+    from lib.common.utils import read_csv, write_csv
 
-    files = []
-    for task, seconds in (("a", [1.5, 2.5]), ("b", [3.5, 4.5])):
-        runs = pd.DataFrame([dict(task=task, setting="general", seen_class="x", n_anomalies=10, method=m, seed=0,
-                                  auroc=0.5 + i / 10, seconds=s)
-                             for i, (m, s) in enumerate(zip(("dpdl", "dra"), seconds))])
-        files.append(write_csv(runs, tmp_path / f"{task}_runs.csv"))
-    run_dpdl.merge(tmp_path / "all_runs.csv", *files)
-    times = pd.read_csv(tmp_path / "all_runs_timings.csv")
-    assert times.seconds.tolist() == [1.5, 2.5, 3.5, 4.5]
+    def job(name, rows):
+        split = dict(setting="general", seen_class="all", n_anomalies=10, train_normal=20, train_anomaly=10,
+                     seen_classes="x", test_normal=5, test_anomaly=5, test_classes="x", base_method="dpdl")
+        return write_csv(pd.DataFrame([{**split, **r} for r in rows]), tmp_path / "jobs" / f"{name}.csv")
+
+    first = job("a", [dict(task="a", seed=s, method=m, auroc=0.5, seconds=1.0 + s) for s in (0, 1)
+                      for m in ("dpdl", "dra")])
+    again = job("a_again", [dict(task="a", seed=1, method="dpdl", auroc=0.9, seconds=9.0)])
+    hard = job("a_hard", [dict(task="a", seed=0, method=m, auroc=0.7, seconds=2.0, setting="hard", seen_class="x")
+                          for m in ("dpdl", "dra")])
+    ablation = job("a_ablation", [dict(task="a", seed=s, method=m, auroc=a, seconds=3.0) for s in (0, 1)
+                                  for m, a in (("dpdl", 0.8), ("M_r", 0.6))])
+    monkeypatch.setenv("OUT_DIR", str(tmp_path))
+    run_dpdl.write_tables("smoke", first, again, hard, ablation)
+    out = tmp_path / "results" / "smoke"
+    written = {p.name for p in out.iterdir()}
+    assert written == {"config.json", "05_protocol.csv", "05_general_runs.csv", "05_general_runs_timings.csv",
+                       "05_general.csv", "05_hard_runs.csv", "05_hard_runs_timings.csv", "05_hard.csv",
+                       "05_where_dpdl_wins.csv", "05_ablation_runs.csv", "05_ablation_runs_timings.csv",
+                       "05_ablation.csv", "05_ablation_delta.csv"}
+    general = read_csv(out / "05_general_runs.csv")
+    assert len(general) == 4 and set(general.setting) == {"general"}
+    replaced = general[(general.seed == 1) & (general.method == "dpdl")].iloc[0]
+    assert replaced.auroc == 0.9 and replaced.seconds == 9.0
+    assert general[general.method == "dra"].seconds.tolist() == [1.0, 2.0]
+    assert set(read_csv(out / "05_hard_runs.csv").seen_class) == {"x"}
+    delta = pd.read_csv(out / "05_ablation_delta.csv")
+    assert delta.method.tolist() == ["M_r"] and delta["mean"].iloc[0] == pytest.approx(-0.2)
+    assert set(pd.read_csv(out / "05_ablation_runs.csv").method) == {"DPDL", "M_r"}
+    assert len(pd.read_csv(out / "05_protocol.csv")) == 3  # two general splits, one hard
+    assert {p.name for p in (tmp_path / "figures" / "smoke").iterdir()} == {"05_general_M10.png", "05_ablation.png"}
+    before = (out / "05_general_runs.csv").read_bytes()
+    with pytest.raises(SystemExit, match="05_general_runs.csv holds 3 runs"):  # a new job would drop the others
+        run_dpdl.write_tables("smoke", hard, again)
+    with pytest.raises(SystemExit, match="05_hard_runs.csv holds 2 runs"):
+        run_dpdl.write_tables("smoke", out / "05_general_runs.csv", again)
+    assert (out / "05_general_runs.csv").read_bytes() == before
+    run_dpdl.write_tables("smoke", out / "05_general_runs.csv", out / "05_hard_runs.csv", again)  # adding a job
+    assert (out / "05_general_runs.csv").read_bytes() == before

@@ -136,8 +136,8 @@ def test_real_profile_keeps_the_papers_schedules_on_one_category_and_real_full_t
 
 
 def test_config_json_of_a_clone_elsewhere_is_not_other_settings_but_a_changed_value_is(tmp_path):
-    """The committed config.json holds the absolute folders of the checkout that wrote it; a clone at another
-    path must not be told its settings changed, a changed setting must (profiles.WHERE)."""
+    """A config.json that records other folders (absolute ones, written by a checkout elsewhere) must not be told
+    its settings changed, a changed setting must (profiles.WHERE)."""
     import warnings
 
     cfg = profiles.get_profile("smoke", device="cpu", out_dir=tmp_path)

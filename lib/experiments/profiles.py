@@ -256,19 +256,32 @@ def get_profile(name: str = "default", data_root=None, categories=None, device="
     return cfg
 
 
-#: where a run wrote (absolute paths of the checkout it ran in), not what it computed: a clone elsewhere differs here
+#: where a run wrote, not what it computed: a clone elsewhere may differ here
 WHERE = ("results_dir", "figures_dir", "cache_dir", "generated_root")
+
+
+def recorded_path(path):
+    """``path`` as config.json records it: relative to the repository when it lies inside the checkout or beside it
+    (``results/real``, ``../shared/data``), as given otherwise (a folder named outside)."""
+    if path is None or not Path(path).is_absolute():
+        return None if path is None else Path(path).as_posix()
+    for base, up in ((REPO_ROOT, []), (REPO_ROOT.parent, [".."])):
+        if Path(path).is_relative_to(base):
+            return "/".join(up + list(Path(path).relative_to(base).parts)) or "."
+    return str(path)
 
 
 def save_config(cfg: Profile) -> Path:
     """Write ``cfg`` to ``<results_dir>/config.json`` atomically (sorted keys: the same settings give the same
     bytes). The device is left out: it is where a run ran, not what it computed."""
     path = Path(cfg["results_dir"]) / "config.json"
-    data = {k: v for k, v in cfg.to_dict().items() if k != "device"}
+    folders = (*WHERE, "data_root")  # relative to the repository: the same run gives the same bytes in any clone
+    data = {k: recorded_path(v) if k in folders else v for k, v in cfg.to_dict().items() if k != "device"}
     if path.is_file():
         try:
             old = json.loads(path.read_text())
-        except (OSError, ValueError):
+            old = {k: recorded_path(v) if k in folders else v for k, v in old.items()}
+        except (OSError, ValueError, AttributeError, TypeError):
             old = None
         before = dict(_leaves(old)) if isinstance(old, dict) else {}
         now = dict(_leaves(json.loads(json.dumps(data, default=str))))
