@@ -94,7 +94,7 @@ COMMANDS = {
 }
 NOTEBOOK_COMMAND = "python scripts/run_notebooks.py --profile {profile} --only {notebook}"
 __all__ = ["ALL_CLAIMS", "DPDL_CLAIMS", "RODA_CLAIMS", "Claim", "reference_key", "slug", "fidelity_table",
-           "load_reference", "load_results", "summary", "verdict", "effect_interval", "holm"]
+           "load_reference", "load_results", "summary", "verdict", "effect_interval", "holm", "profile_context"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -298,8 +298,9 @@ def _answer(claim: Claim, results: dict, stage: str, context: dict):
         b = a if claim.b is None else side_cells(df, claim.b, claim.metric)[0]
         if a.empty or b.empty:
             nan_metric = claim.metric in df.columns and len(df) and df[claim.metric].isna().all()
+            staged = f" at the {stage} stage" if claim.paper == "roda" else ""
             tried.append(f"no {claim.metric} in {stem}.csv (no masks for this data)" if nan_metric
-                         else f"no rows of {stem}.csv match")
+                         else f"no rows of {stem}.csv match{staged}")
             if nan_metric:
                 return None, stem, tried
             continue
@@ -404,7 +405,7 @@ def evaluate_claim(claim: Claim, reference: pd.DataFrame, results: dict, context
 # The table
 # ----------------------------------------------------------------------------------------------------
 
-TABLE_COLUMNS = ("claim_id", "paper", "claim", "paper_source", "stage", "file", "filter", "metric", "tasks",
+TABLE_COLUMNS = ("claim_id", "paper", "claim", "kind", "paper_source", "stage", "file", "filter", "metric", "tasks",
                  "n_categories", "n_cells", "paper_value", "paper_a", "paper_b", "paper_effect", "ours_a", "ours_b",
                  "ours_effect", "ours_se", "ci_low", "ci_high", "p_value", "p_holm", "verdict", "counted", "caveat",
                  "why", "data")
@@ -459,7 +460,16 @@ def fidelity_table(claims, reference_df: pd.DataFrame, ours, context: dict | Non
             if not row["paper_value"] and not pd.isna(row["paper_effect"]):
                 table.at[i, "paper_value"] = _paper_text(row)
             table.at[i, "why"] = _why({**row, "p_holm": table.at[i, "p_holm"]}, row["why"])
+    table["counted"] = table["counted"].astype(bool)
     return table[list(TABLE_COLUMNS)]
+
+
+def profile_context(cfg, dpdl_tasks=None) -> dict:
+    """The ``context`` of :func:`fidelity_table` for a resolved profile (``lib.experiments.profiles``):
+    backbone, profile name, tasks, DPDL tasks (``dpdl_tasks`` where the run named its own) and schedule."""
+    dp = cfg.dpdl
+    return dict(backbone=cfg.backbone, profile=cfg.name, tasks=list(cfg.tasks),
+                dpdl_tasks=list(dpdl_tasks or dp["tasks"]), dpdl_schedule=f"{dp['epochs']}x{dp['iterations']}")
 
 
 def _paper_text(row: dict) -> str:
