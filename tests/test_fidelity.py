@@ -281,6 +281,18 @@ def test_the_stage_is_read_never_pooled(ref):
     assert row.file == "03_roda" and row.ours_effect == pytest.approx(8.0, abs=0.5)
 
 
+def test_a_mean_over_corruptions_needs_every_corruption_in_the_cell(ref):
+    grid = _grid(lambda c: 20.0 if c == "contrast" else 0.0)
+    full = _by_id(fid.fidelity_table(fid.RODA_CLAIMS, ref, {"08_roda_grid": grid}, n_boot=1000))
+    assert full[("t1_roda_vs_patchcore_mean", True)].ours_effect == pytest.approx(5.0, abs=0.3)
+    # seed 2 of one task lacks contrast: that cell leaves the mean claims, not the others
+    part = grid[~((grid.task == "ksdd") & (grid.seed == 2) & (grid.condition == "contrast"))]
+    rows = _by_id(fid.fidelity_table(fid.RODA_CLAIMS, ref, {"08_roda_grid": part}, n_boot=1000))
+    assert rows[("t1_roda_vs_patchcore_mean", True)].n_cells == 11
+    assert rows[("t1_roda_vs_patchcore_mean", True)].ours_effect == pytest.approx(5.0, abs=0.3)
+    assert rows[("t1_roda_vs_patchcore_gaussian_noise", True)].n_cells == 12
+
+
 def test_pixel_auroc_without_masks_is_not_comparable(ref):
     grid = _grid(lambda c: 5.0, pixel=False)
     row = _by_id(fid.fidelity_table(fid.RODA_CLAIMS, ref, {"08_roda_grid": grid}))[
@@ -292,7 +304,8 @@ def test_missing_results_folder_gives_not_run_with_a_command(ref, tmp_path):
     table = fid.fidelity_table(fid.ALL_CLAIMS, ref, tmp_path, dict(profile="elpv"))
     assert len(table) > 0 and set(table["verdict"]) == {"not run"}
     assert table["why"].str.contains("produce it with: ").all()
-    assert table["why"].str.contains("run_notebooks.py --profile elpv --only 04").any()
+    assert table["why"].str.contains("run_notebooks.py --profile elpv --only 04 --set corruption.stage=native").any()
+    assert table["why"].str.contains("run_notebooks.py --profile elpv --only 05$").any()
 
 
 def _dpdl(schedule=None, methods=(("dpdl", 0.90), ("devnet", 0.80), ("dra", 0.895), ("flos", 0.95)),

@@ -78,6 +78,7 @@ RESULT_FILES = ("01_shortcut", "02_patchcore", "03_roda", "04_table4", "04_table
 PERCENT_METRICS = {"image_auroc", "pixel_auroc", "auc_pr", "auroc", "share_assigned"}
 IMAGE_METRICS = {"image_auroc", "auroc"}  # image-level AUROC: the grey-level shortcut applies
 TASK_COLUMNS = ("task", "dataset")
+COMPLETE_COLUMNS = ("condition",)  # a list of these in a filter is a mean over all of them, per cell
 BACKBONE_IDS = {"WRN-50": "wide_resnet50_2", "ResNet-18": "resnet18"}
 PAPER_STAGE = "native"  # the paper's protocol: corrupt at native resolution, then resize
 MISSING_STAGE = "working"  # a table without a ``stage`` column was measured after the resize
@@ -183,7 +184,9 @@ def side_cells(df: pd.DataFrame, selector, metric: str) -> tuple[pd.Series, dict
     """One side of a claim per (task, seed) cell, in points, and the values "max"/"min" resolved to.
 
     A term is the mean of its rows in the cell ("max"/"min" resolved per task); terms are summed with their
-    coefficients on the cells they share. Rows with NaN in ``metric`` are dropped (pixel AUROC without masks)."""
+    coefficients on the cells they share. Rows with NaN in ``metric`` are dropped (pixel AUROC without masks).
+    A mean over a list of :data:`COMPLETE_COLUMNS` values (the four corruptions) keeps only the cells that hold
+    every value: a mean over the corruptions run so far is not the paper's mean."""
     if metric not in df.columns:
         return pd.Series(dtype=float), {}
     tcol = task_column(df)
@@ -198,6 +201,8 @@ def side_cells(df: pd.DataFrame, selector, metric: str) -> tuple[pd.Series, dict
             for k, v in res.items():
                 resolved.setdefault(k, set()).add(v)
             sub = sub.dropna(subset=["_v"])
+            for col in (c for c in COMPLETE_COLUMNS if isinstance(where.get(c), (list, tuple))):
+                sub = sub.groupby("_seed").filter(lambda cell, c=col, want=set(where[col]): want <= set(cell[c]))
             if not sub.empty:
                 parts.append(coef * sub.groupby(["_task", "_seed"])["_v"].mean())
         if not parts:
@@ -269,7 +274,9 @@ def produce_command(claim: Claim, context: dict, stage: str) -> str:
     stem = claim.files[0]
     fill = dict(profile=context.get("profile", "<profile>"), stage=stage, methods=_methods(claim),
                 tasks=",".join(context.get("tasks") or ()) or "<tasks>", notebook=stem[:2])
-    return (COMMANDS.get(stem) or NOTEBOOK_COMMAND).format(**fill)
+    if stem in COMMANDS:
+        return COMMANDS[stem].format(**fill)
+    return NOTEBOOK_COMMAND.format(**fill) + (f" --set corruption.stage={stage}" if claim.paper == "roda" else "")
 
 
 def _answer(claim: Claim, results: dict, stage: str, context: dict):
