@@ -87,11 +87,13 @@ SHORTCUT_MAX = 0.9
 PAPER_SCHEDULE = "50x20"  # DPDL: 50 epochs x 20 iterations
 VERDICTS = ("reproduced in size", "reproduced", "contradicted", "not reproduced", "inconclusive", "not testable",
             "not comparable", "not run")
-#: the command that writes each table (``{profile}``, ``{stage}``, ``{tasks}``, ``{methods}`` filled in)
+#: the command that writes each table (``{profile}``, ``{stage}``, ``{tasks}``, ``{methods}`` filled in); the grid
+#: job writes its own file, folded into the grid table after it (scripts/run_roda_grid.py --merge)
 COMMANDS = {
     "08_roda_grid": "OMP_NUM_THREADS=2 python scripts/run_roda_grid.py --profile {profile} --stage {stage} "
-                    "--tasks {tasks} --seeds 0,1,2 --methods {methods} --threads 2 "
-                    "--out results/{profile}/08_roda_grid.csv",
+                    "--tasks {tasks} --seeds 0,1,2 --methods {methods} --threads 2 --out runs/roda_{stage}.csv && "
+                    "python scripts/run_roda_grid.py --out results/{profile}/08_roda_grid.csv "
+                    "--merge runs/roda_{stage}.csv",
 }
 NOTEBOOK_COMMAND = "python scripts/run_notebooks.py --profile {profile} --only {notebook}"
 __all__ = ["ALL_CLAIMS", "DPDL_CLAIMS", "RODA_CLAIMS", "Claim", "reference_key", "slug", "fidelity_table",
