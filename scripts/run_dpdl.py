@@ -44,11 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.common import backbones, data
 from lib.common.utils import read_csv, save_figure, write_csv
-from lib.dpdl import baselines
-from lib.dpdl import features
+from lib.dpdl import baselines, features, protocol, tables
 from lib.dpdl import model as dpdl
-from lib.dpdl import protocol
-from lib.dpdl import tables
 from lib.experiments import profiles
 from lib.reporting import figures
 

@@ -5,6 +5,13 @@ and selectors, over which corruptions); :func:`expand` turns a row into :class:`
 claims come from the product of the tables below (settings x M x baselines, datasets of the registry, the
 ablation heads). Adding a claim is adding a row. Keys of ``references/paper_numbers.csv`` are built with
 :func:`reference_key`; tests check that every key exists.
+
+Each claim names the table it reads (``file``: a stem of ``results/<profile>/``, or several in order of
+preference, the first that holds matching rows answering), the filter of its two sides (``a`` / ``b``) and the
+metric. RoDA's Table 1 and 3 claims read the RoDA grid (``08_roda_grid``, written by
+``scripts/run_roda_grid.py``) at the paper's severity :data:`PAPER_SEVERITY`, over every category and seed it
+holds; where a profile has no grid, notebook 08's and notebook 03's tables of the same layout answer. The
+corruption stage is chosen by :func:`lib.reporting.fidelity.fidelity_table`, not by the claim.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from lib.common.registry import MVTEC_CATEGORIES, PAPER_CORRUPTIONS, TASKS
 
 MVTEC_TASKS = tuple(f"mvtec/{c}" for c in MVTEC_CATEGORIES)
 CORRUPTIONS = PAPER_CORRUPTIONS
+PAPER_SEVERITY = 5  # RoDA's Table 1 and 3: severity 5 of every corruption
+RODA_GRID = ("08_roda_grid", "08_roda_runs", "03_roda")  # the grid; notebook 08's and 03's tables where absent
 
 Selector = Any  # a where-dict {column: value | list (any of) | "max"/"min" (the extreme present) | callable},
 # or a tuple of (coefficient, where-dict) terms that are summed per seed
@@ -37,10 +46,11 @@ def reference_key(paper, table, dataset, setting, method, metric, category=None)
 class Claim:
     """One checkable statement of a paper.
 
-    ``paper_a`` / ``paper_b``: reference keys (averaged when several). ``file``: our result table (stem).
-    ``a`` / ``b``: which of our rows give A and B (a :data:`Selector`). ``expect``: +1 "A above B", -1 "A below
-    B"; None takes the sign of the paper's numbers. ``tasks``: our tasks the claim applies to (None: every
-    task of the file). ``pool_tasks``: average our tasks into one number (the paper's class mean).
+    ``paper_a`` / ``paper_b``: reference keys (averaged when several). ``file``: our result table (stem), or
+    several in order of preference (:attr:`files`). ``a`` / ``b``: which of our rows give A and B (a
+    :data:`Selector`). ``expect``: +1 "A above B", -1 "A below B"; None takes the sign of the paper's numbers.
+    ``tasks``: our tasks the claim applies to (None: every task of the file). Our effect is always the mean over
+    the categories (tasks) of the mean over their seeds, the paper's class mean (:mod:`lib.reporting.fidelity`).
     """
 
     id: str
@@ -49,7 +59,7 @@ class Claim:
     kind: str
     paper_a: tuple = ()
     paper_b: tuple = ()
-    file: str = "03_roda"
+    file: str | tuple = RODA_GRID
     a: Selector = field(default_factory=dict)
     b: Selector = None
     metric: str = "image_auroc"
@@ -58,7 +68,6 @@ class Claim:
     expect: int | None = None
     scale: float = 1.0
     tasks: tuple | None = None
-    pool_tasks: bool = False
     paper_backbone: str = "WRN-50"
     paper_data: str = "MVTec AD, mean over 15 classes"
     data_tasks: tuple | None = None  # our tasks that make up the paper's data (absolute claims)
@@ -72,6 +81,11 @@ class Claim:
         if self.kind != "absolute" and self.b is None:
             raise ValueError(f"claim {self.id}: a {self.kind} claim needs b")
 
+    @property
+    def files(self) -> tuple:
+        """The tables that may answer the claim, in order of preference."""
+        return (self.file,) if isinstance(self.file, str) else tuple(self.file)
+
 
 # ----------------------------------------------------------------------------------------------------
 # RoDA
@@ -82,18 +96,18 @@ class Claim:
 #: (the mean over the corruptions, paper: the per-corruption rows), "mean-row" (paper: its "mean" row), or a
 #: paper setting (no condition). ``options``: Claim fields (metric, expect, scale, labels, ...) and ``where``
 #: (extra selectors of our rows for both sides).
-SEV5 = dict(where=dict(severity="max"))  # 03_roda: the highest severity run (the paper's 5)
+SEV5 = dict(where=dict(severity=PAPER_SEVERITY))
 RODA_PAIRS = (
-    ("t1_roda_vs_patchcore", "gap", "RoDA beats PatchCore", "Table 1", "RoDA", "PatchCore", "03_roda", "method",
+    ("t1_roda_vs_patchcore", "gap", "RoDA beats PatchCore", "Table 1", "RoDA", "PatchCore", RODA_GRID, "method",
      "roda", "patchcore", ("each", "mean-row"), SEV5),
-    ("t1_roda_vs_tttpp", "order", "RoDA beats TTT++", "Table 1", "RoDA", "TTT++", "03_roda", "method", "roda",
+    ("t1_roda_vs_tttpp", "order", "RoDA beats TTT++", "Table 1", "RoDA", "TTT++", RODA_GRID, "method", "roda",
      "ttt++", ("each",), SEV5),
-    ("t1_ttac_vs_patchcore", "order", "TTAC underperforms PatchCore", "Table 1", "TTAC", "PatchCore", "03_roda",
+    ("t1_ttac_vs_patchcore", "order", "TTAC underperforms PatchCore", "Table 1", "TTAC", "PatchCore", RODA_GRID,
      "method", "ttac", "patchcore", ("each",), SEV5),
-    ("t1_tttpp_vs_patchcore_mean", "order", "TTT++ improves on PatchCore", "Table 1", "TTT++", "PatchCore", "03_roda",
+    ("t1_tttpp_vs_patchcore_mean", "order", "TTT++ improves on PatchCore", "Table 1", "TTT++", "PatchCore", RODA_GRID,
      "method", "ttt++", "patchcore", ("mean-row",), SEV5),
     ("t3_roda_vs_patchcore_pixel", "gap", "RoDA beats PatchCore in pixel AUROC", "Table 3", "RoDA", "PatchCore",
-     "03_roda", "method", "roda", "patchcore", ("each",), dict(metric="pixel_auroc", **SEV5)),
+     RODA_GRID, "method", "roda", "patchcore", ("each",), dict(metric="pixel_auroc", **SEV5)),
     ("t4_discrete_vs_continuous", "order", "discrete beats continuous OT", "Table 4", "OT + discrete",
      "OT + continuous", "04_table4", "row", "ot_discrete", "ot_continuous", ("each",),
      dict(label_a="discrete", label_b="continuous")),
@@ -177,11 +191,11 @@ def _roda_claims() -> list[Claim]:
             ("abs_patchcore_clean", "PatchCore clean image AUROC 98.81", "clean", "PatchCore", "02_patchcore",
              dict(condition="clean")),
             ("abs_patchcore_gaussian_noise", "PatchCore image AUROC under Gaussian noise 80.23", "gaussian_noise",
-             "PatchCore", "02_patchcore", dict(condition="gaussian_noise", severity="max")),
-            ("abs_roda_mean", "RoDA mean image AUROC over the four corruptions 91.34", "mean", "RoDA", "03_roda",
-             dict(method="roda", condition=list(CORRUPTIONS), severity="max"))):
+             "PatchCore", "02_patchcore", dict(condition="gaussian_noise", severity=PAPER_SEVERITY)),
+            ("abs_roda_mean", "RoDA mean image AUROC over the four corruptions 91.34", "mean", "RoDA", RODA_GRID,
+             dict(method="roda", condition=list(CORRUPTIONS), severity=PAPER_SEVERITY))):
         claims.append(Claim(cid, "roda", f"{text} (Table 1)", "absolute", (_rk("Table 1", setting, method),), (),
-                            file, where, pool_tasks=True, data_tasks=MVTEC_TASKS))
+                            file, where, data_tasks=MVTEC_TASKS))
     return claims
 
 
@@ -191,8 +205,9 @@ DPDL_DATASETS = {name: spec.paper for name, spec in TASKS.items() if spec.paper 
 DPDL_TASK_ALIASES = {"ksdd_thirds": ("ksdd_thirds", "ksdd")}
 DPDL_BASELINES = {"devnet": "DevNet", "dra": "DRA", "flos": "FLOS"}
 DPDL_FILES = {"general": "05_general_runs", "hard": "05_hard_runs"}  # columns: task, setting, seen_class,
-# n_anomalies, seed, method (dpdl/devnet/dra/flos), auroc, test_normal, test_anomaly
+# n_anomalies, seed, method (dpdl/devnet/dra/flos), auroc, test_normal, test_anomaly[, schedule "50x20x16"]
 ABLATION_FILE = "05_ablation_runs"  # method: DPDL, w/o DPL, w/o DFL, M_r, M_n + M_r, M_a + M_r (general, largest M)
+FULL_DPDL = ("DPDL", "dpdl")  # the full model in the ablation table: notebook 05 writes DPDL, run_dpdl.py dpdl
 _T1 = ("MVTec", "Optical", "SDD", "AITEX", "ELPV", "Mastcam", "Hyper-Kvasir", "BrainMRI", "HeadCT")
 _T2 = (("MVTec", "carpet"), ("MVTec", "metal_nut"), ("AITEX", None), ("ELPV", None), ("Mastcam", None),
        ("Hyper-Kvasir", None))
@@ -240,7 +255,7 @@ def _dpdl_claims() -> list[Claim]:
                                 **ours))
     heads = ("AITEX", "ELPV", "Mastcam")  # the paper's Table 3 mean
     for variant, row in DPDL_ABLATIONS:
-        full, other = dict(method="DPDL", n_anomalies="max"), dict(method=variant, n_anomalies="max")
+        full, other = dict(method=list(FULL_DPDL), n_anomalies="max"), dict(method=variant, n_anomalies="max")
         if row is None:
             claims.append(Claim(f"fig2_full_vs_{slug(variant)}", "dpdl", f"DPDL beats DPDL {variant} (Fig. 2)", "order",
                                 (), (), ABLATION_FILE, full, other, label_a="DPDL", label_b=variant, expect=1,

@@ -1,63 +1,103 @@
-"""Paper vs. ours: the claims of RoDA and DPDL, our numbers for each, and a verdict from a statistical test.
+"""Paper vs. ours: for each claim of RoDA and DPDL, our effect with a confidence interval beside the paper's, and a
+verdict corrected for the number of claims.
 
-The claims are data (:mod:`lib.reporting.claims`: one row per comparison, expanded into :class:`Claim` objects);
-:func:`fidelity_table` runs one loop over them. A claim names the paper rows it rests on (keys of
-``references/paper_numbers.csv``) and how to compute the same quantity from ``results/<profile>/*.csv``.
+The claims are data (:mod:`lib.reporting.claims`); :func:`fidelity_table` runs one loop over them. A claim names
+the paper rows it rests on (keys of ``references/paper_numbers.csv``) and the table, filter and metric of ours
+(columns ``file``, ``filter`` and ``metric`` of the fidelity table).
 
-Kinds: ``"order"`` / ``"gap"`` (A above or below B; the paper's sign decides, ``gap`` also reports the share
-of the paper's margin we recover), ``"ratio"`` (A >= scale x B, Table 5's "20% reaches 98% of 100%") and
-``"absolute"`` (a value, only comparable with the paper's backbone on the paper's data).
+**The unit of replication is the category x seed cell.** Each cell (task c, seed s) that both sides of a pairwise
+claim ran gives one paired difference d_cs = A_cs - scale * B_cs (the rows of a cell are averaged first: the
+corruptions of a "mean over corruptions" claim, the seen classes of DPDL's hard setting). Images are not the unit:
+every seed of a category is scored on the same test split, and a claim says that one method is better across
+categories and runs. Our effect is the paper's class mean, in AUROC points (our AUROCs are fractions, the
+paper's percents)::
 
-The test (:func:`difference_test`). The result tables hold one AUROC per (task, method, condition, seed). The
-test uses the paired per-seed differences d_s = A_s - scale * B_s (s = 1..n seeds) and the sampling error of
-the test split, which does not shrink with more seeds because every seed is scored on the same images::
+    theta = 1/C sum_c dbar_c,    dbar_c = 1/n_c sum_s d_cs
 
-    se^2 = var_s(d) / n  +  se_split(A)^2 + scale^2 se_split(B)^2
+**Interval: a two-stage bootstrap** (:mod:`lib.reporting.effects`). ``N_BOOTSTRAP`` resamples, seeded with
+``BOOTSTRAP_SEED``: draw C categories with replacement, then within each drawn category its n_c cells with
+replacement, and take theta of the resample; with one category only the seeds are resampled. The bootstrap's
+standard deviation times sqrt(k / (k - 1)) (undoing the plug-in shrinkage) is the standard error ``se``, with k
+the number of independent units at the top level: the categories where there are two or more, else the seeds.
+The 1 - alpha interval is theta +- t_{k-1, 1-alpha/2} se and the p value of theta = 0 is two-sided from the same
+t. Percentile intervals of a bootstrap over 2-5 units are far too narrow (over two units they span just the two
+values); the t quantile on k - 1 degrees of freedom keeps a tiny sample from deciding anything. One cell (k < 2),
+or no variation at all (both methods equal in every cell, e.g. both at 100): **not testable**.
 
-``se_split`` of an AUROC is Hanley & McNeil's (1982) standard error from the split's normal / anomalous
-counts (columns ``test_normal`` / ``test_anomaly`` of the DPDL runs; the ``target eval`` row of
-``01_target_split.csv`` for the RoDA tables); of a share (Fig. 5a) the binomial sqrt(p(1-p)/n). Treating A
-and B as independent ignores their positive correlation on the same images, so the test is conservative.
-Rows averaged on the same images (the mean over corruptions) take the mean of their errors (the perfectly
-correlated bound); tasks pooled into the paper's class mean are independent. The reference is the normal
-distribution when ``se_split`` is known, else Student's t with n - 1 degrees of freedom; two-sided, level
-``alpha`` (0.05). Pixel AUROC has no split error (pixels of one image are not independent): seeds only.
-Where a runner also wrote per-image scores (``<stem>_scores.csv``), the split error of a pairwise AUROC claim
-is DeLong's paired one instead (:func:`delong_se`), which keeps the correlation of A and B on the same images.
+**Holm correction**: the p values of all tested pairwise claims of one paper, counted or not, are adjusted
+together by Holm's step-down; the verdicts use the adjusted p.
 
-Verdicts: **reproduced** when the difference is significant in the paper's direction; **not reproduced**
-when it is significant the other way; **not significant** otherwise, or when there is no error estimate
-(one seed and no split size). Absolute claims: **reproduced** when the paper's value lies inside our
-1 - alpha interval, **not reproduced** when it lies outside. **not comparable**: an absolute number with
-another backbone or on other data, or a metric our data cannot give; **not run**: the result is missing.
-Our AUROCs are fractions, the paper's percents: everything here is in percent points.
+**Verdicts** (level ``alpha`` 0.05, interval at 1 - alpha), from :func:`lib.reporting.effects.verdict`:
+
+- **reproduced in size**: significant after Holm in the paper's direction, and the paper's effect lies inside
+  our interval;
+- **reproduced**: significant after Holm in the paper's direction, the paper's effect outside our interval (or
+  the paper gives a direction only, as for claims read off a figure);
+- **contradicted**: significant after Holm in the other direction;
+- **not reproduced**: not significant after Holm, and all of our interval falls short of the paper's effect: our
+  data rule out an effect of the paper's size without ruling out zero (absolute numbers: the paper's value lies
+  outside the interval of ours);
+- **inconclusive**: not significant after Holm, and the interval covers the paper's effect or lies beyond it (or
+  the paper gives no size);
+- **not testable**: no replication (one cell) or no variation;
+- **not comparable**: an absolute number measured with another backbone or on other data (the reason says
+  which), or a metric our data cannot give (pixel AUROC without masks);
+- **not run**: no table, or no rows of the stage, answers the claim; ``why`` names the command that produces it.
+
+**What counts** (column ``counted``; ``caveat`` says why not): image-AUROC claims on a category whose grey-level
+shortcut AUROC exceeds ``SHORTCUT_MAX`` (notebook 01's ``01_shortcut.csv``: an image's mean grey level, or its
+contrast, alone as the anomaly score, in either direction) are split off into a second row holding only those
+categories, reported but not counted (MVTec screw); DPDL claims measured at another schedule than the paper's
+50 x 20 (column ``schedule`` of the runs, else ``context["dpdl_schedule"]``) are reported but not counted.
+:func:`summary` counts the counted rows.
+
+**Corruption stage.** RoDA's tables carry a ``stage`` column (``native``: corrupted at the image's native
+resolution before the resize, the paper's protocol; ``working``: after it); a table without the column was
+measured at the working stage. ``fidelity_table(stage=)`` reads only that stage's rows (clean rows serve every
+stage); the paper's protocol is ``PAPER_STAGE``. The two stages are never pooled.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from lib.common.utils import REPO_ROOT
 from lib.reporting.claims import ALL_CLAIMS, DPDL_CLAIMS, RODA_CLAIMS, Claim, reference_key, slug
+from lib.reporting.effects import ALPHA, BOOTSTRAP_SEED, N_BOOTSTRAP, category_mean, effect_interval, holm, verdict
 
 REFERENCE_CSV = REPO_ROOT / "references" / "paper_numbers.csv"
 REFERENCE_COLUMNS = ("key", "paper", "source", "table", "dataset", "category", "setting", "method", "metric",
                      "value", "std", "printed", "backbone", "note")
-RESULT_FILES = ("01_target_split", "02_patchcore", "03_roda", "04_table4", "04_table5", "04_fig5a", "04_fig5b",
-                "05_general_runs", "05_hard_runs", "05_ablation_runs")
+RESULT_FILES = ("01_shortcut", "02_patchcore", "03_roda", "04_table4", "04_table5", "04_fig5a", "04_fig5b",
+                "05_general_runs", "05_hard_runs", "05_ablation_runs", "08_roda_grid", "08_roda_runs")
 PERCENT_METRICS = {"image_auroc", "pixel_auroc", "auc_pr", "auroc", "share_assigned"}
-AUROC_METRICS = {"image_auroc", "auroc"}  # metrics with a split error from the image counts
+IMAGE_METRICS = {"image_auroc", "auroc"}  # image-level AUROC: the grey-level shortcut applies
 TASK_COLUMNS = ("task", "dataset")
+COMPLETE_COLUMNS = ("condition",)  # a list of these in a filter is a mean over all of them, per cell
 BACKBONE_IDS = {"WRN-50": "wide_resnet50_2", "ResNet-18": "resnet18"}
-ALPHA = 0.05
-SCORES = "_scores"  # <stem>_scores.csv: the table's columns (one row per image) + image, label, score
+PAPER_STAGE = "native"  # the paper's protocol: corrupt at native resolution, then resize
+MISSING_STAGE = "working"  # a table without a ``stage`` column was measured after the resize
+SHORTCUT_COLUMNS = ("mean_grey_auroc", "contrast_auroc")  # 01_shortcut.csv
+SHORTCUT_MAX = 0.9
+PAPER_SCHEDULE = "50x20"  # DPDL: 50 epochs x 20 iterations
+VERDICTS = ("reproduced in size", "reproduced", "contradicted", "not reproduced", "inconclusive", "not testable",
+            "not comparable", "not run")
+#: the command that writes each table (``{profile}``, ``{stage}``, ``{tasks}``, ``{methods}`` filled in); the grid
+#: job writes its own file, folded into the grid table after it (scripts/run_roda_grid.py --merge)
+COMMANDS = {
+    "08_roda_grid": "OMP_NUM_THREADS=2 python scripts/run_roda_grid.py --profile {profile} --stage {stage} "
+                    "--tasks {tasks} --seeds 0,1,2 --methods {methods} --threads 2 --out runs/roda_{stage}.csv && "
+                    "python scripts/run_roda_grid.py --out results/{profile}/08_roda_grid.csv "
+                    "--merge runs/roda_{stage}.csv",
+}
+NOTEBOOK_COMMAND = "python scripts/run_notebooks.py --profile {profile} --only {notebook}"
 __all__ = ["ALL_CLAIMS", "DPDL_CLAIMS", "RODA_CLAIMS", "Claim", "reference_key", "slug", "fidelity_table",
-           "load_reference", "load_results", "summary", "verdict", "difference_test", "auroc_se"]
+           "load_reference", "load_results", "summary", "verdict", "effect_interval", "holm", "profile_context"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,13 +115,10 @@ def load_reference(path=None) -> pd.DataFrame:
 
 
 def load_results(results_dir) -> dict:
-    """Our result tables in ``results_dir``: stem -> DataFrame, or None where the file is missing; also the
-    per-image score tables ``<stem>_scores`` where a runner wrote them (see :func:`delong_se`)."""
+    """Our result tables in ``results_dir``: stem -> DataFrame, or None where the file is missing."""
     results_dir = Path(results_dir)
-    stems = [*RESULT_FILES, *(f"{stem}{SCORES}" for stem in RESULT_FILES)]
-    found = {stem: (pd.read_csv(results_dir / f"{stem}.csv") if (results_dir / f"{stem}.csv").exists() else None)
-             for stem in stems}
-    return {k: v for k, v in found.items() if v is not None or not k.endswith(SCORES)}
+    return {stem: (pd.read_csv(results_dir / f"{stem}.csv") if (results_dir / f"{stem}.csv").exists() else None)
+            for stem in RESULT_FILES}
 
 
 def paper_value(reference: pd.DataFrame, keys) -> float | None:
@@ -95,8 +132,20 @@ def paper_value(reference: pd.DataFrame, keys) -> float | None:
     return float(indexed.loc[list(keys)].astype(float).mean())
 
 
+def shortcut_aurocs(results: dict) -> dict:
+    """task -> the strongest grey-level shortcut AUROC of ``01_shortcut.csv`` (either direction: max(a, 1 - a))."""
+    df = results.get("01_shortcut")
+    if df is None or "task" not in df.columns:
+        return {}
+    cols = [c for c in SHORTCUT_COLUMNS if c in df.columns]
+    if not cols:
+        return {}
+    values = df[cols].astype(float)
+    return dict(zip(df["task"].astype(str), np.fmax(values, 1.0 - values).max(axis=1)))
+
+
 # ----------------------------------------------------------------------------------------------------
-# Our side: per-seed values and the split's sampling error
+# Our side: one value per category x seed cell
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -133,212 +182,41 @@ def _to_percent(values: pd.Series, metric: str) -> pd.Series:
     return values
 
 
-def auroc_se(auc, n_pos, n_neg):
-    """Hanley & McNeil (1982) standard error of an AUROC ``auc`` in [0, 1] on ``n_pos`` / ``n_neg`` images:
-    se^2 = [A(1-A) + (n_pos-1)(Q1-A^2) + (n_neg-1)(Q2-A^2)] / (n_pos n_neg), Q1 = A/(2-A), Q2 = 2A^2/(1+A)."""
-    a = np.asarray(auc, float)
-    n1, n0 = np.asarray(n_pos, float), np.asarray(n_neg, float)
-    q1, q2 = a / (2 - a), 2 * a ** 2 / (1 + a)
-    var = (a * (1 - a) + (n1 - 1) * (q1 - a ** 2) + (n0 - 1) * (q2 - a ** 2)) / (n1 * n0)
-    return np.sqrt(np.clip(var, 0.0, None))
+def side_cells(df: pd.DataFrame, selector, metric: str) -> tuple[pd.Series, dict]:
+    """One side of a claim per (task, seed) cell, in points, and the values "max"/"min" resolved to.
 
-
-def split_se(df: pd.DataFrame, metric: str, split_sizes: dict | None = None) -> pd.Series:
-    """Per-row sampling error of ``metric`` (percent points) from the test split; NaN where unknown.
-
-    AUROC: :func:`auroc_se` with the row's ``test_anomaly`` / ``test_normal``, else ``split_sizes[task] =
-    (normal, anomalous)``. ``share_assigned``: binomial over ``n_anomalous_patches``. Anything else: NaN."""
-    nan = pd.Series(np.nan, index=df.index)
+    A term is the mean of its rows in the cell ("max"/"min" resolved per task); terms are summed with their
+    coefficients on the cells they share. Rows with NaN in ``metric`` are dropped (pixel AUROC without masks).
+    A mean over a list of :data:`COMPLETE_COLUMNS` values (the four corruptions) keeps only the cells that hold
+    every value: a mean over the corruptions run so far is not the paper's mean."""
     if metric not in df.columns:
-        return nan
-    value = df[metric].astype(float)
-    frac = value / 100.0 if value.abs().max() > 1.0 + 1e-9 else value
-    if metric == "share_assigned" and "n_anomalous_patches" in df.columns:
-        return pd.Series(100 * np.sqrt(frac * (1 - frac) / df["n_anomalous_patches"].astype(float)), index=df.index)
-    if metric not in AUROC_METRICS:
-        return nan
-    if {"test_normal", "test_anomaly"} <= set(df.columns):
-        n_neg, n_pos = df["test_normal"].astype(float), df["test_anomaly"].astype(float)
-    else:
-        tcol = task_column(df)
-        if not split_sizes or tcol is None:
-            return nan
-        sizes = df[tcol].map(lambda t: split_sizes.get(str(t), (np.nan, np.nan)))
-        n_neg, n_pos = sizes.map(lambda s: s[0]).astype(float), sizes.map(lambda s: s[1]).astype(float)
-    return pd.Series(100 * auroc_se(frac, n_pos, n_neg), index=df.index)
-
-
-def split_sizes_from(results: dict) -> dict:
-    """task -> (normal, anomalous) of the RoDA evaluation split (``01_target_split.csv``, ``target eval``)."""
-    df = results.get("01_target_split")
-    if df is None or "split" not in df.columns:
-        return {}
-    rows = df[df["split"] == "target eval"]
-    return {str(r.task): (float(r.normal), float(r.anomalous)) for r in rows.itertuples()}
-
-
-def ours_per_seed(df: pd.DataFrame, selector, metric: str, split_sizes: dict | None = None):
-    """(per-seed values in percent points, the split error of their mean, resolved "max"/"min" values).
-
-    Each term is the mean of its rows per seed; terms are summed with their coefficients on the seeds they
-    share. Rows with NaN in ``metric`` are dropped (e.g. pixel AUROC without masks). The split error of a
-    term is the mean of its rows' errors (rows on the same images); terms combine as independent."""
+        return pd.Series(dtype=float), {}
+    tcol = task_column(df)
+    df = df.assign(_v=_to_percent(df[metric], metric), _task=df[tcol].astype(str) if tcol else "-",
+                   _seed=df["seed"] if "seed" in df.columns else 0)
     terms = [(1.0, selector)] if isinstance(selector, dict) else [(float(c), w) for c, w in selector]
-    total, var, resolved = None, 0.0, {}
+    total, resolved = None, {}
     for coef, where in terms:
-        sub, res = _select(df, where)
-        for k, v in res.items():
-            resolved.setdefault(k, [])
-            if v not in resolved[k]:
-                resolved[k].append(v)
-        if metric in sub.columns:
-            sub = sub.assign(_v=_to_percent(sub[metric], metric), _se=split_se(sub, metric, split_sizes))
+        parts = []
+        for _, g in df.groupby("_task", sort=True):
+            sub, res = _select(g, where)
+            for k, v in res.items():
+                resolved.setdefault(k, set()).add(v)
             sub = sub.dropna(subset=["_v"])
-        if sub.empty or metric not in sub.columns:
-            return pd.Series(dtype=float), float("nan"), resolved
-        seeds = sub["seed"] if "seed" in sub.columns else pd.Series(0, index=sub.index)
-        per_seed = coef * sub.groupby(seeds)["_v"].mean()
-        var += (coef * sub["_se"].mean(skipna=False)) ** 2
-        total = per_seed if total is None else total.add(per_seed, fill_value=None).dropna()
-    return total, math.sqrt(var), resolved
-
-
-def placements(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    """DeLong's placement values: for each anomalous image the share of normal images scored below it (ties
-    1/2), for each normal image the share of anomalous ones scored above it; AUROC = mean of the first.
-    Midrank form (Sun & Xu 2014): V10 = (rank in all - rank among anomalous) / n_normal."""
-    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, float)
-    pos, neg = scores[labels], scores[~labels]
-    ranks = stats.rankdata(np.concatenate([pos, neg]))
-    v10 = (ranks[: pos.size] - stats.rankdata(pos)) / neg.size
-    v01 = 1.0 - (ranks[pos.size:] - stats.rankdata(neg)) / pos.size
-    return v10, v01
-
-
-def _side_placements(df: pd.DataFrame, where: dict):
-    """Placements per image of one side, averaged over its groups (e.g. corruptions of the same images)."""
-    sub, _ = _select(df, where)
-    keys = [c for c in sub.columns if c not in ("image", "label", "score")]
-    v10s, v01s = [], []
-    for _, g in sub.groupby(keys, dropna=False) if keys else [(None, sub)]:
-        g = g.sort_values("image")
-        v10, v01 = placements(g["label"], g["score"])
-        v10s.append(pd.Series(v10, index=g["image"][g["label"] == 1].to_numpy()))
-        v01s.append(pd.Series(v01, index=g["image"][g["label"] == 0].to_numpy()))
-    if not v10s or any(not v.index.equals(v10s[0].index) for v in v10s):
-        return None
-    return sum(v10s) / len(v10s), sum(v01s) / len(v01s)
-
-
-def delong_se(claim: Claim, scores: pd.DataFrame | None, tasks, seeds, tcol) -> float | None:
-    """The paired split error of A - scale B (percent points) from per-image scores, or None.
-
-    DeLong, DeLong & Clarke-Pearson (1988): with placements V10 (anomalous) and V01 (normal) of both sides on
-    the same images, Var(AUC_A - s AUC_B) = Var(V10_A - s V10_B) / m + Var(V01_A - s V01_B) / n, which keeps the
-    positive correlation of two methods on the same images (Hanley-McNeil must drop it). Averaged over seeds.
-    Used for single-task, single-term pairwise claims whose file has a ``<stem>_scores`` table."""
-    if (scores is None or claim.kind == "absolute" or claim.pool_tasks or not isinstance(claim.a, dict)
-            or not isinstance(claim.b, dict) or claim.metric not in AUROC_METRICS or not seeds):
-        return None
-    if tcol in scores.columns:
-        scores = scores[scores[tcol].astype(str).isin(tasks)]
-    variances = []
-    for seed in seeds:
-        df = scores[scores["seed"] == seed] if "seed" in scores.columns else scores
-        a, b = _side_placements(df, claim.a), _side_placements(df, claim.b)
-        if a is None or b is None or not (a[0].index.equals(b[0].index) and a[1].index.equals(b[1].index)):
-            return None
-        d10, d01 = a[0] - claim.scale * b[0], a[1] - claim.scale * b[1]
-        if len(d10) < 2 or len(d01) < 2:
-            return None
-        variances.append(d10.var(ddof=1) / len(d10) + d01.var(ddof=1) / len(d01))
-    return 100.0 * math.sqrt(float(np.mean(variances)))
+            for col in (c for c in COMPLETE_COLUMNS if isinstance(where.get(c), (list, tuple))):
+                sub = sub.groupby("_seed").filter(lambda cell, c=col, want=set(where[col]): want <= set(cell[c]))
+            if not sub.empty:
+                parts.append(coef * sub.groupby(["_task", "_seed"])["_v"].mean())
+        if not parts:
+            return pd.Series(dtype=float), resolved
+        term = pd.concat(parts)
+        total = term if total is None else total.add(term)  # NaN where a term lacks the cell
+    total = total.dropna().rename_axis(["task", "seed"])
+    return total, {k: sorted(v) for k, v in resolved.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
-# The test and the verdict
-# ----------------------------------------------------------------------------------------------------
-
-
-def _missing(x) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
-
-
-def difference_test(diffs, se_split: float = float("nan")) -> tuple[float, float, float]:
-    """(mean difference, its standard error, two-sided p) for per-seed differences ``diffs`` (see the module
-    docstring): se^2 = var_s(d)/n + se_split^2; normal reference when ``se_split`` is known, else t(n-1).
-    No error estimate (one seed, no split error): se and p are NaN."""
-    d = np.asarray(diffs, float)
-    n = d.size
-    est = float(d.mean()) if n else float("nan")
-    known = not _missing(se_split) and not math.isnan(se_split)
-    if n == 0 or (n < 2 and not known):
-        return est, float("nan"), float("nan")
-    var = (d.var(ddof=1) / n if n > 1 else 0.0) + (se_split ** 2 if known else 0.0)
-    se = math.sqrt(var)
-    if se == 0.0:
-        return est, 0.0, (0.0 if est != 0 else 1.0)
-    z = abs(est) / se
-    p = 2 * (stats.norm.sf(z) if known else stats.t.sf(z, n - 1))
-    return est, se, float(p)
-
-
-def verdict(claim: Claim, ours_a, ours_b=None, se_a=float("nan"), se_b=float("nan"), comparable: bool = True,
-            reason: str = "", paper_a=None, paper_b=None, alpha: float = ALPHA,
-            se_diff: float | None = None) -> tuple[str, str, float, float]:
-    """(verdict, why, p, se) for per-seed values ``ours_a`` / ``ours_b`` (same seeds, percent points) and the
-    split errors ``se_a`` / ``se_b`` of their means (``se_diff``: the paired split error of A - scale B, from
-    :func:`delong_se`, used instead where given). ``paper_a``/``paper_b`` give the paper's sign (unless
-    ``claim.expect``) and, for absolute claims, the value to match."""
-    context = f" ({reason})" if reason else ""
-    a = np.atleast_1d(np.asarray(ours_a if ours_a is not None else [], float))
-    b = np.atleast_1d(np.asarray(ours_b if ours_b is not None else [], float))
-    nan = float("nan")
-    if a.size == 0 or np.isnan(a).all() or (claim.kind != "absolute" and (b.size == 0 or np.isnan(b).all())):
-        return "not run", reason or "no result for this claim", nan, nan
-    if not comparable:
-        return "not comparable", reason or "different setting", nan, nan
-    level = f"{100 * (1 - alpha):.0f}%"
-    if claim.kind == "absolute":
-        if _missing(paper_a):
-            return "not comparable", "the paper gives no number" + context, nan, nan
-        diff, se, p = difference_test(a - paper_a, se_a)
-        what = f"ours {a.mean():.2f} vs paper {paper_a:.2f}"
-        if math.isnan(se):
-            return "not significant", f"{what}: no error estimate (one seed, no split size){context}", p, se
-        half = stats.norm.ppf(1 - alpha / 2) * se
-        if p >= alpha:
-            return "reproduced", f"{what}: inside our {level} interval ±{half:.2f}{context}", p, se
-        return "not reproduced", f"{what}: off by {diff:+.2f}, outside ±{half:.2f} (p={p:.3g}){context}", p, se
-
-    expect, paper_diff = claim.expect, None
-    if not _missing(paper_a) and not _missing(paper_b):
-        paper_diff = paper_a - claim.scale * paper_b
-        if expect is None:
-            expect = int(np.sign(paper_diff))
-    if not expect:
-        return "not comparable", "the paper gives no direction for this claim" + context, nan, nan
-    se_split = se_diff if se_diff is not None else math.sqrt(se_a ** 2 + (claim.scale * se_b) ** 2)
-    diff, se, p = difference_test(a - claim.scale * b, se_split)
-    scaled = f"{claim.scale:g} x " if claim.scale != 1 else ""
-    what = f"ours {claim.label_a} - {scaled}{claim.label_b} = {diff:+.2f}"
-    what += f" ± {se:.2f}" if not math.isnan(se) else ""
-    if paper_diff is not None:
-        what += f" (paper {paper_diff:+.2f})"
-    extra = f"; {100 * diff / paper_diff:.0f}% of the paper's gap" if claim.kind == "gap" and paper_diff else ""
-    if math.isnan(se):
-        return "not significant", f"{what}: no error estimate (one seed, no split size){extra}{context}", p, se
-    word = ("meets the bound" if claim.kind == "ratio" else f"{claim.label_a} {'above' if expect > 0 else 'below'} "
-            f"{claim.label_b}")
-    if p >= alpha:
-        return "not significant", f"{what}: p={p:.3g} >= {alpha:g}{extra}{context}", p, se
-    if expect * diff > 0:
-        return "reproduced", f"{what}: {word}, p={p:.3g}{extra}{context}", p, se
-    return "not reproduced", f"{what}: significant in the opposite direction, p={p:.3g}{extra}{context}", p, se
-
-
-# ----------------------------------------------------------------------------------------------------
-# Comparability and the table
+# One claim
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -359,130 +237,258 @@ def comparability(claim: Claim, tasks: list, backbone: str | None) -> tuple[bool
     return (not diffs), "; ".join(diffs)
 
 
-def _fmt(values: pd.Series) -> str:
-    n = int(values.size)
-    if n == 0:
-        return "-"
-    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}" if n > 1 else f"{values.mean():.2f} (1 seed)"
+def _stage_rows(df: pd.DataFrame, stage: str) -> pd.DataFrame:
+    """The rows of ``stage`` (no ``stage`` column: :data:`MISSING_STAGE`); clean rows serve every stage."""
+    rows = df["stage"].fillna(MISSING_STAGE) if "stage" in df.columns else pd.Series(MISSING_STAGE, index=df.index)
+    keep = rows == stage
+    if "condition" in df.columns:
+        keep |= df["condition"] == "clean"
+    return df[keep]
 
 
-def _paper_text(claim: Claim, reference: pd.DataFrame, pa, pb) -> str:
-    if claim.figure_only:
-        return f"figure only: {claim.figure_only}"
+def _schedule(df: pd.DataFrame, context: dict) -> pd.Series:
+    """``epochs x iterations`` of every DPDL run (column ``schedule`` "50x20x16", else the profile's)."""
+    if "schedule" in df.columns:
+        return df["schedule"].astype(str).map(lambda s: "x".join(re.findall(r"\d+", s)[:2]))
+    return pd.Series(context.get("dpdl_schedule") or "unknown", index=df.index)
+
+
+def _describe(where) -> str:
+    terms = [(1, where)] if isinstance(where, dict) else list(where)
+    text = []
+    for coef, w in terms:
+        body = ", ".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in w.items())
+        text.append(body if len(terms) == 1 else f"{'+' if coef > 0 else '-'}({body})")
+    return " ".join(text)
+
+
+def _methods(claim: Claim) -> str:
+    found = []
+    for side in (claim.a, claim.b):
+        for _, w in ([(1, side)] if isinstance(side, dict) else list(side or ())):
+            v = w.get("method")
+            for m in ([v] if isinstance(v, str) else list(v or ())):
+                found += [m] if m not in found else []
+    return ",".join(found) or "<methods>"
+
+
+def produce_command(claim: Claim, context: dict, stage: str) -> str:
+    stem = claim.files[0]
+    fill = dict(profile=context.get("profile", "<profile>"), stage=stage, methods=_methods(claim),
+                tasks=",".join(context.get("tasks") or ()) or "<tasks>", notebook=stem[:2])
+    if stem in COMMANDS:
+        return COMMANDS[stem].format(**fill)
+    return NOTEBOOK_COMMAND.format(**fill) + (f" --set corruption.stage={stage}" if claim.paper == "roda" else "")
+
+
+def _answer(claim: Claim, results: dict, stage: str, context: dict):
+    """(the table that answers the claim, its stem, why the others did not)."""
+    tried = []
+    for stem in claim.files:
+        df = results.get(stem)
+        if df is None:
+            tried.append(f"{stem}.csv not found")
+            continue
+        if claim.paper == "roda":
+            staged = _stage_rows(df, stage)
+            if staged.empty:
+                have = sorted(set(df["stage"].fillna(MISSING_STAGE)) if "stage" in df.columns else {MISSING_STAGE})
+                tried.append(f"{stem}.csv has no {stage}-stage rows (it holds {'/'.join(have)})")
+                continue
+            df = staged
+        if claim.paper == "dpdl":
+            sched = _schedule(df, context)
+            if (sched == PAPER_SCHEDULE).any():
+                df = df[sched == PAPER_SCHEDULE]
+        tcol = task_column(df)
+        if claim.tasks is not None and tcol:
+            df = df[df[tcol].astype(str).isin(claim.tasks)]
+        a, _ = side_cells(df, claim.a, claim.metric)
+        b = a if claim.b is None else side_cells(df, claim.b, claim.metric)[0]
+        if a.empty or b.empty:
+            nan_metric = claim.metric in df.columns and len(df) and df[claim.metric].isna().all()
+            staged = f" at the {stage} stage" if claim.paper == "roda" else ""
+            tried.append(f"no {claim.metric} in {stem}.csv (no masks for this data)" if nan_metric
+                         else f"no rows of {stem}.csv match{staged}")
+            if nan_metric:
+                return None, stem, tried
+            continue
+        return df, stem, tried
+    return None, None, tried
+
+
+def _row_stats(claim: Claim, df: pd.DataFrame, tasks: list, pa, pb, alpha, n_boot, seed, context) -> dict:
+    """Effect, interval and the verdict where no test decides it (absolute claims, not testable)."""
+    sub = df[df[task_column(df)].astype(str).isin(tasks)] if task_column(df) else df
+    a, res_a = side_cells(sub, claim.a, claim.metric)
+    resolved = dict(res_a)
     if claim.kind == "absolute":
-        return f"{pa:.2f}"
-    text = f"{claim.label_a} {pa:.2f} vs {claim.label_b} {pb:.2f}"
-    if claim.kind == "ratio":
-        text += f" (ratio {100 * pa / pb:.1f}%)"
-    if len(claim.paper_a) > 1 and len(claim.paper_a) == len(claim.paper_b):
-        va = reference.set_index("key").loc[list(claim.paper_a), "value"].to_numpy(float)
-        vb = reference.set_index("key").loc[list(claim.paper_b), "value"].to_numpy(float)
-        text += f"; mean of {len(va)}, {claim.label_a} ahead in {int(np.sum(va > claim.scale * vb))}/{len(va)}"
-    return text
-
-
-def _side(claim, selector, sub, tcol, group, sizes):
-    """Per-seed values, split error and resolved extremes of one side, pooling tasks where the claim does."""
-    if selector is None:
-        return pd.Series(dtype=float), float("nan"), {}
-    if not (claim.pool_tasks and tcol and len(group) > 1):
-        return ours_per_seed(sub, selector, claim.metric, sizes)
-    parts = [ours_per_seed(sub[sub[tcol] == t], selector, claim.metric, sizes) for t in group]
-    values = pd.concat([s for s, _, _ in parts], axis=1).mean(axis=1, skipna=False).dropna()
-    se = math.sqrt(sum(e ** 2 for _, e, _ in parts)) / len(parts)
-    return values, se, {}
+        cells, ours_b = a, None
+    else:
+        b, res_b = side_cells(sub, claim.b, claim.metric)
+        for k, v in res_b.items():
+            resolved[k] = sorted(set(resolved.get(k, [])) | set(v))
+        common = a.index.intersection(b.index)
+        a, b = a.loc[common], b.loc[common]
+        cells, ours_b = a - claim.scale * b, category_mean(b)
+    s = effect_interval(cells, alpha, n_boot, seed)
+    row = dict(tasks=", ".join(sorted(set(cells.index.get_level_values("task")))), n_categories=s["n_categories"],
+               n_cells=s["n_cells"], ours_a=category_mean(a), ours_b=ours_b, ours_effect=s["estimate"],
+               ours_se=s["se"], ci_low=s["low"], ci_high=s["high"], p_value=s["p"],
+               resolved="".join(f", {k}={'/'.join(map(str, v))}" for k, v in resolved.items()))
+    if s["n_cells"] == 0:
+        row.update(verdict="not run", why="the two sides share no category x seed cell")
+    elif claim.kind == "absolute":
+        ok, reason = comparability(claim, sorted(set(cells.index.get_level_values("task"))), _our_backbone(df, context))
+        mismatch = [f"{k} {'/'.join(map(str, resolved[k]))} vs the paper's {v}" for k, v in claim.paper_params.items()
+                    if k in resolved and resolved[k] != [v]]
+        if not ok or mismatch:
+            row.update(verdict="not comparable", why="; ".join(([reason] if reason else []) + mismatch))
+        elif math.isnan(s["se"]):
+            row.update(verdict="not testable", why="one category x seed cell: no interval")
+        else:
+            inside = s["low"] <= pa <= s["high"]
+            row.update(verdict="reproduced in size" if inside else "not reproduced",
+                       why=f"the paper's {pa:.2f} {'inside' if inside else 'outside'} our interval")
+        row["p_value"] = float("nan")  # an absolute claim is not a test of zero: no Holm
+    elif math.isnan(s["se"]):
+        row.update(verdict="not testable", why="one category x seed cell: no replication")
+    elif s["se"] == 0 and s["estimate"] == 0:
+        row.update(verdict="not testable", why="the two sides are equal in every cell (no variation)",
+                   p_value=float("nan"))
+    return row
 
 
 def evaluate_claim(claim: Claim, reference: pd.DataFrame, results: dict, context: dict | None = None,
-                   alpha: float = ALPHA, skip_absent_tasks: bool = True) -> list[dict]:
-    """Rows of the fidelity table for one claim (one per task, or one pooled)."""
+                   stage: str = PAPER_STAGE, alpha: float = ALPHA, n_boot: int = N_BOOTSTRAP,
+                   seed: int = BOOTSTRAP_SEED) -> list[dict]:
+    """Rows of the fidelity table for one claim: one over its counted categories, one over its shortcut
+    categories (image AUROC only), before Holm (rows still to be tested have verdict None)."""
+    context = dict(context or {})
     pa, pb = paper_value(reference, claim.paper_a), paper_value(reference, claim.paper_b)
     source = ", ".join(sorted(set(reference.set_index("key").loc[list(claim.paper_a + claim.paper_b), "table"])))
-    base = dict(claim_id=claim.id, paper=claim.paper, claim=claim.text, paper_source=source or "figure",
-                paper_value=_paper_text(claim, reference, pa, pb), paper_a=pa, paper_b=pb,
-                paper_diff=(pa - claim.scale * pb) if (pa is not None and pb is not None) else None)
-    df = results.get(claim.file)
-    if df is None and claim.tasks is not None and skip_absent_tasks:
-        return []  # a per-dataset claim: without the file we cannot tell whether the dataset would be run
+    paper_effect = (pa - claim.scale * pb) if (pa is not None and pb is not None) else pa
+    base = dict(claim_id=claim.id, paper=claim.paper, claim=claim.text, kind=claim.kind,
+                paper_source=source or "figure", stage=stage if claim.paper == "roda" else "-", metric=claim.metric,
+                filter=_describe(claim.a) + ("" if claim.b is None else f" vs {_describe(claim.b)}"),
+                paper_value=f"figure only: {claim.figure_only}" if claim.figure_only else "",
+                paper_a=pa, paper_b=pb, paper_effect=paper_effect, expect=claim.expect, counted=True, caveat="",
+                label_a=claim.label_a, label_b=claim.label_b)
+    df, stem, tried = _answer(claim, results, stage, context)
     if df is None:
-        return [dict(base, task="-", ours="-", n_seeds=0, verdict="not run",
-                     why=f"{claim.file}.csv not found: notebook {claim.file[:2]} was not run for this profile")]
+        if stem is not None:  # the metric is missing for this data
+            return [dict(base, file=stem, verdict="not comparable", why="; ".join(tried))]
+        if claim.tasks is not None and not set(claim.tasks) & set(context.get("dpdl_tasks") or ()):
+            return []  # a per-dataset claim about a dataset this profile does not run
+        return [dict(base, file=claim.files[0], verdict="not run",
+                     why="; ".join(tried) + f"; produce it with: {produce_command(claim, context, stage)}")]
     tcol = task_column(df)
-    tasks = [t for t in (sorted(map(str, df[tcol].dropna().unique())) if tcol else ["-"])
-             if claim.tasks is None or t in claim.tasks]
-    if not tasks:
-        return [] if skip_absent_tasks else [dict(base, task="-", ours="-", n_seeds=0, verdict="not run",
-                                                  why=f"no task of {claim.file}.csv matches {claim.tasks}")]
-    sizes = split_sizes_from(results)
-    backbone = _our_backbone(df, context or {})
+    tasks = sorted(map(str, df[tcol].dropna().unique())) if tcol else ["-"]
+    shortcut = shortcut_aurocs(results) if claim.metric in IMAGE_METRICS else {}
+    flagged = [t for t in tasks if shortcut.get(t, 0.0) > SHORTCUT_MAX]
+    groups = [(g, is_shortcut) for g, is_shortcut in (([t for t in tasks if t not in flagged], False), (flagged, True))
+              if g]
+    caveat = []
+    if claim.paper == "dpdl":
+        used = sorted(set(_schedule(df, context)) - {"unknown"})  # not recorded anywhere: no evidence against it
+        if used and used != [PAPER_SCHEDULE]:
+            rerun = NOTEBOOK_COMMAND.format(profile=context.get("profile", "<profile>"), notebook="05")
+            caveat.append(f"DPDL schedule {'/'.join(used)} (epochs x iterations), not the paper's 50 x 20; rerun: "
+                          f"{rerun} --set dpdl.epochs=50 --set dpdl.iterations=20")
     rows = []
-    for label, group in ([(", ".join(tasks), tasks)] if claim.pool_tasks else [(t, [t]) for t in tasks]):
-        sub = df[df[tcol].astype(str).isin(group)] if tcol else df
-        sa, se_a, resolved = _side(claim, claim.a, sub, tcol, group, sizes)
-        sb, se_b, res_b = _side(claim, claim.b, sub, tcol, group, sizes)
-        for k, vs in res_b.items():
-            resolved[k] = resolved.get(k, []) + [v for v in vs if v not in resolved.get(k, [])]
-        if claim.b is not None:  # pair the seeds both sides have
-            common = sa.index.intersection(sb.index)
-            sa, sb = sa.loc[common], sb.loc[common]
-        n = int(sa.size)
-        ctx = f"paper: {claim.paper_backbone} on {claim.paper_data}; ours: {backbone or 'backbone ?'} on {label}, "
-        ctx += f"{n} seed{'s' if n != 1 else ''}"
-        ctx += "".join(f", {k}={'/'.join(map(str, v))}" for k, v in resolved.items())
-        ctx += f"; {claim.note}" if claim.note else ""
-        p = se = float("nan")
-        if n == 0:
-            if claim.metric in df.columns and df[claim.metric].isna().all():
-                v, why = "not comparable", f"no {claim.metric} in our results (no masks for this data); {ctx}"
-            else:
-                v, why = "not run", f"no rows of {claim.file}.csv match this claim; {ctx}"
-        else:
-            comparable, diff_reason = True, ""
-            if claim.kind == "absolute":
-                comparable, diff_reason = comparability(claim, group, backbone)
-                mismatch = [f"{k} {'/'.join(map(str, resolved[k]))} vs the paper's {v}"
-                            for k, v in claim.paper_params.items() if k in resolved and resolved[k] != [v]]
-                comparable = comparable and not mismatch
-                diff_reason = "; ".join(([diff_reason] if diff_reason else []) + mismatch)
-            se_diff = delong_se(claim, results.get(claim.file + SCORES), group, list(sa.index), tcol)
-            ctx += "; paired DeLong split error" if se_diff is not None else ""
-            v, why, p, se = verdict(claim, sa.to_numpy(), sb.to_numpy() if claim.b is not None else None, se_a, se_b,
-                                    comparable, diff_reason + ("; " if diff_reason else "") + ctx, pa, pb, alpha,
-                                    se_diff)
-        pair = claim.kind != "absolute" and claim.b is not None
-        rows.append(dict(base, task=label, n_seeds=n, verdict=v, why=why, p_value=p, ours_se=se,
-                         ours=f"{claim.label_a} {_fmt(sa)} vs {claim.label_b} {_fmt(sb)}" if pair else _fmt(sa),
-                         ours_a=sa.mean() if n else float("nan"),
-                         ours_b=(sb.mean() if n else float("nan")) if pair else None,
-                         ours_diff=float((sa - claim.scale * sb).mean()) if pair and n else None,
-                         ours_std_a=sa.std(ddof=1) if n > 1 else 0.0,
-                         ours_std_b=(sb.std(ddof=1) if n > 1 else 0.0) if pair else None))
+    for group, is_shortcut in groups:
+        row = dict(base, file=stem, **_row_stats(claim, df, group, pa, pb, alpha, n_boot, seed, context))
+        notes = list(caveat)
+        if is_shortcut:
+            notes.append("grey-level shortcut AUROC " + ", ".join(f"{t} {shortcut[t]:.2f}" for t in group)
+                         + f" > {SHORTCUT_MAX:g}: image AUROC there measures the grey level; reported, not counted")
+        row.update(counted=not notes, caveat="; ".join(notes),
+                   data=f"paper: {claim.paper_backbone} on {claim.paper_data}; ours: "
+                        f"{_our_backbone(df, context) or 'backbone ?'} on {row['tasks']}{row.pop('resolved')}"
+                        + (f"; {claim.note}" if claim.note else ""))
+        rows.append(row)
     return rows
 
 
-TABLE_COLUMNS = ("claim_id", "paper", "claim", "paper_source", "task", "paper_value", "ours", "n_seeds", "verdict",
-                 "why", "p_value", "paper_a", "paper_b", "paper_diff", "ours_a", "ours_b", "ours_diff", "ours_se",
-                 "ours_std_a", "ours_std_b")
+# ----------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = ("claim_id", "paper", "claim", "kind", "paper_source", "stage", "file", "filter", "metric", "tasks",
+                 "n_categories", "n_cells", "paper_value", "paper_a", "paper_b", "paper_effect", "ours_a", "ours_b",
+                 "ours_effect", "ours_se", "ci_low", "ci_high", "p_value", "p_holm", "verdict", "counted", "caveat",
+                 "why", "data")
+
+
+def _why(row: dict, reason: str) -> str:
+    """``ours +3.10 [-1.20, +7.40] over 3 categories, 9 cells; paper +7.69; p=.., Holm ..: <reason>``."""
+    if pd.isna(row.get("ours_effect")):
+        return reason
+    fmt = "{:.2f}" if row["kind"] == "absolute" else "{:+.2f}"
+    n = int(row["n_categories"])
+    text = "ours " + fmt.format(row["ours_effect"])
+    if not pd.isna(row["ci_low"]):
+        text += f" [{fmt.format(row['ci_low'])}, {fmt.format(row['ci_high'])}]"
+    text += f" over {n} categor{'y' if n == 1 else 'ies'}, {int(row['n_cells'])} cells"
+    if not pd.isna(row["paper_effect"]):
+        text += "; paper " + fmt.format(row["paper_effect"])
+    if not pd.isna(row.get("p_holm")):
+        text += f"; p={row['p_value']:.3g}, Holm {row['p_holm']:.3g}"
+    return f"{text}: {reason}"
 
 
 def fidelity_table(claims, reference_df: pd.DataFrame, ours, context: dict | None = None, alpha: float = ALPHA,
-                   skip_absent_tasks: bool = True) -> pd.DataFrame:
-    """The fidelity table: claim, paper value(s), ours mean ± std, verdict, p, why.
+                   stage: str = PAPER_STAGE, n_boot: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
+    """The fidelity table: per claim our effect and interval beside the paper's, p, Holm's p, verdict, counted.
 
-    ``ours``: a results folder or a dict ``stem -> DataFrame | None`` (see :data:`RESULT_FILES`).
-    ``context``: facts our files do not hold, e.g. ``{"backbone": cfg.backbone}``. ``alpha``: the test's level.
-    Claims tied to tasks we did not run are left out (``skip_absent_tasks``; per-dataset claims are also left
-    out when their file is missing); a missing file gives "not run" for the other claims."""
+    ``ours``: a results folder or a dict ``stem -> DataFrame | None`` (see :data:`RESULT_FILES`). ``context``:
+    facts our files do not hold: ``backbone``, ``profile`` and ``tasks`` (for the commands of claims not run),
+    ``dpdl_tasks`` (per-dataset DPDL claims of datasets outside it are left out), ``dpdl_schedule`` ("50x20")
+    for runs without a ``schedule`` column. ``stage``: the corruption stage RoDA's claims read."""
     results = load_results(ours) if isinstance(ours, (str, Path)) else dict(ours)
-    rows = [row for claim in claims for row in evaluate_claim(claim, reference_df, results, context, alpha,
-                                                              skip_absent_tasks)]
+    rows = [row for claim in claims for row in evaluate_claim(claim, reference_df, results, context, stage, alpha,
+                                                              n_boot, seed)]
     table = pd.DataFrame(rows)
-    for col in TABLE_COLUMNS:
+    for col in (*TABLE_COLUMNS, "kind", "expect"):
         if col not in table.columns:
             table[col] = None
+    table["p_holm"] = np.nan
+    if len(table):
+        tested = table["verdict"].isna() & table["p_value"].notna()
+        for _, idx in table[tested].groupby("paper").groups.items():
+            table.loc[idx, "p_holm"] = holm(table.loc[idx, "p_value"].astype(float))
+        for i in table.index:
+            row = table.loc[i].to_dict()
+            if tested[i]:
+                expect = None if pd.isna(row["expect"]) else int(row["expect"])
+                paper_effect = None if pd.isna(row["paper_effect"]) else float(row["paper_effect"])
+                v, reason = verdict(row["ours_effect"], row["ci_low"], row["ci_high"], row["p_holm"], paper_effect,
+                                    expect, alpha)
+                table.at[i, "verdict"] = v
+                row["why"] = reason
+            if not row["paper_value"] and not pd.isna(row["paper_effect"]):
+                table.at[i, "paper_value"] = _paper_text(row)
+            table.at[i, "why"] = _why({**row, "p_holm": table.at[i, "p_holm"]}, row["why"])
+    table["counted"] = table["counted"].astype(bool)
     return table[list(TABLE_COLUMNS)]
 
 
+def profile_context(cfg, dpdl_tasks=None) -> dict:
+    """The ``context`` of :func:`fidelity_table` for a resolved profile (``lib.experiments.profiles``):
+    backbone, profile name, tasks, DPDL tasks (``dpdl_tasks`` where the run named its own) and schedule."""
+    dp = cfg.dpdl
+    return dict(backbone=cfg.backbone, profile=cfg.name, tasks=list(cfg.tasks),
+                dpdl_tasks=list(dpdl_tasks or dp["tasks"]), dpdl_schedule=f"{dp['epochs']}x{dp['iterations']}")
+
+
+def _paper_text(row: dict) -> str:
+    if row["kind"] == "absolute":
+        return f"{row['paper_a']:.2f}"
+    text = f"{row['label_a']} {row['paper_a']:.2f} vs {row['label_b']} {row['paper_b']:.2f}"
+    return text + (f" (ratio {100 * row['paper_a'] / row['paper_b']:.1f}%)" if row["kind"] == "ratio" else "")
+
+
 def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Verdict counts per paper."""
-    return table.groupby(["paper", "verdict"]).size().unstack(fill_value=0)
+    """Verdict counts per paper, counted rows only."""
+    counted = table[table["counted"].astype(bool)]
+    return counted.groupby(["paper", "verdict"]).size().unstack(fill_value=0)

@@ -1,5 +1,6 @@
 """Plotting helpers shared by the notebooks (matplotlib + seaborn). Each returns a Figure; the
-notebook saves it with :func:`lib.common.utils.save_figure`. Paper numbers are never drawn here."""
+notebook saves it with :func:`lib.common.utils.save_figure`. Paper numbers are drawn only by :func:`forest`,
+marked and labelled as the paper's."""
 
 from __future__ import annotations
 
@@ -144,25 +145,37 @@ def facet_bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, col: st
     return grid.figure
 
 
-def gap_comparison(df: pd.DataFrame, label: str, paper: str, ours: str, ours_err: str | None = None,
-                   paper_label: str = "paper (WRN-50, MVTec mean)", ours_label: str = "ours", title: str = ""):
-    """Horizontal bars of a difference (A - B, AUROC points) per claim: the paper's beside ours.
+#: verdict -> colour of our interval in :func:`forest`
+VERDICT_COLOURS = {"reproduced in size": "tab:green", "reproduced": "tab:olive", "contradicted": "tab:red",
+                   "not reproduced": "tab:orange", "inconclusive": "tab:gray", "not testable": "lightgray"}
 
-    The paper's bars are hatched and carry ``paper_label`` in the legend so they are never read as ours.
-    ``ours_err``: a column of error bars for ours (notebook 06: the fidelity test's standard error of A - B)."""
-    data = df.reset_index(drop=True)
+
+def forest(table: pd.DataFrame, paper_label: str = "paper (its backbone and data)", title: str = ""):
+    """One line per claim of a fidelity table (:func:`lib.reporting.fidelity.fidelity_table`): our effect with its
+    interval (``ours_effect``, ``ci_low``, ``ci_high``), coloured by verdict, hollow where the row is not counted,
+    and the paper's effect (``paper_effect``) as a black cross labelled ``paper_label``, so it is never read as
+    ours. Rows without our effect are left out."""
+    data = table[table.ours_effect.notna()].reset_index(drop=True)
     y = np.arange(len(data))
-    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(data) + 1.2))
-    ax.barh(y - 0.2, data[paper], height=0.4, color="white", edgecolor="gray", hatch="///", label=paper_label)
-    err = data[ours_err] if ours_err else None
-    ax.barh(y + 0.2, data[ours], height=0.4, xerr=err, color="tab:blue", label=ours_label,
-            error_kw=dict(lw=0.8, capsize=2))
+    fig, ax = plt.subplots(figsize=(8.5, 0.28 * len(data) + 1.4))
+    for i, row in data.iterrows():
+        colour = VERDICT_COLOURS.get(row.verdict, "black")
+        if pd.notna(row.ci_low):
+            ax.plot([row.ci_low, row.ci_high], [i, i], color=colour, lw=1.6)
+        ax.plot(row.ours_effect, i, "o", color=colour, mfc=colour if bool(row.counted) else "white", ms=5)
+    paper = data.paper_effect.astype(float)
+    ax.plot(paper, y, "x", color="black", ms=6, label=paper_label)
+    for verdict_name, colour in VERDICT_COLOURS.items():
+        if (data.verdict == verdict_name).any():
+            ax.plot([], [], "o-", color=colour, label=f"ours: {verdict_name}")
+    ax.plot([], [], "o", color="gray", mfc="white", label="ours, not counted")
+    labels = data.claim_id + np.where(data.counted.astype(bool), "", " · " + data.tasks.astype(str))
     ax.set_yticks(y)
-    ax.set_yticklabels(data[label], fontsize=8)
+    ax.set_yticklabels(labels, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel("difference A - B (AUROC points)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("effect A - B (points), 95% interval over categories x seeds")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title)
     fig.tight_layout()
     return fig
