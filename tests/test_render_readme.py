@@ -209,3 +209,19 @@ def test_markers_inside_fenced_code_are_examples(readme):
     assert text.startswith(example) and "| t | a | 81.0 ± 1.4 |" in text  # example untouched, table rendered
     with pytest.raises(rr.ReadmeError, match="line 10 .*'tsk'"):  # the fenced lines still count
         rr.render(text.replace("columns=task", "columns=tsk"), readme.parent)
+
+
+def test_every_marker_names_a_file_that_exists():
+    """Each table and value marker of the README and of docs/*.md (outside fenced examples) names a CSV that is in
+    the repository: after results are renamed or deleted, a stale marker is found here by name, all at once."""
+    repo = Path(__file__).resolve().parent.parent
+    missing = []
+    for page in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
+        text = rr.FENCE.sub("", page.read_text(encoding="utf-8"))
+        specs = [m.group("spec") for m in rr.START.finditer(text)] + [m.group("spec") for m in rr.VALUE.finditer(text)]
+        assert specs or page.name != "README.md", "the README has no markers: did the marker syntax change?"
+        for spec in specs:
+            path = " ".join(spec.split()).split("|")[0].strip()
+            if not (repo / path).is_file():
+                missing.append(f"{page.relative_to(repo)}: {path}")
+    assert not missing, "markers naming files that do not exist:\n" + "\n".join(sorted(set(missing)))
