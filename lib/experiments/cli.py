@@ -125,6 +125,7 @@ def cmd_fit(args) -> int:
     paths, used = training_images(folder)
     items = _readable(paths, args, str(used))
     geometry = dict(resize=args.resize, crop=args.crop)
+    seed_everything(args.seed)  # after the checks: torch's deterministic switch alone imports for seconds
     extractor = load_backbone(args.backbone, args.weights, device=args.device)
     model = PatchCore(extractor, coreset_ratio=args.coreset_ratio, max_bank=args.max_bank, seed=args.seed,
                       device=args.device)
@@ -199,6 +200,7 @@ def cmd_adapt(args) -> int:
     given = cli_options.loss_options(args.method, args.option)
     folder = _existing(args.folder, "folder")
     check_output(args.output, "-o/--output")
+    seed_everything(args.seed)
     model, prep = _load_bank(args.bank, args.device)
     items = _readable(list_images(folder), args, str(folder))
     options = default_loss_options(args.method, defaults)
@@ -271,6 +273,7 @@ def _score(model, items, prep, args, desc: str):
 def cmd_score(args) -> int:
     folder = _existing(args.folder, "folder")
     out_dir = check_output(args.output, "-o/--output", folder=True)
+    seed_everything(args.seed)
     model, prep = _load_bank(args.bank, args.device)
     state = _apply_state(model, args.state, args.force)
     items = _readable(list_images(folder), args, str(folder))
@@ -313,6 +316,7 @@ def cmd_evaluate(args) -> int:
     for path, flag in ((args.output, "-o/--output"), (args.json, "--json")):
         if path:
             check_output(path, flag)
+    seed_everything(args.seed)
     model, prep = _load_bank(args.bank, args.device)
     state = _apply_state(model, args.state, args.force)
     items, layout = labelled_items(folder)
@@ -450,7 +454,6 @@ def main(argv=None) -> int:
         args.max_bank = None
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
-    seed_everything(args.seed)
     try:
         with cli_options.quiet_library(args.quiet):
             return args.run(args)
