@@ -39,7 +39,9 @@ from lib.experiments.cli_options import (  # noqa: F401 - the exit codes are the
     STEPS,
     CliError,
     OptionError,
+    bank_fingerprint,
     check_output,
+    check_state_bank,
     setting,
     size,
     staged_folder,
@@ -83,14 +85,7 @@ def _load_bank(path: str, device: str):
     return model, prep
 
 
-def _bank_fingerprint(model) -> str:
-    from lib.common.utils import stable_hash
-
-    bank = model.bank.detach().cpu().float()
-    return f"{tuple(bank.shape)}:{stable_hash(float(bank.sum()), float(bank.abs().sum()), float(bank[0].sum()))}"
-
-
-def _apply_state(model, path: str | None, force: bool = False) -> dict:
+def _apply_state(model, path: str | None) -> dict:
     if path is None:
         return {}
     from lib.roda.adaptation import load_bn_state
@@ -103,11 +98,6 @@ def _apply_state(model, path: str | None, force: bool = False) -> dict:
     except Exception as exc:  # noqa: BLE001
         raise CliError(f"{path} is not a usable adapted state for this bank's backbone ({exc}): "
                        "create it with `roda adapt` on the same bank") from None
-    if info.get("bank") and info["bank"] != _bank_fingerprint(model):
-        if not force:
-            raise CliError(f"{path} was adapted against another bank ({info.get('bank_file', 'unknown')}): adapt "
-                           "again with this bank, or pass --force to score with it anyway")
-        print(f"warning: {path} was adapted against another bank (--force)", file=sys.stderr)
     return info
 
 
@@ -211,6 +201,8 @@ def cmd_adapt(args) -> int:
         weights = _bn_reference(args.bank, model, "coverage", "--option weights=coverage",
                                 "use --option weights=uniform")
     gate, plain = {}, _loader(items, prep, args.batch_size, shuffle=False, seed=args.seed)
+    if (args.steps or args.epochs) and "eps" in options:  # a degenerate eps, from the first batch's cost scale
+        cli_options.check_eps(model, next(iter(plain))["image"], options, typed)
     if args.bn_init == "target":  # AdaBN first: the folder's own BatchNorm statistics (no labels)
         reestimate_bn_stats(model, plain)
     elif args.bn_init == "matched":  # the same, referenced to the training images' statistics
@@ -224,8 +216,6 @@ def cmd_adapt(args) -> int:
         raise CliError(f"the folder has {len(items)} images, fewer than one batch of {args.batch_size} (variant "
                        f"{args.variant!r} drops incomplete batches): lower --batch-size", EXIT_USAGE)
     total = args.steps or args.epochs * len(loader)
-    if total and "eps" in options:  # a degenerate eps, from the first batch's cost scale, before Sinkhorn runs
-        cli_options.check_eps(model, next(iter(plain))["image"], options, typed)
     bar = progress(total=total, desc=f"adapt {args.method}", disable=args.quiet, mininterval=0.5)
     losses, t0 = [], time.perf_counter()
     try:
@@ -247,7 +237,7 @@ def cmd_adapt(args) -> int:
                 momentum=args.momentum, augment=args.augment, steps=len(losses), n_images=len(items),
                 batch_size=args.batch_size, seed=args.seed, bn_init=args.bn_init, **gate,
                 first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
-                bank=_bank_fingerprint(model), bank_file=str(Path(args.bank).resolve()), target=str(folder.resolve()))
+                bank=bank_fingerprint(model), bank_file=str(Path(args.bank).resolve()), target=str(folder.resolve()))
     save_bn_state(model.extractor, args.output, info=info)
     start = (f"; --bn-init gated kept the {gate['bn_start']} statistics (mean nearest-bank distance: source "
              f"{gate['nn_source']:.4g}, matched {gate['nn_matched']:.4g})" if gate else "")
@@ -273,9 +263,10 @@ def _score(model, items, prep, args, desc: str):
 def cmd_score(args) -> int:
     folder = _existing(args.folder, "folder")
     out_dir = check_output(args.output, "-o/--output", folder=True)
+    check_state_bank(args.bank, args.state, args.force)
     seed_everything(args.seed)
     model, prep = _load_bank(args.bank, args.device)
-    state = _apply_state(model, args.state, args.force)
+    state = _apply_state(model, args.state)
     items = _readable(list_images(folder), args, str(folder))
     patch, scores = _score(model, items, prep, args, "scoring")
     table = pd.DataFrame(dict(path=[_relative(p, folder) for p in items], score=scores))
@@ -316,9 +307,10 @@ def cmd_evaluate(args) -> int:
     for path, flag in ((args.output, "-o/--output"), (args.json, "--json")):
         if path:
             check_output(path, flag)
+    check_state_bank(args.bank, args.state, args.force)
     seed_everything(args.seed)
     model, prep = _load_bank(args.bank, args.device)
-    state = _apply_state(model, args.state, args.force)
+    state = _apply_state(model, args.state)
     items, layout = labelled_items(folder)
     items = _readable(items, args, str(folder))
     labels = np.array([i.label for i in items])

@@ -2,6 +2,8 @@
 
 - :func:`existing`, :func:`readable`: the paths and images given, checked (an unreadable image stops the run or is
   skipped, ``--on-error``); :class:`CliError` reports one line and exits with its code.
+- :func:`check_state_bank`: a ``--state`` adapted against another bank (:func:`bank_fingerprint`), refused before
+  any model loads unless ``--force``.
 - :func:`setting`: an argparse ``type`` that reads an option through a :class:`lib.experiments.settings.Rule`, the
   profiles' rule where the option is a profile setting (``--coreset-ratio`` is ``patchcore.coreset_ratio``), so a
   value the runner's ``--set`` refuses is refused here too, with the value the user typed.
@@ -134,6 +136,32 @@ def readable(items, args, what: str) -> list:
     if not good:
         raise CliError(f"none of the {len(items)} images in {what} can be read")
     return good
+
+
+def bank_fingerprint(model) -> str:
+    """Shape and sums of the bank of ``model`` (or of a bank tensor): what a state file records of its bank."""
+    from lib.common.utils import stable_hash
+
+    bank = getattr(model, "bank", model).detach().cpu().float()
+    return f"{tuple(bank.shape)}:{stable_hash(float(bank.sum()), float(bank.abs().sum()), float(bank[0].sum()))}"
+
+
+def check_state_bank(bank: str, state: str | None, force: bool) -> None:
+    """Before any model loads: a ``--state`` adapted against another bank is refused, unless ``--force``."""
+    if state is None:
+        return
+    import torch
+
+    try:
+        info = torch.load(state, map_location="cpu", weights_only=False).get("info") or {}
+        ours = bank_fingerprint(torch.load(bank, map_location="cpu", weights_only=False)["bank"])
+    except Exception:  # noqa: BLE001 - an unreadable bank or state is reported where it is loaded
+        return
+    if info.get("bank") and info["bank"] != ours:
+        if not force:
+            raise CliError(f"{state} was adapted against another bank ({info.get('bank_file', 'unknown')}): adapt "
+                           "again with this bank, or pass --force to score with it anyway")
+        print(f"warning: {state} was adapted against another bank (--force)", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------- loss options
