@@ -432,7 +432,7 @@ def test_help_shows_each_default_once(capsys):
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
         assert "(default: None)" not in text
         assert not re.search(r"\(default:? [^)]*\)\s*\(default", text), text
-        assert "images per batch (default: " in text
+        assert "images per batch (default: " in text and "augmentation (default: 0)" in text
 
 
 def test_evaluate_writes_paths_relative_to_the_folder_as_score_does(data, tmp_path, monkeypatch):

@@ -75,7 +75,7 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         if ("default" in text or action.required or not action.option_strings
-                or action.default in (None, False, argparse.SUPPRESS)):
+                or any(action.default is v for v in (None, False, argparse.SUPPRESS))):  # 0 is a default to show
             return text
         return f"{text} (default: %(default)s)"
 

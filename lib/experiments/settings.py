@@ -367,6 +367,7 @@ LOSS_OPTIONS: dict[str, Rule] = {
     "mode": Rule("str", choices=("subsample", "tile")),
     "seed": _SEED,
     "mean_reduction": Rule("str", choices=("mean", "sum")),
+    "direction": Rule("str", choices=("symmetric", "forward", "reverse")),
     "sinkhorn_kwargs": Rule("dict"),
 }
 #: loss options that also take a word: ``eps="auto"`` (calibrated on the first batch), ``rho="auto"``
