@@ -190,7 +190,6 @@ def cmd_adapt(args) -> int:
     given = cli_options.loss_options(args.method, args.option)
     folder = _existing(args.folder, "folder")
     check_output(args.output, "-o/--output")
-    seed_everything(args.seed)
     model, prep = _load_bank(args.bank, args.device)
     items = _readable(list_images(folder), args, str(folder))
     options = default_loss_options(args.method, defaults)
@@ -202,7 +201,8 @@ def cmd_adapt(args) -> int:
                                 "use --option weights=uniform")
     gate, plain = {}, _loader(items, prep, args.batch_size, shuffle=False, seed=args.seed)
     if (args.steps or args.epochs) and "eps" in options:  # a degenerate eps, from the first batch's cost scale
-        cli_options.check_eps(model, next(iter(plain))["image"], options, typed)
+        cli_options.check_eps(model, next(iter(plain))["image"][:2], options, typed)
+    seed_everything(args.seed)  # after the checks, before the first random draw (statistics, shuffling, views)
     if args.bn_init == "target":  # AdaBN first: the folder's own BatchNorm statistics (no labels)
         reestimate_bn_stats(model, plain)
     elif args.bn_init == "matched":  # the same, referenced to the training images' statistics

@@ -209,8 +209,8 @@ def loss_options(method: str, pairs) -> dict:
 
 
 def check_eps(model, images, options: dict, typed: dict) -> None:
-    """Refuse a numeric ``eps`` whose plan would be degenerate on these images: the spread of the first batch's
-    costs (``max_ij (C_ij - min_j C_ij)``) over ``eps`` in cost units (``eps`` times the ``cost_norm`` scale)
+    """Refuse a numeric ``eps`` whose plan would be degenerate on ``images`` (the folder's first ones): the spread of
+    their costs (``max_ij (C_ij - min_j C_ij)``) over ``eps`` in cost units (``eps`` times the ``cost_norm`` scale)
     above :data:`MAX_SPREAD_OVER_EPS`. ``typed`` holds the ``--option`` values as the user gave them."""
     import torch
 
