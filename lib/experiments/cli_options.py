@@ -237,14 +237,15 @@ def check_eps(model, images, options: dict, typed: dict) -> None:
 
 
 def check_output(path, flag: str, folder: bool = False) -> Path:
-    """``path`` (a file, or with ``folder`` a folder) can be written: its nearest existing folder is a folder and
-    takes a probe file (removed at once; nothing else is created). :class:`OptionError` naming ``flag`` otherwise."""
+    """``path`` (a file, or with ``folder`` a folder) can be written: the nearest existing folder above it (where
+    the temporary file or folder goes) takes a probe file, removed at once; nothing else is created.
+    :class:`OptionError` naming ``flag`` otherwise."""
     path = Path(path).expanduser()
     if path.is_dir() and not folder:
         raise OptionError(f"{flag} {path} is a folder: give the file to write (e.g. {path / 'out.pt'})")
     if path.exists() and not path.is_dir() and folder:
         raise OptionError(f"{flag} {path} is a file: give a folder to write the outputs into")
-    anchor = path if folder else path.parent
+    anchor = path.absolute().parent  # a file is written beside itself first, a folder of outputs too
     while not anchor.exists() and anchor != anchor.parent:
         anchor = anchor.parent
     try:
