@@ -9,12 +9,15 @@
 Executed copies go to ``<out-dir>/runs/<profile>/``; figures and tables to ``figures/<profile>/`` and
 ``results/<profile>/``, with the resolved settings in ``results/<profile>/config.json``. Before any notebook
 starts, every ``--set`` is checked (known key, type, range; close matches for typos), ``--data-root`` must
-exist, and every output folder must be writable. A failing notebook stops the run and names the failing cell.
+exist, the data of every task the notebooks will read is found and listed (categories, layout, ``labels.csv``;
+an unknown category names those found under the root), and every output folder must be writable; such an
+error writes nothing. A failing notebook stops the run and names the failing cell.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -26,6 +29,19 @@ NOTEBOOKS = REPO / "notebooks"
 #: the profiles of lib/experiments/profiles.py (kept equal by tests/test_inputs.py; the script parses its
 #: arguments before it imports lib)
 PROFILE_NAMES = ("smoke", "default", "elpv", "real", "real_full", "full")
+#: the notebooks that read the DPDL tasks (``dpdl.tasks``); every notebook reads the RoDA tasks (``tasks``)
+DPDL_NOTEBOOKS = ("05", "06")
+#: tasks a run generates itself (under its cache), so there is nothing to find before it starts
+GENERATED_TASKS = ("synthetic", "synthetic_labelled")
+
+
+def profile_name(text: str) -> str:
+    """``--profile``: a known profile, or the error with the closest name (``smok`` -> ``smoke``)."""
+    if text in PROFILE_NAMES:
+        return text
+    close = difflib.get_close_matches(text, PROFILE_NAMES, n=1)
+    raise argparse.ArgumentTypeError(f"unknown profile {text!r}: choose one of {', '.join(PROFILE_NAMES)}"
+                                     + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
 def notebooks(only=None) -> list[Path]:
@@ -54,23 +70,57 @@ def run_one(path: Path, out: Path, parameters: dict, timeout: int | None = None,
     return time.perf_counter() - t0
 
 
-def check_arguments(ap: argparse.ArgumentParser, args) -> None:
+def check_data(cfg, todo) -> None:
+    """Find the data of every task the notebooks ``todo`` will read, through the loaders the notebooks use (files
+    are listed and ``labels.csv`` read; no image is decoded): the RoDA tasks, and the DPDL tasks when notebook 05
+    or 06 runs. Generated tasks are skipped. :class:`lib.common.data.DataError` (or an unknown task name's
+    ``RegistryError``) names the task and the fix."""
+    from lib.common.data import load_task
+    from lib.dpdl.protocol import load_openset_task
+    from lib.experiments.profiles import task_root
+
+    ablation = cfg["ablation"]
+    roda = [*cfg["tasks"], *(ablation["tasks"] or ()), *(ablation["diagnosis"]["tasks"] or ())]
+    dpdl = list(cfg["dpdl"]["tasks"]) if any(nb.name[:2] in DPDL_NOTEBOOKS for nb in todo) else []
+    for name in dict.fromkeys(roda):
+        if name not in GENERATED_TASKS:
+            _for_task(name, load_task, name, task_root(cfg, name))
+    for name in dict.fromkeys(dpdl):
+        if name not in GENERATED_TASKS:
+            _for_task(name, load_openset_task, name, task_root(cfg, name), image_size=cfg["dpdl"]["image_size"])
+
+
+def _for_task(name, load, *args, **kwargs):
+    from lib.common.data import DataError
+    from lib.common.registry import RegistryError
+
+    try:
+        load(*args, **kwargs)
+    except (DataError, RegistryError) as err:
+        raise DataError(f"task {name!r}: {err}") from None
+
+
+def check_arguments(ap: argparse.ArgumentParser, args, todo=()) -> None:
     """Everything that can be checked before a kernel starts: the ``--set`` overrides (handed to every kernel
-    through the environment), the resolved profile (keys, types, ranges), ``--data-root``, and that every
-    output folder is writable. Problems end the run here with an argparse error (exit code 2)."""
+    through the environment), the resolved profile (keys, types, ranges), ``--data-root``, the data the notebooks
+    ``todo`` will read (:func:`check_data`), and that every output folder is writable; nothing is written before
+    the data is found. Problems end the run here with an argparse error (exit code 2)."""
     sys.path.insert(0, str(REPO))
+    from lib.common.data import DataError
     from lib.common.utils import OutputError, ensure_writable
-    from lib.experiments.profiles import OVERRIDES_ENV, get_profile
+    from lib.experiments.profiles import OVERRIDES_ENV, get_profile, resolve
     from lib.experiments.settings import SettingsError, parse_assignments
 
     try:
         os.environ[OVERRIDES_ENV] = json.dumps(parse_assignments(args.set))
         if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
             raise SettingsError(f"--data-root {args.data_root}: no such folder (pass the folder that holds the data)")
-        get_profile(args.profile, data_root=args.data_root, categories=args.categories, device=args.device,
-                    seed=args.seed, out_dir=args.out_dir)
+        where = dict(data_root=args.data_root, categories=args.categories, device=args.device, seed=args.seed,
+                     out_dir=args.out_dir)
+        check_data(resolve(args.profile, **where), todo)  # before anything is written
+        get_profile(args.profile, **where)
         ensure_writable((Path(args.out_dir) if args.out_dir else REPO) / "runs" / args.profile, "runs folder")
-    except (SettingsError, OutputError) as err:
+    except (SettingsError, OutputError, DataError) as err:
         ap.error(str(err))
     except (RuntimeError, ValueError) as err:  # e.g. --device cuda without CUDA
         ap.error(f"{type(err).__name__}: {err}")
@@ -78,7 +128,7 @@ def check_arguments(ap: argparse.ArgumentParser, args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="default", choices=PROFILE_NAMES)
+    ap.add_argument("--profile", default="default", type=profile_name, metavar="{" + ",".join(PROFILE_NAMES) + "}")
     ap.add_argument("--only", nargs="*", help="two-digit notebook numbers to run (default: all)")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--categories", default=None, help="comma-separated, e.g. screw,bottle or ksdd")
@@ -89,14 +139,14 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a profile value, e.g. --set roda.epochs=5 --set 'roda.variants={}'")
     args = ap.parse_args(argv)
-    check_arguments(ap, args)
+    todo = notebooks(args.only)
+    if not todo:
+        raise SystemExit(f"no notebooks match {args.only} in {NOTEBOOKS}")
+    check_arguments(ap, args, todo)
     out_root = Path(args.out_dir) if args.out_dir else REPO
     run_dir = out_root / "runs" / args.profile
     params = dict(profile=args.profile, data_root=args.data_root, categories=args.categories, device=args.device,
                   seed=args.seed, out_dir=str(out_root) if args.out_dir else None)
-    todo = notebooks(args.only)
-    if not todo:
-        raise SystemExit(f"no notebooks match {args.only} in {NOTEBOOKS}")
     rows, started = [], time.perf_counter()
     for i, nb in enumerate(todo, 1):
         elapsed = _clock(time.perf_counter() - started)

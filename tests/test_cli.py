@@ -1,5 +1,6 @@
 """The `roda` command line on a tiny generated MVTec-layout set (64 px, one batch per command)."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from PIL import Image
 
 from lib.common.folders import list_images, read_rgb
 from lib.common.synthetic import make_synthetic_mvtec
-from lib.experiments.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from lib.experiments.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -173,8 +174,8 @@ def test_usage_errors_exit_2(data, tmp_path, capsys):
         main(["adapt", str(data["bank"]), str(tmp_path), "-o", "x.pt", "--method", "nope"])
     assert exc.value.code == EXIT_USAGE
     assert main(["adapt", str(data["bank"]), str(data["category"] / "test"), "-o", str(tmp_path / "s.pt"),
-                 "--option", "epsilon=1", "-q"]) == EXIT_FAILURE
-    assert "takes no option" in capsys.readouterr().err
+                 "--option", "epsilon=1", "-q"]) == EXIT_USAGE
+    assert "takes no option 'epsilon'; did you mean eps?" in capsys.readouterr().err
 
 
 def test_help_on_every_command(capsys):
@@ -201,11 +202,11 @@ def test_adapt_bn_init_target_saves_the_folders_statistics(data, tmp_path):
     states = {}
     for init in ("source", "target", "matched"):
         states[init] = tmp_path / f"{init}.pt"
-        assert main(["adapt", str(data["bank"]), str(target), "-o", str(states[init]), "--steps", "1", "--lr", "0",
-                     "--momentum", "0", "--bn-init", init, "--batch-size", "8", "--device", "cpu", "-q"]) == EXIT_OK
+        assert main(["adapt", str(data["bank"]), str(target), "-o", str(states[init]), "--epochs", "0",
+                     "--bn-init", init, "--batch-size", "8", "--device", "cpu", "-q"]) == EXIT_OK
     source = load_backbone("mobilenet_v2").bn_modules()[0].running_mean
     saved = {k: torch.load(v, weights_only=False)["bn"]["0.running_mean"] for k, v in states.items()}
-    assert torch.equal(saved["source"], source)  # lr 0: nothing moved
+    assert torch.equal(saved["source"], source)  # no alignment step from the source statistics: nothing moved
     assert not torch.allclose(saved["target"], source)  # AdaBN: the folder's own statistics
     assert not torch.allclose(saved["matched"], saved["target"])  # referenced to the training images instead
     stats_only = tmp_path / "stats.pt"
@@ -292,3 +293,153 @@ def test_adapt_runs_a_named_variant_and_flags_override_it(data, tmp_path, capsys
     with pytest.raises(SystemExit) as exc:
         main(["adapt", str(data["bank"]), str(target), "-o", str(state), "--variant", "nope"])
     assert exc.value.code == EXIT_USAGE
+
+
+# ------------------------------------------------------------------- every bad input stops before the compute
+
+
+def _nothing_heavy(monkeypatch):
+    """Fail the test if a backbone is loaded (every command loads one before its compute)."""
+    from lib.common import backbones
+
+    monkeypatch.setattr(backbones, "load_backbone", lambda *a, **k: pytest.fail("a backbone was loaded"))
+
+
+@pytest.mark.parametrize(("argv", "shown"), [
+    (["fit", "--coreset-ratio", "-0.5"], "argument --coreset-ratio: must be a number in (0, 1], got -0.5"),
+    (["fit", "--coreset-ratio", "5"], "argument --coreset-ratio: must be a number in (0, 1], got 5"),
+    (["fit", "--max-bank", "-3"], "argument --max-bank: must be none or an integer >= 1, got -3"),
+    (["fit", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (["fit", "--crop", "8"], "must be an integer >= 32, got 8"),
+    (["adapt", "--epochs", "-1"], "argument --epochs: must be an integer >= 0, got -1"),
+    (["adapt", "--lr", "abc"], "argument --lr: must be a number > 0, got abc"),
+    (["adapt", "--momentum", "1"], "argument --momentum: must be a number in [0, 1), got 1"),
+])
+def test_options_follow_the_profiles_rules_and_show_what_was_typed(data, tmp_path, capsys, argv, shown):
+    """--coreset-ratio -0.5 built a 1-entry bank with exit code 0: the options go through the profiles' rules."""
+    command, *flags = argv
+    head = [command, str(data["category"] / "train" / "good")] if command == "fit" else \
+        [command, str(data["bank"]), str(data["category"] / "test")]
+    with pytest.raises(SystemExit) as exc:
+        main([*head, "-o", str(tmp_path / "out.pt"), *flags])
+    assert exc.value.code == EXIT_USAGE and shown in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_interrupted_score_leaves_nothing_and_keeps_the_last_complete_output(data, tmp_path, monkeypatch, capsys):
+    from lib.common import folders
+
+    target, out = data["category"] / "test", tmp_path / "scores"
+    assert main(["score", str(data["bank"]), str(target), "-o", str(out), "-q"]) == EXIT_OK
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert len(before) == 10  # scores.csv, run.json, 8 maps
+    calls, real = [], folders.overlay
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the third map is being drawn
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(folders, "overlay", interrupted)
+    fresh = tmp_path / "fresh"
+    assert main(["score", str(data["bank"]), str(target), "-o", str(fresh), "-q"]) == EXIT_INTERRUPTED
+    assert "no partial output was written" in capsys.readouterr().err
+    assert not fresh.exists()
+    calls.clear()
+    assert main(["score", str(data["bank"]), str(target), "-o", str(out), "-q"]) == EXIT_INTERRUPTED
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # the previous complete output, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores"]  # no temporary folder left beside it
+
+
+def test_an_unwritable_output_fails_before_any_compute_naming_the_option(data, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    _nothing_heavy(monkeypatch)
+    good, test = str(data["category"] / "train" / "good"), str(data["category"] / "test")
+    bank = str(data["bank"])
+    for argv, flag in ((["fit", good, "-o", str(blocker / "bank.pt")], "-o/--output"),
+                       (["adapt", bank, test, "-o", str(blocker / "state.pt")], "-o/--output"),
+                       (["score", bank, test, "-o", str(blocker / "out")], "-o/--output"),
+                       (["score", bank, test, "-o", str(blocker)], "-o/--output"),
+                       (["evaluate", bank, str(data["category"]), "--json", str(blocker / "s.json")], "--json"),
+                       (["evaluate", bank, str(data["category"]), "-o", str(tmp_path)], "-o/--output")):
+        assert main([*argv, "-q"]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"{flag} " in err and "out_dir" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
+
+
+def test_loss_options_are_checked_by_name_and_type_and_a_degenerate_eps_before_sinkhorn(data, tmp_path, monkeypatch,
+                                                                                         capsys):
+    from lib.roda import alignment
+
+    base = ["adapt", str(data["bank"]), str(data["category"] / "test"), "-o", str(tmp_path / "s.pt"), "-q",
+            "--steps", "1", "--batch-size", "8"]
+    for option, shown in (("eps=abc", "--option eps=abc: eps must be a number > 0 or 'auto', got abc"),
+                          ("eps=-1", "--option eps=-1: eps must be a number > 0 or 'auto', got -1"),
+                          ("rule=orr", "did you mean: 'orr' -> 'or'")):
+        assert main([*base, "--option", option]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert shown in err and "-10." not in err
+    monkeypatch.setattr(alignment, "sinkhorn", lambda *a, **k: pytest.fail("Sinkhorn ran on a degenerate eps"))
+    assert main([*base, "--option", "eps=1e-9"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--option eps=1e-9 is degenerate" in err and "use eps >=" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_fit_on_a_category_reads_train_good_only(data, tmp_path, capsys):
+    import torch
+
+    bank = tmp_path / "cat.pt"
+    assert main(["fit", str(data["category"]), "-o", str(bank), "--resize", "64", "--crop", "none",
+                 "--coreset-ratio", "0.2", "--device", "cpu", "-q"]) == EXIT_OK
+    assert f"from 8 images in {data['category'] / 'train' / 'good'}" in capsys.readouterr().out
+    ours, reference = (torch.load(p, weights_only=False)["bank"] for p in (bank, data["bank"]))
+    assert torch.equal(ours, reference)  # the same bank as from train/good itself: no test image went in
+    partial = tmp_path / "partial"
+    shutil.copytree(data["category"] / "test", partial / "test")
+    shutil.copytree(data["category"] / "ground_truth", partial / "ground_truth")
+    assert main(["fit", str(partial), "-o", str(tmp_path / "p.pt"), "-q"]) == EXIT_FAILURE
+    assert "no train/good: pass the folder of normal training images" in capsys.readouterr().err
+    assert not (tmp_path / "p.pt").exists()
+
+
+def test_a_state_adapted_against_another_bank_is_refused_unless_forced(data, tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    assert main(["fit", str(data["category"] / "train" / "good"), "-o", str(other), "--resize", "64", "--crop",
+                 "none", "--coreset-ratio", "0.1", "-q"]) == EXIT_OK
+    state = tmp_path / "state.pt"
+    assert main(["adapt", str(data["bank"]), str(data["category"] / "test"), "-o", str(state), "--epochs", "0",
+                 "--bn-init", "target", "-q"]) == EXIT_OK
+    out = tmp_path / "scores"
+    assert main(["score", str(other), str(data["category"] / "test"), "--state", str(state), "-o", str(out),
+                 "--no-maps", "-q"]) == EXIT_FAILURE
+    assert "adapted against another bank" in capsys.readouterr().err and not out.exists()
+    assert main(["evaluate", str(other), str(data["category"]), "--state", str(state), "-q"]) == EXIT_FAILURE
+    assert "--force" in capsys.readouterr().err
+    assert main(["score", str(other), str(data["category"] / "test"), "--state", str(state), "-o", str(out),
+                 "--no-maps", "--force", "-q"]) == EXIT_OK
+    assert "(--force)" in capsys.readouterr().err
+
+
+def test_help_shows_each_default_once(capsys):
+    for command in ("fit", "adapt", "score", "evaluate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert "(default: None)" not in text
+        assert not re.search(r"\(default:? [^)]*\)\s*\(default", text), text
+        assert "images per batch (default: " in text and "augmentation (default: 0)" in text
+
+
+def test_evaluate_writes_paths_relative_to_the_folder_as_score_does(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a working directory unrelated to the data
+    assert main(["evaluate", str(data["bank"]), str(data["category"]), "-o", "e.csv", "-q"]) == EXIT_OK
+    assert main(["score", str(data["bank"]), str(data["category"]), "-o", "s", "--no-maps", "-q"]) == EXIT_OK
+    evaluated = pd.read_csv(tmp_path / "e.csv")["path"]
+    assert sorted(evaluated) == sorted(p for p in pd.read_csv(tmp_path / "s" / "scores.csv")["path"]
+                                       if p.startswith("test/"))
+    assert "test/good/000.png" in set(evaluated)

@@ -183,6 +183,38 @@ def test_run_notebooks_refuses_bad_settings_before_any_kernel(tmp_path, monkeypa
     assert "cannot write to the results folder" in err
 
 
+def test_run_notebooks_checks_the_data_before_any_kernel_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """An unknown category, a wrong layout, an empty root, a bad labels.csv: found before a kernel starts (they were
+    found 20-37 s into the first notebook, after config.json and summary.csv were written), and the categories
+    found under the root are listed, nested mvtec/ included."""
+    monkeypatch.setattr(run_notebooks, "run_one", lambda *a, **k: pytest.fail("a notebook ran"))
+    monkeypatch.delenv(profiles.OVERRIDES_ENV, raising=False)
+    root = tmp_path / "data"
+    make_synthetic_mvtec(root / "mvtec", "bottle", n_train=2, n_test_good=1, n_test_defect=1, size=64)
+    (root / "mvtec" / "flat" / "test" / "good").mkdir(parents=True)
+    _labelled(root / "lab", ["0.png,0,good,", "1.png,2,x,"])
+    (tmp_path / "empty").mkdir()
+    cases = ((root, "bottel", "Did you mean 'bottle'? Categories there: ['bottle']"),
+             (root, "flat", "wrong layout"),
+             (tmp_path / "empty", "bottle", "Categories there: none"),
+             (root, "lab", "line 3: label must be 0 (normal) or 1 (anomalous)"))
+    for data_root, category, message in cases:
+        out = tmp_path / "out"
+        with pytest.raises(SystemExit) as exit_info:
+            run_notebooks.main(["--profile", "smoke", "--device", "cpu", "--only", "02", "--out-dir", str(out),
+                                "--data-root", str(data_root), "--categories", category])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()  # no config.json, no summary.csv, no executed copy
+
+
+def test_run_notebooks_suggests_the_profile(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_notebooks.main(["--profile", "smok"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unknown profile 'smok'" in err and "(did you mean 'smoke'?)" in err
+
+
 def test_run_notebooks_writes_its_summary_even_when_a_notebook_fails(tmp_path, monkeypatch):
     """runs/<profile>/summary.csv: one row per notebook with its status and minutes; a failure stops the
     run, and the rows after it say "not run"."""

@@ -16,6 +16,7 @@ than 32 px on a side are refused (imagecorruptions and the stride-16 taps need t
 from __future__ import annotations
 
 import csv
+import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,9 +76,11 @@ def _require_root(root, what: str) -> Path:
 
 
 def mvtec_categories(root) -> list[str]:
-    """Categories under an MVTec AD root (folders that have ``train/good``)."""
+    """Categories under an MVTec AD root (folders that have ``train/good``), and under its ``mvtec/`` folder."""
     root = _require_root(root, "the MVTec AD categories")
-    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    found = {p.name for top in (root, root / "mvtec") if top.is_dir() for p in top.iterdir()
+             if (p / "train" / "good").is_dir()}
+    return sorted(found)
 
 
 def mvtec_samples(root, category: str, split: str) -> list[Sample]:
@@ -92,9 +95,11 @@ def mvtec_samples(root, category: str, split: str) -> list[Sample]:
     folder = root / category
     if not folder.is_dir():
         found = mvtec_categories(root)
+        close = difflib.get_close_matches(category, found, n=1)
         raise DataError(
             f"category {category!r} not found under {root}: expected {folder}. "
-            f"Categories there: {found or 'none (is data_root the folder that holds the category folders?)'}"
+            + (f"Did you mean {close[0]!r}? " if close else "")
+            + f"Categories there: {found or 'none (is data_root the folder that holds the category folders?)'}"
         )
     split_dir = folder / split
     if not split_dir.is_dir() or (split == "train" and not (split_dir / "good").is_dir()):

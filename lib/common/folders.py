@@ -1,6 +1,7 @@
 """Any folder of images as a dataset (the command-line interface's input), and its labels where they exist.
 
 - :func:`list_images` walks a folder recursively (png, jpg, bmp, tif; hidden files and folders skipped).
+- :func:`training_images` picks what ``roda fit`` reads: ``train/good`` of an MVTec AD category, else the folder.
 - :func:`read_rgb` reads grey, RGB, RGBA, palette, 16-bit and float images as 8-bit RGB. 16-bit images are
   scaled by 255/65535 (not per image, so intensities stay comparable between images); float images in
   [0, 1] by 255, other float images by their own range; RGBA is composited onto black.
@@ -54,6 +55,21 @@ def list_images(folder, exclude=("ground_truth",)) -> list[Path]:
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
             found.append(p)
     return sorted(found)
+
+
+def training_images(folder) -> tuple[list[Path], Path]:
+    """The normal images ``roda fit`` builds a bank from, and the folder they come from: ``train/good`` of an MVTec
+    AD category (never its test images); every image under any other folder. A folder with parts of that layout
+    (``train/``, ``test/``, ``ground_truth/``) but no ``train/good`` is refused: its images are not all normal."""
+    folder = Path(folder)
+    good = folder / "train" / "good"
+    if good.is_dir():
+        return list_images(good), good
+    parts = [f"{name}/" for name in ("train", "test", "ground_truth") if (folder / name).is_dir()]
+    if parts:
+        raise DataError(f"{folder} has {', '.join(parts)} (the MVTec AD layout) but no train/good: pass the folder "
+                        f"of normal training images itself (e.g. {folder / 'train' / 'good'})")
+    return list_images(folder), folder
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:

@@ -96,7 +96,8 @@ def _plain(value):
 def adapt_config(args):
     """The :class:`lib.roda.adaptation.AdaptConfig` of ``roda adapt``'s flags and ``--variant``, filled as on a bank
     (``lib.experiments.cli``: explicit flags win over the variant, the variant over the profiles' defaults)."""
-    from lib.experiments.cli import _apply_variant, _options, _roda_defaults
+    from lib.experiments.cli import _apply_variant, _roda_defaults
+    from lib.experiments.cli_options import loss_options
     from lib.roda.adaptation import AdaptConfig
     from lib.roda.online import default_loss_options
 
@@ -104,7 +105,7 @@ def adapt_config(args):
     _apply_variant(args, defaults)
     options = default_loss_options(args.method, defaults)
     options.update(args.variant_loss)
-    options.update(_options(args.option))
+    options.update(loss_options(args.method, args.option))
     normalize = args.method == "ttac" if args.normalize_loss is None else bool(args.normalize_loss)
     statistics_only = args.epochs == 0 and not args.steps
     return AdaptConfig(method="patchcore" if statistics_only else args.method, epochs=args.epochs, steps=args.steps,
@@ -114,14 +115,18 @@ def adapt_config(args):
 
 
 def cmd_adapt(args) -> int:
+    from lib.common.utils import seed_everything
     from lib.experiments.cli import EXIT_OK, _existing
+    from lib.experiments.cli_options import check_output
     from lib.roda.anomalib_model import adapt_patchcore, save_adapted_checkpoint
 
     config = adapt_config(args)
     folder = _existing(args.folder, "folder")
+    check_output(args.output, "-o/--output")
     items = _items(args, folder)
     train = _items(args, _existing(args.train_images, "folder")) if args.train_images else None
     module = _load(args)
+    seed_everything(args.seed)  # after the checks, as on a bank
     t0 = time.perf_counter()
     module, history = adapt_patchcore(module, items, config, train_images=train, bank_rows=args.bank_rows,
                                       show_progress=not args.quiet)
@@ -197,26 +202,28 @@ def _overlays(items, maps, out_dir: Path, folder: Path, map_range, quiet: bool) 
 
 def cmd_score(args) -> int:
     from lib.experiments.cli import EXIT_OK, _existing
+    from lib.experiments.cli_options import check_output, staged_folder
     from lib.roda.anomalib_model import adaptation_info
 
     _reject_state(args)
+    folder = _existing(args.folder, "folder")
+    out_dir = check_output(args.output, "-o/--output", folder=True)
     module = _load(args)
     info = adaptation_info(args.bank)
-    folder = _existing(args.folder, "folder")
     items = _items(args, folder)
-    out_dir = Path(args.output)
     out = predict(module, items, args.batch_size, args.quiet)
     table = pd.DataFrame(dict(path=[str(Path(p).resolve().relative_to(folder.resolve())) for p in items],
                               score=out["scores"]))
     if args.threshold is not None:
         table["anomalous"] = table["score"] > args.threshold
-    if not args.no_maps:
-        table["map"] = _overlays(items, out["maps"], out_dir, folder, args.map_range, args.quiet)
-    write_csv(table, out_dir / "scores.csv")
-    write_json(dict(checkpoint=str(args.bank), adapted_with=_label(info), n_images=len(items),
-                    map_range=list(args.map_range) if args.map_range else [float(out["maps"].min()),
-                                                                           float(out["maps"].max())]),
-               out_dir / "run.json")
+    with staged_folder(out_dir) as stage:  # moved onto out_dir whole at the end; removed if the run stops
+        if not args.no_maps:
+            table["map"] = _overlays(items, out["maps"], stage, folder, args.map_range, args.quiet)
+        write_csv(table, stage / "scores.csv")
+        write_json(dict(checkpoint=str(args.bank), adapted_with=_label(info), n_images=len(items),
+                        map_range=list(args.map_range) if args.map_range else [float(out["maps"].min()),
+                                                                               float(out["maps"].max())]),
+                   stage / "run.json")
     print(f"{len(items)} images scored ({_label(info)}): {out_dir / 'scores.csv'}"
           + ("" if args.no_maps else f", maps in {out_dir / 'maps'}"))
     return EXIT_OK
@@ -226,12 +233,16 @@ def cmd_evaluate(args) -> int:
     from lib.common.folders import labelled_items
     from lib.common.metrics import image_auroc, pixel_auroc
     from lib.experiments.cli import EXIT_OK, CliError, _existing, _readable
+    from lib.experiments.cli_options import check_output
     from lib.roda.anomalib_model import adaptation_info
 
     _reject_state(args)
+    folder = _existing(args.folder, "folder")
+    for path, flag in ((args.output, "-o/--output"), (args.json, "--json")):
+        if path:
+            check_output(path, flag)
     module = _load(args)
     info = adaptation_info(args.bank)
-    folder = _existing(args.folder, "folder")
     items, layout = labelled_items(folder)
     items = _readable(items, args, str(folder))
     labels = np.array([i.label for i in items])
@@ -248,7 +259,8 @@ def cmd_evaluate(args) -> int:
     print(f"image AUROC {100 * summary['image_auroc']:.1f}"
           + (f"   pixel AUROC {100 * summary['pixel_auroc']:.1f}" if "pixel_auroc" in summary else ""))
     if args.output:
-        write_csv(pd.DataFrame(dict(path=[i.path for i in items], label=labels, defect=[i.defect for i in items],
+        rel = [str(Path(i.path).resolve().relative_to(folder.resolve())) for i in items]  # as in scores.csv
+        write_csv(pd.DataFrame(dict(path=rel, label=labels, defect=[i.defect for i in items],
                                     score=out["scores"])), args.output)
     if args.json:
         write_json(summary, args.json)

@@ -7,16 +7,18 @@
 
 Folders are read recursively (png, jpg, bmp, tif; grey, RGB, RGBA, 16-bit). A file that cannot be read
 stops the run with its path (``--on-error stop``, default) or is reported and left out (``--on-error
-skip``). Exit codes: 0 success, 1 failure (bad data, unusable bank or state), 2 usage (bad arguments,
-missing paths), 130 interrupted. Every output file is written atomically.
+skip``). Options are checked before any compute, by the profiles' rules (``lib.experiments.cli_options``), and
+so is every output location. Exit codes: 0 success, 1 failure (bad data, unusable bank or state), 2 usage (bad
+arguments, missing or unwritable paths), 130 interrupted. Every output file is written atomically and ``score``'s
+folder as a whole: an interrupted run leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +26,29 @@ import pandas as pd
 import torch
 
 from lib.common.data import DataError
-from lib.common.folders import FolderDataset, labelled_items, list_images, scan, write_overlays
-from lib.common.utils import progress, seed_everything, write_csv, write_json
+from lib.common.folders import FolderDataset, labelled_items, list_images, training_images, write_overlays
+from lib.common.utils import OutputError, progress, seed_everything, write_csv, write_json
+from lib.experiments import cli_options
 from lib.experiments.anomalib_cli import command_for, extend_parser
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class CliError(Exception):
-    """An error to report in one line and exit with ``code``."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILURE):
-        super().__init__(message)
-        self.code = code
+from lib.experiments.cli_options import (  # noqa: F401 - the exit codes are the command's too
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    NUMBER,
+    SEED,
+    STEPS,
+    CliError,
+    OptionError,
+    bank_fingerprint,
+    check_output,
+    check_state_bank,
+    setting,
+    size,
+    staged_folder,
+)
+from lib.experiments.cli_options import existing as _existing
+from lib.experiments.cli_options import readable as _readable
 
 
 def _roda_defaults() -> dict:
@@ -49,47 +61,11 @@ def _roda_defaults() -> dict:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def _existing(path: str, kind: str) -> Path:
-    p = Path(path).expanduser()
-    ok = p.is_dir() if kind == "folder" else p.is_file()
-    if not ok:
-        raise CliError(f"{kind} {p} does not exist" + (" (or is not a folder)" if kind == "folder" else ""), EXIT_USAGE)
-    return p
-
-
-def _readable(items, args, what: str) -> list:
-    """Check every image once; stop on the first unreadable ones or skip them (``--on-error``)."""
-    if not items:
-        raise CliError(f"no images (png, jpg, bmp, tif) found in {what} (searched recursively)")
-    good, bad = scan(items, show_progress=not args.quiet)
-    for path, reason in bad:
-        print(f"{'skipped' if args.on_error == 'skip' else 'unreadable'}: {path}: {reason}", file=sys.stderr)
-    if bad and args.on_error == "stop":
-        raise CliError(f"{len(bad)} of {len(items)} images in {what} cannot be read (listed above): fix or remove "
-                       "them, or pass --on-error skip to leave them out")
-    if not good:
-        raise CliError(f"none of the {len(items)} images in {what} can be read")
-    return good
-
-
 def _loader(items, geometry: dict, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False):
     from lib.common.data import make_loader
 
     return make_loader(FolderDataset(items, geometry.get("resize", 256), geometry.get("crop", 224)), batch_size,
                        shuffle=shuffle, seed=seed, drop_last=drop_last)
-
-
-def _size(text: str):
-    """``256`` -> 256 (shorter side / square crop); ``320x240`` -> (320, 240) as (h, w); ``none`` -> None."""
-    if text.lower() == "none":
-        return None
-    try:
-        if "x" in text.lower():
-            h, w = (int(v) for v in text.lower().split("x"))
-            return [h, w]
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size like 256, 320x240 or none, got {text!r}") from None
 
 
 def _load_bank(path: str, device: str):
@@ -110,14 +86,7 @@ def _load_bank(path: str, device: str):
     return model, prep
 
 
-def _bank_fingerprint(model) -> str:
-    from lib.common.utils import stable_hash
-
-    bank = model.bank.detach().cpu().float()
-    return f"{tuple(bank.shape)}:{stable_hash(float(bank.sum()), float(bank.abs().sum()), float(bank[0].sum()))}"
-
-
-def _apply_state(model, path: str | None, quiet: bool) -> dict:
+def _apply_state(model, path: str | None) -> dict:
     if path is None:
         return {}
     from lib.roda.adaptation import load_bn_state
@@ -130,8 +99,6 @@ def _apply_state(model, path: str | None, quiet: bool) -> dict:
     except Exception as exc:  # noqa: BLE001
         raise CliError(f"{path} is not a usable adapted state for this bank's backbone ({exc}): "
                        "create it with `roda adapt` on the same bank") from None
-    if info.get("bank") and info["bank"] != _bank_fingerprint(model) and not quiet:
-        print(f"warning: {path} was adapted against another bank", file=sys.stderr)
     return info
 
 
@@ -145,8 +112,11 @@ def cmd_fit(args) -> int:
     from lib.roda.patchcore import PatchCore
 
     folder = _existing(args.folder, "folder")
-    items = _readable(list_images(folder), args, str(folder))
+    check_output(args.output, "-o/--output")
+    paths, used = training_images(folder)
+    items = _readable(paths, args, str(used))
     geometry = dict(resize=args.resize, crop=args.crop)
+    seed_everything(args.seed)  # after the checks: torch's deterministic switch alone imports for seconds
     extractor = load_backbone(args.backbone, args.weights, device=args.device)
     model = PatchCore(extractor, coreset_ratio=args.coreset_ratio, max_bank=args.max_bank, seed=args.seed,
                       device=args.device)
@@ -158,7 +128,7 @@ def cmd_fit(args) -> int:
     # beside the bank: what `adapt --bn-init matched` and `--option weights=coverage` need from the training images
     torch_save(dict(moments=recorder.moments(), coverage=model.coverage.cpu(), bank_head=model.bank[:4].cpu()),
                _reference_path(args.output))
-    print(f"bank {args.output}: {model.bank.shape[0]} x {model.bank.shape[1]} from {len(items)} images "
+    print(f"bank {args.output}: {model.bank.shape[0]} x {model.bank.shape[1]} from {len(items)} images in {used} "
           f"({model.n_train_patches} patches, {args.backbone}) in {time.perf_counter() - t0:.1f} s")
     return EXIT_OK
 
@@ -210,15 +180,6 @@ def _apply_variant(args, r: dict) -> None:
     args.drop_last = bool(spec.get("drop_last", False))
 
 
-def _options(pairs) -> dict:
-    from lib.experiments.settings import parse_assignments
-
-    try:
-        return parse_assignments(pairs)
-    except ValueError as err:
-        raise CliError(str(err), EXIT_USAGE) from None
-
-
 def cmd_adapt(args) -> int:
     from lib.roda.adaptation import save_bn_state
     from lib.roda.bn_stats import gate_bn_stats, match_bn_stats, reestimate_bn_stats
@@ -226,17 +187,23 @@ def cmd_adapt(args) -> int:
 
     defaults = _roda_defaults()
     _apply_variant(args, defaults)
-    model, prep = _load_bank(args.bank, args.device)
+    typed = {k.strip(): v for k, _, v in (o.partition("=") for o in args.option)}  # as the user wrote them
+    given = cli_options.loss_options(args.method, args.option)
     folder = _existing(args.folder, "folder")
+    check_output(args.output, "-o/--output")
+    model, prep = _load_bank(args.bank, args.device)
     items = _readable(list_images(folder), args, str(folder))
     options = default_loss_options(args.method, defaults)
     options.update(args.variant_loss)
-    options.update(_options(args.option))
+    options.update(given)
     weights = None
     if options.get("weights") == "coverage":
         weights = _bn_reference(args.bank, model, "coverage", "--option weights=coverage",
                                 "use --option weights=uniform")
     gate, plain = {}, _loader(items, prep, args.batch_size, shuffle=False, seed=args.seed)
+    if (args.steps or args.epochs) and "eps" in options:  # a degenerate eps, from the first batch's cost scale
+        cli_options.check_eps(model, next(iter(plain))["image"][:2], options, typed)
+    seed_everything(args.seed)  # after the checks, before the first random draw (statistics, shuffling, views)
     if args.bn_init == "target":  # AdaBN first: the folder's own BatchNorm statistics (no labels)
         reestimate_bn_stats(model, plain)
     elif args.bn_init == "matched":  # the same, referenced to the training images' statistics
@@ -271,7 +238,7 @@ def cmd_adapt(args) -> int:
                 momentum=args.momentum, augment=args.augment, steps=len(losses), n_images=len(items),
                 batch_size=args.batch_size, seed=args.seed, bn_init=args.bn_init, **gate,
                 first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
-                bank=_bank_fingerprint(model), bank_file=str(Path(args.bank).resolve()), target=str(folder.resolve()))
+                bank=bank_fingerprint(model), bank_file=str(Path(args.bank).resolve()), target=str(folder.resolve()))
     save_bn_state(model.extractor, args.output, info=info)
     start = (f"; --bn-init gated kept the {gate['bn_start']} statistics (mean nearest-bank distance: source "
              f"{gate['nn_source']:.4g}, matched {gate['nn_matched']:.4g})" if gate else "")
@@ -295,25 +262,32 @@ def _score(model, items, prep, args, desc: str):
 
 
 def cmd_score(args) -> int:
-    model, prep = _load_bank(args.bank, args.device)
-    state = _apply_state(model, args.state, args.quiet)
     folder = _existing(args.folder, "folder")
+    out_dir = check_output(args.output, "-o/--output", folder=True)
+    check_state_bank(args.bank, args.state, args.force)
+    seed_everything(args.seed)
+    model, prep = _load_bank(args.bank, args.device)
+    state = _apply_state(model, args.state)
     items = _readable(list_images(folder), args, str(folder))
-    out_dir = Path(args.output)
     patch, scores = _score(model, items, prep, args, "scoring")
-    table = pd.DataFrame(dict(path=[str(Path(p).resolve().relative_to(folder.resolve())) for p in items], score=scores))
+    table = pd.DataFrame(dict(path=[_relative(p, folder) for p in items], score=scores))
     if args.threshold is not None:
         table["anomalous"] = table["score"] > args.threshold
-    if not args.no_maps:
-        table["map"] = write_overlays(model, items, patch, prep, out_dir, folder, args.map_range, args.quiet)
-    write_csv(table, out_dir / "scores.csv")
-    write_json(dict(bank=str(args.bank), state=args.state, adapted_with=_state_label(state) if state else None,
-                    n_images=len(items),
-                    map_range=list(args.map_range) if args.map_range else [float(patch.min()), float(patch.max())]),
-               out_dir / "run.json")
+    with staged_folder(out_dir) as stage:  # moved onto out_dir whole at the end; removed if the run stops
+        if not args.no_maps:
+            table["map"] = write_overlays(model, items, patch, prep, stage, folder, args.map_range, args.quiet)
+        write_csv(table, stage / "scores.csv")
+        write_json(dict(bank=str(args.bank), state=args.state, adapted_with=_state_label(state) if state else None,
+                        n_images=len(items), map_range=list(args.map_range) if args.map_range
+                        else [float(patch.min()), float(patch.max())]), stage / "run.json")
     print(f"{len(items)} images scored ({_state_label(state)}): "
           f"{out_dir / 'scores.csv'}" + ("" if args.no_maps else f", maps in {out_dir / 'maps'}"))
     return EXIT_OK
+
+
+def _relative(path, folder: Path) -> str:
+    """``path`` relative to the scored / evaluated ``folder``: the one convention of every table the CLI writes."""
+    return Path(os.path.relpath(Path(path).absolute(), folder.absolute())).as_posix()
 
 
 def _state_label(state: dict) -> str:
@@ -330,9 +304,14 @@ def _state_label(state: dict) -> str:
 def cmd_evaluate(args) -> int:
     from lib.common.metrics import image_auroc, pixel_auroc
 
-    model, prep = _load_bank(args.bank, args.device)
-    state = _apply_state(model, args.state, args.quiet)
     folder = _existing(args.folder, "folder")
+    for path, flag in ((args.output, "-o/--output"), (args.json, "--json")):
+        if path:
+            check_output(path, flag)
+    check_state_bank(args.bank, args.state, args.force)
+    seed_everything(args.seed)
+    model, prep = _load_bank(args.bank, args.device)
+    state = _apply_state(model, args.state)
     items, layout = labelled_items(folder)
     items = _readable(items, args, str(folder))
     labels = np.array([i.label for i in items])
@@ -351,8 +330,8 @@ def cmd_evaluate(args) -> int:
     print(f"image AUROC {100 * summary['image_auroc']:.1f}"
           + (f"   pixel AUROC {100 * summary['pixel_auroc']:.1f}" if "pixel_auroc" in summary else ""))
     if args.output:
-        write_csv(pd.DataFrame(dict(path=[i.path for i in items], label=labels, defect=[i.defect for i in items],
-                                    score=out["scores"])), args.output)
+        write_csv(pd.DataFrame(dict(path=[_relative(i.path, folder) for i in items], label=labels,
+                                    defect=[i.defect for i in items], score=out["scores"])), args.output)
     if args.json:
         write_json(summary, args.json)
     return EXIT_OK
@@ -371,23 +350,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, batch_size=16):
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (CUDA when present)")
-        p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch (default {batch_size})")
+        p.add_argument("--batch-size", type=setting("patchcore.batch_size"), default=batch_size,
+                       help="images per batch")
         p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                        help="an unreadable image stops the run (default) or is reported and skipped")
-        p.add_argument("--seed", type=int, default=0, help="seed of the coreset / shuffling / augmentation")
+        p.add_argument("--seed", type=setting(SEED), default=0, help="seed of the coreset / shuffling / augmentation")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = cli_options.HelpFormatter  # each default once
     p = sub.add_parser("fit", help="build a memory bank from a folder of normal images", formatter_class=fmt,
                        description="Build a PatchCore memory bank (coreset of patch features) from normal images.")
     p.add_argument("folder", help="folder of normal (good) images, read recursively")
     p.add_argument("-o", "--output", required=True, help="bank file to write (e.g. bank.pt)")
     p.add_argument("--backbone", default="mobilenet_v2", help="feature extractor (lib.common.backbones)")
     p.add_argument("--weights", default=None, help="weights file or tag (default: the bundled ImageNet weights)")
-    p.add_argument("--resize", type=_size, default=256, help="shorter side after resizing (or HxW, or none)")
-    p.add_argument("--crop", type=_size, default=224, help="center crop (or HxW, or none: keep the whole image)")
-    p.add_argument("--coreset-ratio", type=float, default=0.01, help="share of patches kept in the bank")
-    p.add_argument("--max-bank", type=int, default=2500, help="cap on the bank size (0: none)")
+    p.add_argument("--resize", type=size, default=256, help="shorter side after resizing (or HxW, or none)")
+    p.add_argument("--crop", type=size, default=224, help="center crop (or HxW, or none: keep the whole image)")
+    p.add_argument("--coreset-ratio", type=setting("patchcore.coreset_ratio"), default=0.01,
+                   help="share of patches kept in the bank")
+    p.add_argument("--max-bank", type=setting("patchcore.max_bank", zero_is_none=True), default=2500,
+                   help="cap on the bank size (0 or none: no cap)")
     common(p)
     p.set_defaults(run=cmd_fit)
 
@@ -408,12 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-init", choices=BN_INITS, default=None,
                    help="target: AdaBN on the folder first, then adapt; matched: AdaBN referenced to the training "
                         "images (kept by `fit`); gated: matched only if it brings the folder nearer the bank")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=setting("roda.epochs"), default=None,
                    help=f"passes over the folder (default: the variant's, else {r['epochs']}; 0: only the "
                         "BatchNorm statistics of --bn-init, no alignment)")
-    p.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead of --epochs")
-    p.add_argument("--lr", type=float, default=None, help=f"SGD learning rate (default: the variant's, else {r['lr']})")
-    p.add_argument("--momentum", type=float, default=r["momentum"], help="SGD momentum")
+    p.add_argument("--steps", type=setting(STEPS), default=None, help="a fixed number of steps instead of --epochs")
+    p.add_argument("--lr", type=setting("roda.lr"), default=None,
+                   help=f"SGD learning rate (default: the variant's, else {r['lr']})")
+    p.add_argument("--momentum", type=setting("roda.momentum"), default=r["momentum"], help="SGD momentum")
     p.add_argument("--augment", choices=("flip_rot90", "none"), default="flip_rot90",
                    help="add one flipped / rotated view of each image to its batch")
     p.add_argument("--normalize-loss", action=argparse.BooleanOptionalAction, default=None,
@@ -428,9 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="folder of images to score, read recursively")
     p.add_argument("-o", "--output", required=True, help="output folder (scores.csv, run.json, maps/)")
     p.add_argument("--state", default=None, help="adapted state from `roda adapt` (default: the source encoder)")
-    p.add_argument("--threshold", type=float, default=None, help="add an `anomalous` column: score > threshold")
+    p.add_argument("--threshold", type=setting(NUMBER), default=None,
+                   help="add an `anomalous` column: score > threshold")
     p.add_argument("--no-maps", action="store_true", help="write scores.csv only")
-    p.add_argument("--map-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+    p.add_argument("--force", action="store_true", help="use a --state adapted against another bank")
+    p.add_argument("--map-range", type=setting(NUMBER), nargs=2, default=None, metavar=("LO", "HI"),
                    help="colour scale of the maps (default: min / max patch score over the folder)")
     common(p)
     p.set_defaults(run=cmd_score)
@@ -441,25 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank", help="bank file from `roda fit`")
     p.add_argument("folder", help="labelled folder")
     p.add_argument("--state", default=None, help="adapted state from `roda adapt` (default: the source encoder)")
-    p.add_argument("-o", "--output", default=None, help="CSV of per-image scores and labels")
+    p.add_argument("-o", "--output", default=None, help="CSV of per-image scores and labels (paths relative to the "
+                                                         "folder, as in `score`'s scores.csv)")
     p.add_argument("--json", default=None, help="JSON file for the summary")
+    p.add_argument("--force", action="store_true", help="use a --state adapted against another bank")
     common(p)
     p.set_defaults(run=cmd_evaluate)
     return extend_parser(ap)  # anomalib checkpoints: lib.experiments.anomalib_cli
-
-
-@contextmanager
-def _quiet_library(enabled: bool):
-    """With ``--quiet`` the progress bars inside PatchCore (bank features, coreset, scoring) are off too."""
-    from lib.roda import patchcore
-
-    original = patchcore.progress
-    if enabled:
-        patchcore.progress = lambda *a, **k: original(*a, **dict(k, disable=True))
-    try:
-        yield
-    finally:
-        patchcore.progress = original
 
 
 def main(argv=None) -> int:
@@ -474,13 +447,18 @@ def main(argv=None) -> int:
         args.max_bank = None
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
-    seed_everything(args.seed)
     try:
-        with _quiet_library(args.quiet):
+        with cli_options.quiet_library(args.quiet):
             return (command_for(args) or args.run)(args)  # an anomalib checkpoint: its own commands
     except CliError as err:
         print(f"roda {args.command}: error: {err}", file=sys.stderr)
         return err.code
+    except OptionError as err:
+        print(f"roda {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except OutputError as err:
+        print(f"roda {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     except (DataError, BankError, AdaptationError, StreamError, BackboneError, ValueError) as err:
         print(f"roda {args.command}: error: {err}", file=sys.stderr)
         return EXIT_FAILURE

@@ -10,6 +10,10 @@ merged configuration and raises one :class:`SettingsError` that lists every prob
 Keys that a profile holds but :data:`SPEC` does not list are checked against the type of their default
 (:func:`inferred_rule`), so a new setting works as soon as it has a default in ``lib.experiments.profiles``.
 
+The command line reads its options through the same rules: :func:`check_word` checks a typed word
+(``roda fit --coreset-ratio -0.5``: "must be a number in (0, 1], got -0.5"), :data:`LOSS_OPTIONS` what each
+loss option (``roda adapt --option eps=0.1``) may hold.
+
 :class:`Section` is the read-only dict a resolved profile is built of (:func:`freeze` makes one, :func:`thaw` the
 plain copy).
 """
@@ -344,6 +348,66 @@ def parse_assignments(items) -> dict:
                 raise SettingsError(f"--set {item!r}: {part} was already given a value, not a section")
         node[leaf] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+
+#: what a loss option (``roda adapt --option KEY=VALUE``, a variant's ``loss``) may hold, beyond the type of the
+#: loss function's default; ``"auto"`` is also taken where :data:`LOSS_WORDS` says so
+LOSS_OPTIONS: dict[str, Rule] = {
+    "eps": SPEC["roda.eps"],
+    "rule": SPEC["roda.rule"],
+    "cost": SPEC["roda.cost"],
+    "cost_norm": SPEC["roda.cost_norm"],
+    "reduction": Rule("str", choices=("mean", "sum")),
+    "mass_fraction": _num(0, 1, open_low=True),
+    "entries_per_row": _num(1),
+    "ot": Rule("str", choices=("absorb", "log", "semi_relaxed", "unbalanced")),
+    "rho": _POS,
+    "rho_std": _POS,
+    "weights": Rule("str", choices=("uniform", "coverage")),
+    "ridge": _POS,
+    "mode": Rule("str", choices=("subsample", "tile")),
+    "seed": _SEED,
+    "mean_reduction": Rule("str", choices=("mean", "sum")),
+    "direction": Rule("str", choices=("symmetric", "forward", "reverse")),
+    "sinkhorn_kwargs": Rule("dict"),
+}
+#: loss options that also take a word: ``eps="auto"`` (calibrated on the first batch), ``rho="auto"``
+LOSS_WORDS = {"eps": ("auto",), "rho": ("auto",)}
+
+
+def read_word(text: str, rule: Rule):
+    """A word typed on the command line as ``rule`` reads it: ``none`` / ``null`` -> None, numbers and
+    ``true`` / ``false`` from their text (``1e-3``), JSON lists and dicts; a string setting keeps the text."""
+    word = text.strip()
+    if word.lower() in ("none", "null"):
+        return None
+    if rule.kind == "str":
+        return text
+    try:
+        return json.loads(word)
+    except json.JSONDecodeError:
+        return word
+
+
+def check_word(text: str, rule: Rule, words: tuple = ()):
+    """``text`` (as typed by the user) read by :func:`read_word` and checked under ``rule``; a word of ``words`` is
+    taken as it is. :class:`SettingsError` otherwise, showing what was typed::
+
+        must be a number in (0, 1], got -0.5
+        must be one of 'or', 'and', 'row', 'col', 'mass', got orr; did you mean: 'orr' -> 'or'
+    """
+    if text in words:
+        return text
+    value = read_word(text, rule)
+    try:
+        return rule.check(value)
+    except (ValueError, TypeError):
+        also = "".join(f" or {w!r}" for w in words)
+        wanted = rule.describe().replace("null or ", "none or ", 1)
+        raise SettingsError(f"must be {wanted}{also}, got {text}{_suggest(value, rule)}") from None
 
 
 def thaw(value):
