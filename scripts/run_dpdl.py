@@ -68,7 +68,7 @@ def main(task_name, out, seeds, m_values, methods, epochs=None, setting="general
     dp = dict(cfg.dpdl, image_size=int(os.environ.get("IMAGE_SIZE", cfg.dpdl["image_size"])))
     seeds = [int(s) for s in seeds.split(",")]
     m_values = [int(m) for m in m_values.split(",")]
-    task = protocol.load_openset_task(task_name, profiles.task_root(cfg, task_name), image_size=dp["image_size"])
+    task = protocol.load_openset_task(task_name, profiles.data_root_for(cfg, task_name), image_size=dp["image_size"])
     task = replace(task, train=tuple(data.subsample(task.train, dp.get("max_train"), 0)),
                    test=tuple(data.subsample(task.test, dp.get("max_test"), 0)))
     splits = protocol.split_plan(task, (setting,), m_values, seeds)

@@ -77,17 +77,17 @@ def check_data(cfg, todo) -> None:
     ``RegistryError``) names the task and the fix."""
     from lib.common.data import load_task
     from lib.dpdl.protocol import load_openset_task
-    from lib.experiments.profiles import task_root
+    from lib.experiments.profiles import data_root_for
 
     ablation = cfg["ablation"]
     roda = [*cfg["tasks"], *(ablation["tasks"] or ()), *(ablation["diagnosis"]["tasks"] or ())]
     dpdl = list(cfg["dpdl"]["tasks"]) if any(nb.name[:2] in DPDL_NOTEBOOKS for nb in todo) else []
     for name in dict.fromkeys(roda):
         if name not in GENERATED_TASKS:
-            _for_task(name, load_task, name, task_root(cfg, name))
+            _for_task(name, load_task, name, data_root_for(cfg, name))
     for name in dict.fromkeys(dpdl):
         if name not in GENERATED_TASKS:
-            _for_task(name, load_openset_task, name, task_root(cfg, name), image_size=cfg["dpdl"]["image_size"])
+            _for_task(name, load_openset_task, name, data_root_for(cfg, name), image_size=cfg["dpdl"]["image_size"])
 
 
 def _for_task(name, load, *args, **kwargs):

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lib.common import backbones
+from lib.common import backbones, registry
 from lib.common.utils import read_csv, seed_everything, timings_path, write_csv
 from lib.experiments import profiles, roda_grid
 
@@ -41,7 +41,7 @@ def main(argv=None):
     p.add_argument("--tasks", default=None, help="comma-separated (required unless merging)")
     p.add_argument("--merge", nargs="+", default=None, help="grid CSVs of parallel jobs to fold into --out")
     p.add_argument("--merge-history", nargs="+", default=None, help="their histories, folded into --history")
-    p.add_argument("--corruptions", default=",".join(profiles.CORRUPTIONS))
+    p.add_argument("--corruptions", default=",".join(registry.PAPER_CORRUPTIONS))
     p.add_argument("--methods", default=None, help=f"comma-separated (default: {DEFAULT_METHODS}; with "
                    "--backend ray / processes / serial: the profile's)")
     p.add_argument("--seeds", default="0")

@@ -302,5 +302,9 @@ def data_root_for(cfg: dict, task: str):
     if root is None:
         return None
     if task.startswith("mvtec/"):
-        return registry.task_root(task, root)
+        try:
+            return registry.task_root(task, root)
+        except registry.RegistryError:  # a category the registry does not know: the loader lists what is there
+            nested = Path(root) / "mvtec"
+            return nested if (nested / task.split("/", 1)[1]).is_dir() else Path(root)
     return Path(root)
