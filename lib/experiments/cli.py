@@ -363,6 +363,7 @@ def cmd_evaluate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     r = _roda_defaults()
+    from lib.experiments.profiles import RECOMMENDED
     from lib.roda.adaptation import BN_INITS
     from lib.roda.alignment import ALIGNMENT_LOSSES
 
@@ -398,9 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank", help="bank file from `roda fit`")
     p.add_argument("folder", help="folder of unlabeled images from the new condition (camera, lens, light)")
     p.add_argument("-o", "--output", required=True, help="adapted state file to write (e.g. adapted.pt)")
-    p.add_argument("--variant", default=None, choices=sorted(r.get("variants") or {}), metavar="NAME",
-                   help="a named variant of the profiles (method, loss options, --bn-init, --lr, --epochs), e.g. "
-                        "roda_robust_matched_slow, the README's recommendation; explicit flags override it")
+    p.add_argument("--variant", default=RECOMMENDED, choices=sorted(r.get("variants") or {}), metavar="NAME",
+                   help="named variant (method, loss, --bn-init, --lr, --epochs; docs/recommendation.md); flags win")
     p.add_argument("--method", default=None, choices=sorted(ALIGNMENT_LOSSES),
                    help="alignment loss (default: the variant's, else roda)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
