@@ -108,7 +108,12 @@ _BASE = dict(
                         # the paper's RoDA (Eq. 5-6 as written) with the matched statistics and the small step
                         "roda_matched_slow": dict(method="roda", bn_init="matched", lr=SLOW_LR),
                         # and the small step alone (the paper's RoDA from the source statistics)
-                        "roda_slow": dict(method="roda", lr=SLOW_LR)}),
+                        "roda_slow": dict(method="roda", lr=SLOW_LR),
+                        # what each part of RoDA buys (lib.reporting.protocol_tables.DECOMPOSITION), one change at a
+                        # time after adabn_matched: + continuous transport, + the Eq. 6 discretisation, + augmentation
+                        "matched_ot_noaug": dict(method="continuous_ot", bn_init="matched", augment="none"),
+                        "matched_roda_noaug": dict(method="roda", bn_init="matched", augment="none"),
+                        "matched_roda": dict(method="roda", bn_init="matched")}),
     # epochs: the RoDA/baseline epochs of notebook 04 (None: roda.epochs); table5_schedule: "epochs"
     # (every Table 5 row runs roda.epochs passes, so 80%/100% take 4-5x the steps) or "steps" (every
     # row takes the 20% row's number of steps: more data, same optimisation)
