@@ -103,7 +103,7 @@ def decomposition(table: pd.DataFrame, stage: str = "native", severity: int = 5,
     t = _select(table, stage, severity, tasks)
     t = t[t.condition.isin(corruptions)]
     rows = []
-    for (label_a, a), (label_b, b) in zip(chain[:-1], chain[1:]):
+    for (_, a), (label_b, b) in zip(chain[:-1], chain[1:]):
         for metric in ("image_auroc", "pixel_auroc"):
             runs = {m: t[t.method == m].groupby(["task", "seed", "condition"])[metric].mean() for m in (a, b)}
             diff = (runs[b] - runs[a]).dropna()
