@@ -74,7 +74,7 @@ def main(argv=None):
         seed_everything(0)  # deterministic kernels; every run seeds its own generators from its seed
         shift = {k: v for k, v in (("stage", args.stage), ("severity", args.severity)) if v is not None}
         cfg = profiles.get_profile(args.profile, data_root=args.data_root, corruption=shift)
-        specs = roda_runner.method_specs(cfg)
+        specs = {**profiles.DECOMPOSITION_VARIANTS, **roda_runner.method_specs(cfg)}
         if args.variants:
             import json
 

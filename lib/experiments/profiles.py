@@ -62,10 +62,16 @@ ROBUST_RODA = dict(method="roda", drop_last=True, stop=dict(rel_tol=0.01, min_ep
 #: between epochs in 35 of 40 ``roda_robust_matched`` grid runs (the step overshoots); chosen from that unlabeled trace
 SLOW_LR = 0.0003
 
-#: the recommended label-free configuration: the variant that the rule of docs/recommendation.md chose from the
-#: working-stage development grid (results/real_full/08_roda_grid.csv); the `roda adapt` default
-RECOMMENDED = "recommended"
-RECOMMENDED_FROM = "roda_robust_matched_slow"
+#: the recommended label-free configuration: the variant of ``roda.variants`` that the rule of docs/recommendation.md
+#: chose from the working-stage development grid (results/real_full/08_roda_grid.csv); the `roda adapt` default
+RECOMMENDED = "roda_robust_matched_slow"
+
+#: what each part of RoDA buys (lib.reporting.protocol_tables.DECOMPOSITION), one change at a time after
+#: ``adabn_matched``: + continuous transport, + the Eq. 6 discretisation, + the paper's augmentation (run by
+#: scripts/run_roda_grid.py beside the profile's variants; not part of the notebooks' tables)
+DECOMPOSITION_VARIANTS = {"matched_ot_noaug": dict(method="continuous_ot", bn_init="matched", augment="none"),
+                          "matched_roda_noaug": dict(method="roda", bn_init="matched", augment="none"),
+                          "matched_roda": dict(method="roda", bn_init="matched")}
 
 _BASE = dict(
     backbone="mobilenet_v2",
@@ -97,23 +103,17 @@ _BASE = dict(
                         # alone and before the robust alignment
                         "adabn_matched": dict(method="patchcore", bn_init="matched"),
                         "roda_robust_matched": dict(copy.deepcopy(ROBUST_RODA), bn_init="matched"),
-                        # the same at a tenth of the step (SLOW_LR) and the paper's fixed epochs (no stop rule)
+                        # the same at a tenth of the step (SLOW_LR) and the paper's fixed epochs (no stop rule): the
+                        # recommended configuration (RECOMMENDED, docs/recommendation.md)
                         "roda_robust_matched_slow": dict(copy.deepcopy(ROBUST_RODA), bn_init="matched",
                                                          lr=SLOW_LR, stop=None),
                         # matched statistics only where they bring the split nearer the bank (bn_stats.gate_bn_stats)
                         "roda_robust_gated_slow": dict(copy.deepcopy(ROBUST_RODA), bn_init="gated", lr=SLOW_LR,
                                                        stop=None),
-                        # the recommended configuration (RECOMMENDED): roda_robust_matched_slow's settings
-                        RECOMMENDED: dict(copy.deepcopy(ROBUST_RODA), bn_init="matched", lr=SLOW_LR, stop=None),
                         # the paper's RoDA (Eq. 5-6 as written) with the matched statistics and the small step
                         "roda_matched_slow": dict(method="roda", bn_init="matched", lr=SLOW_LR),
                         # and the small step alone (the paper's RoDA from the source statistics)
-                        "roda_slow": dict(method="roda", lr=SLOW_LR),
-                        # what each part of RoDA buys (lib.reporting.protocol_tables.DECOMPOSITION), one change at a
-                        # time after adabn_matched: + continuous transport, + the Eq. 6 discretisation, + augmentation
-                        "matched_ot_noaug": dict(method="continuous_ot", bn_init="matched", augment="none"),
-                        "matched_roda_noaug": dict(method="roda", bn_init="matched", augment="none"),
-                        "matched_roda": dict(method="roda", bn_init="matched")}),
+                        "roda_slow": dict(method="roda", lr=SLOW_LR)}),
     # epochs: the RoDA/baseline epochs of notebook 04 (None: roda.epochs); table5_schedule: "epochs"
     # (every Table 5 row runs roda.epochs passes, so 80%/100% take 4-5x the steps) or "steps" (every
     # row takes the 20% row's number of steps: more data, same optimisation)

@@ -35,7 +35,8 @@ PAPER_METHODS = {"patchcore": "PatchCore", "ttt++": "TTT++", "ttac": "TTAC", "ro
 #: the paper's table of each metric
 PAPER_TABLES = {"image_auroc": "Table 1", "pixel_auroc": "Table 3"}
 
-#: RoDA's parts, one controlled change each (names of ``roda.variants`` in lib/experiments/profiles.py):
+#: RoDA's parts, one controlled change each (``adabn_matched`` of ``roda.variants`` and the
+#: ``DECOMPOSITION_VARIANTS`` of lib/experiments/profiles.py):
 #: PatchCore; BatchNorm statistics alone (referenced to the training images); + transport (continuous entropic OT,
 #: no augmentation); + the Eq. 6 discretisation; + the target augmentation (the paper's flips and rotations)
 DECOMPOSITION = (("PatchCore", "patchcore"), ("BatchNorm statistics", "adabn_matched"),
