@@ -1,7 +1,7 @@
 """Run a RoDA grid (lib.experiments.roda_grid.run_grid) from the command line, resumable, for long background runs.
 
     OMP_NUM_THREADS=1 python scripts/run_roda_grid.py --profile real_full --tasks mvtec/screw --seeds 0 \
-        --methods patchcore,roda,roda_robust --out runs/roda_grid/screw.csv    # a job's own file, outside results/
+        --methods patchcore,roda,recommended --stage native --out runs/roda_grid/screw.csv    # a job's own file
     python scripts/run_roda_grid.py --curves --tasks mvtec/bottle --methods roda_robust_matched \
         --out results/real_full/08_epoch_curves.csv     # AUROC after every epoch, the stop rule off
     python scripts/run_roda_grid.py --out results/real_full/08_roda_grid.csv --merge A.csv B.csv \
@@ -12,7 +12,10 @@
 
 Parallel jobs must not share an output file, so each writes its own; ``--merge`` folds their rows (and each
 one's ``*_timings.csv``) into ``--out`` (a later file's row replaces an earlier one's for the same task, method,
-corruption and seed), ``--merge-history`` their per-step histories into ``--history``, atomically.
+corruption, seed, severity and corruption stage), ``--merge-history`` their per-step histories into
+``--history``, atomically. ``--stage`` / ``--severity`` override the profile's ``corruption.stage`` /
+``corruption.severity``; rows of both stages share one table, and the summary compares methods within a stage and
+severity, never across them.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.common import backbones, registry
+from lib.common.corruptions import STAGES
 from lib.common.utils import read_csv, seed_everything, timings_path, write_csv
 from lib.experiments import profiles, roda_grid
+from lib.experiments.roda_grid import WORKING
 
 DEFAULT_METHODS = "patchcore,ttt++,ttac,roda,roda_robust"
 
@@ -52,6 +57,9 @@ def main(argv=None):
     p.add_argument("--data-root", default=None, help="data root (default: the profile's)")
     p.add_argument("--note", default="")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stage", default=None, choices=STAGES,
+                   help="where the corruption is applied (default: the profile's corruption.stage)")
+    p.add_argument("--severity", type=int, default=None, help="default: the profile's corruption.severity")
     p.add_argument("--summary", default=None,
                    help="versus-reference table of the whole --out file (default: <out>_vs_<reference>.csv)")
     p.add_argument("--reference", default="patchcore",
@@ -79,8 +87,8 @@ def main(argv=None):
             p.error("--tasks is required (unless --summary-only or --merge)")
         torch.set_num_threads(args.threads)
         seed_everything(0)  # deterministic kernels; every run seeds its own generators from its seed
-        cfg = profiles.get_profile(args.profile, data_root=args.data_root)
-        specs = roda_grid.method_specs(cfg)
+        cfg = profiles.get_profile(args.profile, data_root=args.data_root, corruption=_shift(args))
+        specs = {**profiles.DECOMPOSITION_VARIANTS, **roda_grid.method_specs(cfg)}
         if args.variants:
             import json
 
@@ -99,8 +107,29 @@ def main(argv=None):
                              bank_seed=None if args.bank_seed < 0 else args.bank_seed, note=args.note)
     out = Path(args.out)
     summary = Path(args.summary) if args.summary else out.with_name(f"{out.stem}_vs_{args.reference}.csv")
-    write_csv(roda_grid.versus_reference(pd.read_csv(out), reference=args.reference, margin=0.05), summary)
+    write_csv(summarise_by_stage(pd.read_csv(out), args.reference), summary)
     print(f"summary: {summary}")
+
+
+def _shift(args) -> dict:
+    """The profile's corruption settings that --stage and --severity replace."""
+    return {k: v for k, v in (("stage", args.stage), ("severity", args.severity)) if v is not None}
+
+
+def summarise_by_stage(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """:func:`lib.experiments.roda_grid.versus_reference` within each (stage, severity): the two stages are two
+    protocols and are never averaged together."""
+    table = _with_stage(table)
+    by = [c for c in ("stage", "severity") if c in table]
+    parts = [roda_grid.versus_reference(g, reference=reference, margin=0.05).assign(**dict(zip(by, values)))
+             for values, g in table.groupby(by, sort=True)]
+    out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    return out[by + [c for c in out.columns if c not in by]] if len(out) else out
+
+
+def _with_stage(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows written before the corruption stage was a setting were measured at the working stage."""
+    return table.assign(stage=table["stage"].fillna(WORKING) if "stage" in table else WORKING)
 
 
 def cells(args) -> int:
@@ -109,7 +138,7 @@ def cells(args) -> int:
 
     methods = args.methods.split(",") if args.methods else None
     todo = roda_cells.profile_cells(args.profile, methods=methods, seeds=[int(s) for s in args.seeds.split(",")],
-                                    data_root=args.data_root, categories=None)
+                                    data_root=args.data_root, categories=None, corruption=_shift(args))
     if args.tasks:
         todo = [c for c in todo if c["task"] in args.tasks.split(",")]
     run = executor.run_parallel(roda_cells.roda_cell, todo, args.out, backend=args.backend, address=args.address,
@@ -122,7 +151,7 @@ def cells(args) -> int:
     return 1 if run.failed else 0
 
 
-KEYS = ["task", "method", "condition", "seed"]
+KEYS = ["task", "method", "condition", "seed", "severity", "stage"]
 
 
 def _fold(target: Path, sources, keys) -> int:
@@ -130,12 +159,13 @@ def _fold(target: Path, sources, keys) -> int:
     ``keys`` (all rows of that key, so a history's steps are replaced as a whole); written atomically."""
     from lib.common.utils import atomic_path
 
-    frames = [pd.read_csv(target)] if target.is_file() else []
+    frames = [_with_stage(pd.read_csv(target))] if target.is_file() else []
     for source in sources:
-        new = pd.read_csv(source)
+        new = _with_stage(pd.read_csv(source))
         if frames:
             old = pd.concat(frames, ignore_index=True)
-            hit = old[keys].merge(new[keys].drop_duplicates(), on=keys, how="left", indicator=True)["_merge"]
+            on = [k for k in keys if k in old and k in new]  # a table without severity: a single severity
+            hit = old[on].merge(new[on].drop_duplicates(), on=on, how="left", indicator=True)["_merge"]
             frames = [old[(hit == "left_only").to_numpy()]]
         frames.append(new)
     merged = pd.concat(frames, ignore_index=True)

@@ -43,7 +43,7 @@ def test_adapt_score_evaluate(data, tmp_path, capsys):
     state = tmp_path / "adapted.pt"
     target = data["category"] / "test"
     assert main(["adapt", str(data["bank"]), str(target), "-o", str(state), "--epochs", "1", "--batch-size", "4",
-                 "--option", "eps=0.1", "--device", "cpu", "-q"]) == EXIT_OK
+                 "--variant", "none", "--option", "eps=0.1", "--device", "cpu", "-q"]) == EXIT_OK
     assert state.is_file()
     out = tmp_path / "scores"
     assert main(["score", str(data["bank"]), str(target), "--state", str(state), "-o", str(out),
@@ -443,3 +443,14 @@ def test_evaluate_writes_paths_relative_to_the_folder_as_score_does(data, tmp_pa
     assert sorted(evaluated) == sorted(p for p in pd.read_csv(tmp_path / "s" / "scores.csv")["path"]
                                        if p.startswith("test/"))
     assert "test/good/000.png" in set(evaluated)
+
+
+def test_adapt_defaults_to_the_recommended_variant():
+    """`roda adapt` without --variant runs the configuration docs/recommendation.md chose; `none` is the paper's."""
+    from lib.experiments.cli import build_parser
+    from lib.experiments.profiles import _BASE, RECOMMENDED
+
+    parse = build_parser().parse_args
+    assert RECOMMENDED in _BASE["roda"]["variants"]
+    assert parse(["adapt", "bank.pt", "folder", "-o", "s.pt"]).variant == RECOMMENDED
+    assert parse(["adapt", "bank.pt", "folder", "-o", "s.pt", "--variant", "none"]).variant == "none"

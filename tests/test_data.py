@@ -6,7 +6,6 @@ from lib.common.data import (
     AnomalyDataset,
     DataError,
     Sample,
-    elpv_samples,
     labelled_folder_samples,
     load_image,
     mvtec_samples,
@@ -14,6 +13,7 @@ from lib.common.data import (
     split_normals,
     stratified_split,
 )
+from lib.common.elpv import elpv_samples
 
 
 def _img(path, size=(64, 48), mode="L", value=128):

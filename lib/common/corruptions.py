@@ -5,15 +5,21 @@ RoDA follows the corruption protocol of Hendrycks & Dietterich (ImageNet-C) thro
 brightness and contrast (:data:`CORRUPTIONS`). All 19 corruptions of the package are available for
 extra experiments (:func:`all_corruption_names`).
 
-Where the corruption is applied
-    In this project the loader (``lib.common.data.AnomalyDataset``) applies the corruption **after** the
-    resize of the shorter side to 256 px and **before** the 224 px center crop, on a uint8 HxWx3
-    image. This module only provides the function; the order is the loader's. We chose this stage
-    (it is the pilot's choice and it is recorded in the docs) because corrupting at native resolution
-    (700-1024 px for MVTec) and then resizing averages the noise away and shrinks blur kernels about
-    4x, so the shift the network sees would be much weaker than the severity suggests. ADShift (GNL)
-    corrupted at native resolution with severity 3; RoDA reports severity 5 without stating the stage.
-    Our numbers are therefore not directly comparable to protocols that corrupt before resizing.
+Where the corruption is applied: the stage (:data:`STAGES`, the profile setting ``corruption.stage``)
+    ``native``  the paper's protocol, as the public MVTec corruption script of GNL/ADShift
+                (``generate_corrupted_mvtec.py``) does it: the image is corrupted at its native (original)
+                resolution, *before* the resize to 256 px, so the later downsampling averages the Gaussian
+                noise (by about ``2 / (3k)`` in standard deviation for a ``k``-fold antialiased bilinear
+                reduction) and shrinks the defocus disk ``k``-fold; brightness and contrast are pointwise
+                or global and barely change. Where the copy on disk was stored smaller than the original
+                (``../shared/data`` holds 256 px copies), :func:`corrupt_native` emulates it: upsample to the
+                native size of the task registry (``TaskSpec.native``), corrupt there, downsample with
+                antialiasing. Where the file is native (a user's own MVTec download), it corrupts directly.
+    ``working`` the harsher stress protocol: corrupt **after** the resize of the shorter side to 256 px, on
+                the image the network sees (before the 224 px center crop); the noise and blur reach the
+                network at their full strength.
+    Clean images (no corruption or severity 0) take the same path under both stages. The order is the
+    loader's (``lib.common.data.preprocess``); this module provides the functions.
 
 Determinism
     ``imagecorruptions`` draws from the *global* ``np.random`` generator. :func:`corrupt` seeds it
@@ -74,6 +80,9 @@ from lib.common.utils import numpy_seed, stable_hash
 __all__ = [
     "CORRUPTIONS",
     "ALL_CORRUPTIONS",
+    "STAGES",
+    "native_size",
+    "corrupt_native",
     "MIN_SIDE",
     "CorruptionSpec",
     "all_corruption_names",
@@ -84,6 +93,10 @@ __all__ = [
 
 
 _CLEAN_NAMES = (None, "clean", "none")
+
+#: where a corruption is applied: at the image's native resolution before the resize (the paper's protocol), or
+#: on the resized working image (the harsher stress protocol); see the module docstring
+STAGES = ("native", "working")
 _LOCK = threading.RLock()
 _PACKAGE = None
 
@@ -355,3 +368,56 @@ class CorruptionSpec:
 
     def __str__(self) -> str:
         return self.label
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def check_stage(stage) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"unknown corruption stage {stage!r}: choose one of {', '.join(STAGES)} "
+                         "(corruption.stage in a profile)")
+    return stage
+
+
+def native_size(stored_hw, native=None) -> tuple[int, int]:
+    """(height, width) the ``native`` stage corrupts at, for a file stored at ``stored_hw``.
+
+    ``native``: the dataset's original (height, width) (``TaskSpec.native``; a side ``None`` follows the stored
+    aspect). A file smaller than that was stored downsampled: the original size is emulated. A file as large or
+    larger, or ``native=None``: the file is native and is corrupted at its own size."""
+    h, w = int(stored_hw[0]), int(stored_hw[1])
+    if native is None:
+        return h, w
+    nh, nw = native
+    if nh is None and nw is None:
+        return h, w
+    nh = int(round(h * nw / w)) if nh is None else int(nh)
+    nw = int(round(w * nh / h)) if nw is None else int(nw)
+    return (h, w) if nh <= h and nw <= w else (nh, nw)
+
+
+def corrupt_native(image, out_wh, name: str | None, severity: int, seed: int = 0, native=None,
+                   upsample: str = "bilinear") -> np.ndarray:
+    """The ``native`` stage: ``image`` (a PIL image or uint8 array at its stored size) corrupted at its native
+    size (:func:`native_size`) and resized to ``out_wh`` = (width, height) with PIL's antialiased bilinear
+    filter, as the working pipeline resizes; a uint8 HxWx3 array.
+
+    A file stored smaller than ``native`` is first upsampled to it (``upsample``: PIL ``"bilinear"`` or
+    ``"bicubic"``): the emulation of corrupting the original. Clean (``name`` None or severity 0): only the resize,
+    the same pixels as the ``working`` stage."""
+    from PIL import Image
+
+    rgb = to_rgb_uint8(image)
+    picture = Image.fromarray(rgb)
+    out_wh = (int(out_wh[0]), int(out_wh[1]))
+    if _check_name(name) is None or _check_severity(severity) == 0:
+        return np.asarray(picture.resize(out_wh, Image.BILINEAR), dtype=np.uint8)
+    filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+    if upsample not in filters:
+        raise ValueError(f"upsample must be one of {sorted(filters)}, got {upsample!r}")
+    nh, nw = native_size(rgb.shape[:2], native)
+    if (nh, nw) != rgb.shape[:2]:
+        picture = picture.resize((nw, nh), filters[upsample])
+    shifted = corrupt(np.asarray(picture), name, severity, seed)
+    return np.asarray(Image.fromarray(shifted).resize(out_wh, Image.BILINEAR), dtype=np.uint8)

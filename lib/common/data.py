@@ -1,13 +1,15 @@
-"""Datasets: MVTec AD layout, labelled folders (``labels.csv``), ELPV, preprocessing and splits.
+"""Datasets: MVTec AD layout, labelled folders (``labels.csv``), preprocessing and splits (ELPV:
+:mod:`lib.common.elpv`).
 
 Every loader returns a list of :class:`Sample` sorted by path, so that any seeded shuffle done later
 depends on the seed alone, never on the order in which the file system lists a directory.
 
 Preprocessing follows the official PatchCore (``Resize(256)`` on the shorter side, ``CenterCrop(224)``),
-with one documented insertion: the distribution shift of RoDA is synthesised *after* the resize and
-*before* the crop::
+with one documented insertion, the distribution shift of RoDA, at one of two stages (``corruption.stage``;
+:mod:`lib.common.corruptions` explains both)::
 
-    load -> RGB -> resize (shorter side 256, bilinear) -> corrupt (uint8 HxWx3) -> center crop 224 -> [0, 1]
+    native:  load -> RGB -> [upsample to the native size] -> corrupt -> resize (shorter side 256) -> crop 224
+    working: load -> RGB -> resize (shorter side 256, bilinear) -> corrupt (uint8 HxWx3) -> center crop 224
 
 Masks take the same geometry with nearest-neighbour resizing and are never corrupted. Images smaller
 than 32 px on a side are refused (imagecorruptions and the stride-16 taps need that much).
@@ -68,10 +70,8 @@ def _require_root(root, what: str) -> Path:
         raise DataError(f"no data root given for {what}: pass data_root=... (a folder on disk)")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(
-            f"data root {root} does not exist: pass data_root= the folder that holds {what} "
-            "(MVTec AD users without a copy: lib.common.download.download_mvtec(root))"
-        )
+        raise DataError(f"data root {root} does not exist: pass data_root= the folder that holds {what} "
+                        "(MVTec AD users without a copy: lib.common.download.download_mvtec(root))")
     return root
 
 
@@ -103,10 +103,8 @@ def mvtec_samples(root, category: str, split: str) -> list[Sample]:
         )
     split_dir = folder / split
     if not split_dir.is_dir() or (split == "train" and not (split_dir / "good").is_dir()):
-        raise DataError(
-            f"wrong layout under {folder}: expected {folder}/train/good and {folder}/test/<defect> "
-            "(the MVTec AD layout; see docs/settings.md 'Data')"
-        )
+        raise DataError(f"wrong layout under {folder}: expected {folder}/train/good and {folder}/test/<defect> "
+                        "(the MVTec AD layout; see docs/settings.md 'Data')")
     samples = []
     for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
         defect = defect_dir.name
@@ -167,50 +165,11 @@ def labelled_folder_samples(root) -> list[Sample]:
         raise DataError(f"{len(bad)} rows of {table} are invalid: " + "; ".join(bad[:5])
                         + ("; ..." if len(bad) > 5 else "") + ". Fix those rows (columns image,label,defect,mask)")
     if missing:
-        raise DataError(
-            f"{len(missing)} rows of {table} point at missing files, e.g. {missing[:3]}: "
-            "fix the paths (relative to the folder) or remove those rows"
-        )
+        raise DataError(f"{len(missing)} rows of {table} point at missing files, e.g. {missing[:3]}: "
+                        "fix the paths (relative to the folder) or remove those rows")
     if not samples:
         raise DataError(f"{table} lists no images")
     return sorted(samples, key=lambda s: (s.path, s.box or ()))
-
-
-def elpv_root() -> Path:
-    """Folder of the ELPV images installed by the ``elpv-dataset`` package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("elpv_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the embedded default data is missing: pip install elpv-dataset==1.0.0.post1")
-    return Path(spec.submodule_search_locations[0]) / "data"
-
-
-def elpv_samples(uncertain: str = "drop") -> list[Sample]:
-    """ELPV solar cells (Buerhop-Lutz et al. 2018; Deitsch et al. 2019), 300x300 gray, CC BY-NC-SA.
-
-    Each cell carries a defect probability in {0, 1/3, 2/3, 1} and a cell type (mono, poly).
-    As in DRA/DPDL: probability 0 is normal, probability 1 is anomalous with the cell type as the
-    anomaly class (``mono``/``poly``). ``uncertain`` decides the 1/3 and 2/3 cells: ``"drop"`` (default),
-    ``"normal"`` or ``"anomalous"``.
-    """
-    if uncertain not in ("drop", "normal", "anomalous"):
-        raise DataError(f"uncertain must be 'drop', 'normal' or 'anomalous', got {uncertain!r}")
-    root = elpv_root()
-    samples = []
-    for line in (root / "labels.csv").read_text().splitlines():
-        if not line.strip():
-            continue
-        rel, prob, kind = line.split()
-        prob = float(prob)
-        if 0 < prob < 1:
-            if uncertain == "drop":
-                continue
-            label = int(uncertain == "anomalous")
-        else:
-            label = int(prob == 1.0)
-        samples.append(Sample(str(root / rel), label, kind if label else "good"))
-    return sorted(samples, key=lambda s: s.path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,6 +241,8 @@ class Task:
     test: tuple[Sample, ...]
     resize: int | tuple[int, int] = 256
     crop: int | tuple[int, int] | None = 224
+    native: tuple | None = None  # the originals' (h, w): registry TaskSpec.native
+    stage: str = "working"  # where the shift is applied (lib.common.corruptions.STAGES)
 
     @property
     def has_masks(self) -> bool:
@@ -292,8 +253,10 @@ class Task:
 
 
 def _geometry(name: str) -> dict:
-    """resize / crop of a task: the registry's (``registry.TASKS``), PatchCore's 256 / 224 for a user's folder."""
-    return dict(registry.TASKS[name].geometry) if name in registry.TASKS else dict(registry.SQUARE)
+    """resize / crop (and native size) of a task: the registry's (``registry.TASKS``); a user's folder: PatchCore's
+    256 / 224, its files native."""
+    spec = registry.TASKS.get(name)
+    return dict(spec.geometry, native=spec.native) if spec else dict(registry.SQUARE)
 
 
 def load_task(name: str, data_root=None, normal_split_seed: int = 42) -> Task:
@@ -305,6 +268,8 @@ def load_task(name: str, data_root=None, normal_split_seed: int = 42) -> Task:
     ``data_root`` with ``labels.csv``; its normals are split 75/25 with ``normal_split_seed``).
     """
     if name == "elpv":
+        from lib.common.elpv import elpv_samples  # (elpv.py reads Sample from here)
+
         train, test = split_normals(elpv_samples(), 0.75, normal_split_seed)
         return Task(name, tuple(train), tuple(test), **_geometry("elpv"))
     if name.startswith("mvtec/") or name == "synthetic":
@@ -412,15 +377,19 @@ def center_crop(array: np.ndarray, crop) -> np.ndarray:
     return array[top : top + ch, left : left + cw]
 
 
-def preprocess(sample: Sample, resize=256, crop=224, corruption: Callable | None = None):
+def preprocess(sample: Sample, resize=256, crop=224, corruption: Callable | None = None, stage: str = "working"):
     """Image (H, W, 3) uint8 and mask (H, W) float32 in {0, 1} after the documented pipeline.
 
-    ``corruption`` is a callable ``uint8 HxWx3 -> uint8 HxWx3`` applied between resize and crop.
+    ``corruption`` is a callable ``uint8 HxWx3 -> uint8 HxWx3``, applied between resize and crop (``stage``
+    ``"working"``), or ``(image at its stored size, (w, h) after the resize) -> uint8 HxWx3`` (``"native"``).
     """
     image = load_image(sample.path, sample.box)
     size = resize_size(image.size, resize)
-    image = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.uint8)
-    if corruption is not None:
+    if corruption is not None and stage == "native":
+        image = np.asarray(corruption(image, size), dtype=np.uint8)
+    else:
+        image = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.uint8)
+    if corruption is not None and stage != "native":
         image = np.asarray(corruption(image), dtype=np.uint8)
         if image.shape[:2] != (size[1], size[0]):
             raise DataError(f"corruption changed the image size to {image.shape[:2]}")
@@ -436,18 +405,21 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
     With ``corruption`` (a name from :mod:`lib.common.corruptions`) and ``severity`` > 0 every image is shifted,
     seeded per image by ``(path, corruption, severity, seed)`` so the same seed always gives the same pixels.
+    ``stage`` (``"native"`` / ``"working"``) and ``native`` (the originals' size): where the shift is applied.
     With ``cache`` (a :class:`lib.common.cache.ImageCache`) each preprocessed image is kept under a key of its file
-    (path, size, mtime), geometry, corruption, severity and seed, and served from there the next time.
+    (path, size, mtime), geometry, corruption, severity, seed and stage, and served from there the next time.
     """
 
     def __init__(self, samples, resize=256, crop=224, corruption: str | None = None, severity: int = 5, seed: int = 0,
-                 cache=None):
+                 cache=None, stage: str = "working", native=None):
+        from lib.common.corruptions import check_stage
+
         self.samples = list(samples)
         if not self.samples:
             raise DataError("empty dataset: no images were selected (check the category, split or caps)")
         self.resize, self.crop = resize, crop
         self.corruption, self.severity, self.seed = corruption, severity, seed
-        self.cache = cache
+        self.cache, self.stage, self.native = cache, check_stage(stage), native
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -455,20 +427,22 @@ class AnomalyDataset(torch.utils.data.Dataset):
     def _corruptor(self, sample: Sample):
         if not self.corruption or self.corruption == "clean" or self.severity == 0:
             return None
-        from lib.common.corruptions import corrupt, image_seed
+        from lib.common.corruptions import corrupt, corrupt_native, image_seed
 
         # keyed by the last path components (not the absolute path) so every machine draws the same pixels
         key = f"{'/'.join(Path(sample.path).parts[-3:])}|{sample.box}|{self.corruption}|{self.severity}"
         seed = image_seed(key, self.seed)
+        if self.stage == "native":
+            return lambda img, size: corrupt_native(img, size, self.corruption, self.severity, seed, self.native)
         return lambda img: corrupt(img, self.corruption, self.severity, seed)
 
     def _cache_key(self, sample: Sample) -> str:
         from lib.common.cache import content_key, file_fingerprint
 
-        shifted = bool(self.corruption) and self.corruption != "clean" and self.severity != 0
+        shift = [self.corruption, self.severity, self.seed, self.stage, self.native]
         return content_key(kind="image", file=file_fingerprint(sample.path), mask=file_fingerprint(sample.mask),
                            box=sample.box, resize=self.resize, crop=self.crop,
-                           shift=[self.corruption, self.severity, self.seed] if shifted else None)
+                           shift=shift if self._corruptor(sample) is not None else None)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
@@ -477,7 +451,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         if hit is not None:
             image, mask = hit
         else:
-            image, mask = preprocess(sample, self.resize, self.crop, self._corruptor(sample))
+            image, mask = preprocess(sample, self.resize, self.crop, self._corruptor(sample), self.stage)
             if key is not None:
                 self.cache.put(key, image, mask)
         return dict(

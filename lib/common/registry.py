@@ -111,6 +111,16 @@ MVTEC_CATEGORIES = (
 LOADER_KINDS = ("elpv", "mvtec", "labelled", "synthetic", "synthetic_labelled")
 SQUARE = dict(resize=256, crop=224)  # PatchCore's geometry: shorter side 256, center crop 224
 
+#: original (height, width) of the MVTec AD categories (Bergmann et al., IJCV 2021, Table 1: 700-1024 px squares;
+#: ../shared/data/README.md for the copies used here); categories not listed: the file's own size is native
+MVTEC_NATIVE = {"bottle": (900, 900), "cable": (1024, 1024), "capsule": (1000, 1000), "carpet": (1024, 1024),
+                "grid": (1024, 1024), "hazelnut": (1024, 1024), "leather": (1024, 1024), "metal_nut": (700, 700),
+                "pill": (800, 800), "screw": (1024, 1024), "tile": (840, 840), "toothbrush": (1024, 1024),
+                "transistor": (1024, 1024), "wood": (1024, 1024), "zipper": (1024, 1024)}
+_MVTEC_SOURCE = "MVTec AD (Bergmann et al., IJCV 2021, Table 1): original image size of the category"
+_KSDD_NATIVE = ("KolektorSDD (Tabernik et al. 2019): 500 px wide, 1240-1270 px tall; the copy in ../shared/data is "
+                "256 px wide, so the height follows the stored aspect (641-648 px -> about 1250)")
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -122,6 +132,11 @@ class TaskSpec:
     ``protocols``: ``"roda"`` (PatchCore / RoDA notebooks 02-04) and/or ``"openset"`` (notebook 05).
     ``thirds``: cut each image into three along its long side (KolektorSDD as DPDL uses it).
     ``paper``: (dataset, category) of the papers' result tables, None where the papers have no row.
+    ``native``: (height, width) of the dataset's original images, where the copy on disk may be stored smaller
+    (the ``native`` corruption stage, :func:`lib.common.corruptions.corrupt_native`, emulates the original
+    resolution from it); a side given as ``None`` follows the stored image's aspect; ``None`` (a user's own folder,
+    the generated sets, images stored at their original size): the file's own size is native.
+    ``native_source``: where that size comes from.
     """
 
     name: str
@@ -132,6 +147,8 @@ class TaskSpec:
     thirds: bool = False
     paper: tuple | None = None
     description: str = ""
+    native: tuple | None = None
+    native_source: str = ""
 
     def __post_init__(self):
         if self.loader not in LOADER_KINDS:
@@ -145,7 +162,8 @@ class TaskSpec:
 
 def _builtin_tasks() -> dict:
     tasks = [
-        TaskSpec("elpv", "elpv", paper=("ELPV", None),
+        TaskSpec("elpv", "elpv", paper=("ELPV", None), native=(300, 300),
+                 native_source="elpv-dataset: the cells ship at their original 300 x 300 px",
                  description="embedded ELPV solar cells (2,624 images, no masks)"),
         TaskSpec("synthetic", "synthetic", "synthetic", protocols=("roda",),
                  description="generated MVTec-layout set with masks (tests, smoke profile)"),
@@ -154,14 +172,21 @@ def _builtin_tasks() -> dict:
         # KolektorSDD strips are ~256 x 640 (w x h): keep the whole strip, no crop (a 224 crop would cut away
         # most of the surface where the cracks are)
         TaskSpec("ksdd", "labelled", "ksdd", geometry=dict(resize=(448, 160), crop=None), protocols=("roda",),
-                 description="KolektorSDD, whole strips"),
+                 native=(None, 500), native_source=_KSDD_NATIVE, description="KolektorSDD, whole strips"),
         TaskSpec("ksdd_thirds", "labelled", "ksdd", protocols=("openset",), thirds=True, paper=("SDD", None),
+                 native=(None, 500), native_source=_KSDD_NATIVE,
                  description="KolektorSDD, each strip cut into thirds (DPDL's SDD)"),
         TaskSpec("headct", "labelled", "headct", paper=("HeadCT", None), description="Head CT hemorrhage"),
         TaskSpec("brainmri", "labelled", "brainmri", paper=("BrainMRI", None), description="Brain MRI tumour"),
     ]
-    tasks += [TaskSpec(f"mvtec/{c}", "mvtec", c, paper=("MVTec", c), description=f"MVTec AD {c}")
+    tasks += [TaskSpec(f"mvtec/{c}", "mvtec", c, paper=("MVTec", c), description=f"MVTec AD {c}",
+                       native=MVTEC_NATIVE.get(c), native_source=_MVTEC_SOURCE if c in MVTEC_NATIVE else "")
               for c in MVTEC_CATEGORIES]
+    # MVTec 3D-AD tire (RGB images only, MVTec AD layout): no row in the papers
+    tasks.append(TaskSpec("mvtec/tire", "mvtec", "tire", protocols=("roda",), native=(600, 800),
+                          native_source="MVTec 3D-AD (Bergmann et al. 2022): tire RGB images are 600 x 800 "
+                                        "(height x width, as ../shared/data/README.md records it)",
+                          description="MVTec 3D-AD tire (RGB)"))
     return {t.name: t for t in tasks}
 
 

@@ -36,11 +36,11 @@ from lib.common.data import (
     DataError,
     Sample,
     Task,
-    elpv_samples,
     labelled_folder_samples,
     mvtec_samples,
     split_normals,
 )
+from lib.common.elpv import elpv_samples
 
 __all__ = [
     "OpenSetSplit",

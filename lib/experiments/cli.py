@@ -157,7 +157,7 @@ def _apply_variant(args, r: dict) -> None:
     """Fill the adapt options the user did not give from ``--variant`` (a named variant of the profiles), then the
     profiles' defaults; explicit flags win. A variant's ``stop`` rule is not run (fixed --epochs), and said so."""
     spec = {}
-    if args.variant:
+    if args.variant not in (None, "none"):
         variants = r.get("variants") or {}
         if args.variant not in variants:
             raise CliError(f"unknown variant {args.variant!r}: choose one of {sorted(variants)}", EXIT_USAGE)
@@ -342,6 +342,7 @@ def cmd_evaluate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     r = _roda_defaults()
+    from lib.experiments.profiles import RECOMMENDED
     from lib.roda.adaptation import BN_INITS
     from lib.roda.alignment import ALIGNMENT_LOSSES
 
@@ -380,9 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank", help="bank file from `roda fit`")
     p.add_argument("folder", help="folder of unlabeled images from the new condition (camera, lens, light)")
     p.add_argument("-o", "--output", required=True, help="adapted state file to write (e.g. adapted.pt)")
-    p.add_argument("--variant", default=None, choices=sorted(r.get("variants") or {}), metavar="NAME",
-                   help="a named variant of the profiles (method, loss options, --bn-init, --lr, --epochs), e.g. "
-                        "roda_robust_matched_slow, the README's recommendation; explicit flags override it")
+    p.add_argument("--variant", default=RECOMMENDED, choices=[*sorted(r.get("variants") or {}), "none"], metavar="NAME",
+                   help="named variant (docs/recommendation.md's by default; none: the paper's RoDA); flags win")
     p.add_argument("--method", default=None, choices=sorted(ALIGNMENT_LOSSES),
                    help="alignment loss (default: the variant's, else roda)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

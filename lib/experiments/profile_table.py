@@ -23,6 +23,17 @@ ROBUST_RODA = dict(method="roda", drop_last=True, stop=dict(rel_tol=0.01, min_ep
 #: between epochs in 35 of 40 ``roda_robust_matched`` grid runs (the step overshoots); chosen from that unlabeled trace
 SLOW_LR = 0.0003
 
+#: the recommended label-free configuration: the variant of ``roda.variants`` that the rule of docs/recommendation.md
+#: chose from the working-stage development grid (results/real_full/08_roda_grid.csv); the `roda adapt` default
+RECOMMENDED = "roda_robust_matched_slow"
+
+#: what each part of RoDA buys (lib.reporting.protocol_tables.DECOMPOSITION), one change at a time after
+#: ``adabn_matched``: + continuous transport, + the Eq. 6 discretisation, + the paper's augmentation (run by
+#: scripts/run_roda_grid.py beside the profile's variants; not part of the notebooks' tables)
+DECOMPOSITION_VARIANTS = {"matched_ot_noaug": dict(method="continuous_ot", bn_init="matched", augment="none"),
+                          "matched_roda_noaug": dict(method="roda", bn_init="matched", augment="none"),
+                          "matched_roda": dict(method="roda", bn_init="matched")}
+
 #: notebook 08's diagnosis: each controlled change away from the paper-literal ``roda`` (the profile's eps 0.05 x
 #: mean cost, uniform marginals, Eq. 6 "or", every batch, all epochs), one at a time
 #: (``ablation.diagnosis.variants``; the names are the rows of its tables)
@@ -47,7 +58,9 @@ _BASE = dict(
     geometry=None,  # None: the dataset's own (registry.TASKS[name].geometry); else dict(resize=..., crop=...)
     seeds=(0,),
     patchcore=dict(coreset_ratio=0.01, max_bank=None, max_train=None, max_test=None, batch_size=16),
-    corruption=dict(names=CORRUPTIONS, severity=5, adapt_fraction=0.2),
+    # stage: "native" corrupts at the originals' resolution before the resize (the paper's protocol, every paper
+    # table), "working" after it (the harsher stress protocol); lib.common.corruptions explains both
+    corruption=dict(names=CORRUPTIONS, severity=5, adapt_fraction=0.2, stage="native"),
     roda=dict(epochs=10, lr=0.003, momentum=0.9, batch_size=10, eps=0.05, rule="or", cost="l2",
               cost_norm="mean", bn_mode="eval", bn_init="source", augment="flip_rot90",
               methods=("patchcore", "ttt++", "ttac", "roda"),
@@ -71,7 +84,8 @@ _BASE = dict(
                         # alone and before the robust alignment
                         "adabn_matched": dict(method="patchcore", bn_init="matched"),
                         "roda_robust_matched": dict(copy.deepcopy(ROBUST_RODA), bn_init="matched"),
-                        # the same at a tenth of the step (SLOW_LR) and the paper's fixed epochs (no stop rule)
+                        # the same at a tenth of the step (SLOW_LR) and the paper's fixed epochs (no stop rule): the
+                        # recommended configuration (RECOMMENDED, docs/recommendation.md)
                         "roda_robust_matched_slow": dict(copy.deepcopy(ROBUST_RODA), bn_init="matched",
                                                          lr=SLOW_LR, stop=None),
                         # matched statistics only where they bring the split nearer the bank (bn_stats.gate_bn_stats)
@@ -118,6 +132,9 @@ _BASE = dict(
 # its tables are the ELPV tables docs/results_roda.md and docs/results_dpdl.md discuss
 _ELPV = dict(
     tasks=("elpv",),
+    # the ELPV cells are stored at their native 300 px, so the stages differ by the 300 -> 256 resize only; the
+    # default and elpv tables (and the smoke golden tables) were measured after the resize
+    corruption=dict(stage="working"),
     patchcore=dict(coreset_ratio=0.01, max_bank=2000, max_train=120, max_test=150, batch_size=16),
     roda=dict(epochs=3),
     figures=dict(qualitative_rows=2),
@@ -162,7 +179,7 @@ PROFILES = {
         compare_backbones=("mobilenet_v2",),
         geometry=dict(resize=128, crop=112),
         patchcore=dict(coreset_ratio=0.05, max_bank=200, max_train=8, max_test=12, batch_size=8),
-        corruption=dict(names=("gaussian_noise", "contrast")),
+        corruption=dict(names=("gaussian_noise", "contrast"), stage="working"),
         # batch 2: the smoke adaptation split (2-3 images) must hold one full batch (drop_last)
         roda=dict(epochs=1, batch_size=2),
         figures=dict(qualitative_rows=2),

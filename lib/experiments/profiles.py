@@ -38,7 +38,14 @@ from pathlib import Path
 from lib.common import registry
 from lib.common.data import is_labelled_folder
 from lib.common.utils import REPO_ROOT, ensure_writable, resolve_device, write_json
-from lib.experiments.profile_table import _BASE, PROFILES, ROBUST_RODA, SLOW_LR  # noqa: F401  (re-exported)
+from lib.experiments.profile_table import (  # noqa: F401  (re-exported)
+    _BASE,
+    DECOMPOSITION_VARIANTS,
+    PROFILES,
+    RECOMMENDED,
+    ROBUST_RODA,
+    SLOW_LR,
+)
 from lib.experiments.settings import (
     DERIVED_KEYS,
     FREE_DICTS,

@@ -41,14 +41,16 @@ def roda_cell(cell: dict) -> dict:
     """One row of notebook 03's table (``results/<profile>/03_roda.csv``) as a cell function.
 
     ``cell``: ``profile``, ``task``, ``corruption``, ``severity``, ``seed``, ``method`` (``"patchcore"``: no
-    adaptation; else a method of :mod:`lib.roda.adaptation`), and optionally ``data_root``, ``device`` (default
+    adaptation; else a method of :mod:`lib.roda.adaptation`), and optionally ``stage`` (the corruption stage; default
+    the profile's), ``data_root``, ``device`` (default
     ``"auto"``: the GPU Ray gave the worker, else CPU), ``out_dir`` (where the profile's cache of banks lives).
     The bank of (task, backbone, seed) is built once per machine and cached like the notebooks do.
     """
     from lib.experiments.profiles import get_profile
 
     cfg = get_profile(cell.get("profile", "default"), data_root=cell.get("data_root"),
-                      device=cell.get("device", "auto"), out_dir=cell.get("out_dir"))
+                      device=cell.get("device", "auto"), out_dir=cell.get("out_dir"),
+                      **({"corruption": {"stage": cell["stage"]}} if "stage" in cell else {}))
     res, _, bank, extractor = _adapt_cell(cfg, cell, cfg["corruption"]["adapt_fraction"], {})
     return dict(backbone=extractor.name, image_auroc=float(res["image_auroc"]), pixel_auroc=float(res["pixel_auroc"]),
                 adapt_seconds=round(float(res["adapt_seconds"]), 1), steps=int(res["steps"]),
@@ -72,7 +74,8 @@ def ablation_cell(cfg, cell: dict) -> dict:
 
 
 def profile_cells(profile: str = "default", methods=None, seeds=None, **profile_kwargs) -> list[dict]:
-    """The cells of notebook 03's table for a profile: task x corruption x severity x seed x method.
+    """The cells of notebook 03's table for a profile: task x corruption x severity x seed x method (each with the
+    profile's corruption stage, so a result file of one stage is never taken for the other's).
 
     ``profile_kwargs`` go to
     :func:`lib.experiments.profiles.get_profile` (``data_root``, ``categories``, ...) and the ones a
@@ -82,6 +85,7 @@ def profile_cells(profile: str = "default", methods=None, seeds=None, **profile_
     cfg = get_profile(profile, **profile_kwargs)
     extra = {k: str(v) for k, v in profile_kwargs.items() if k in ("data_root", "out_dir", "device") and v is not None}
     cells = expand(profile=profile, task=list(cfg["tasks"]), corruption=list(cfg["corruption"]["names"]),
-                   severity=int(cfg["corruption"]["severity"]), seed=list(seeds or cfg["seeds"]),
+                   severity=int(cfg["corruption"]["severity"]), stage=cfg["corruption"]["stage"],
+                   seed=list(seeds or cfg["seeds"]),
                    method=list(methods or cfg["roda"]["methods"]))
     return [dict(c, **extra) for c in cells]

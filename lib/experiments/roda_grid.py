@@ -42,6 +42,8 @@ from lib.roda.alignment import roda_loss
 from lib.roda.bn_stats import bn_input_moments
 from lib.roda.patchcore import coverage_counts
 
+#: the stage of every row written before the corruption stage was a setting (lib.common.corruptions.STAGES)
+WORKING = "working"
 #: profile ``roda`` keys that become loss options of the OT methods
 OT_LOSS_KEYS = {"roda": ("eps", "cost", "cost_norm", "rule"), "continuous_ot": ("eps", "cost", "cost_norm")}
 
@@ -167,8 +169,9 @@ def _needs_weights(config: AdaptConfig) -> bool:
 def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, bank_seed: int | None = None,
              history_csv=None, note: str = "", resume: bool = True) -> pd.DataFrame:
     """Every (task, seed, corruption, method) run, appended to ``out_csv`` as it finishes; with ``resume``,
-    rows already in ``out_csv`` (same task, method, condition, seed) are skipped, so a stopped grid resumes
-    (``resume=False`` starts both files afresh).
+    rows already in ``out_csv`` (same task, method, condition, seed, severity and corruption stage) are skipped,
+    so a stopped grid resumes (``resume=False`` starts both files afresh). Every row records its ``stage``
+    (``corruption.stage``); rows of a table written before the stage existed were measured at ``"working"``.
 
     ``bank_seed``: one bank per task (built with that coreset seed) reused across seeds, instead of one
     bank per seed (the seed then changes the split and the augmentation draws only); recorded per row."""
@@ -178,8 +181,11 @@ def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, 
             if f is not None and Path(f).exists():
                 Path(f).unlink()
     done = read_csv(out_csv) if out_csv.exists() else pd.DataFrame()  # with its finished rows' timings
-    key = set(zip(done.task, done.method, done.condition, done.seed)) if len(done) else set()
-    severity = cfg["corruption"]["severity"]
+    severity, stage = cfg["corruption"]["severity"], cfg["corruption"]["stage"]
+    if len(done):
+        done = done.assign(stage=done["stage"].fillna(WORKING) if "stage" in done else WORKING)
+    mine = done[(done.severity == severity) & (done.stage == stage)] if len(done) else done
+    key = set(zip(mine.task, mine.method, mine.condition, mine.seed)) if len(mine) else set()
     rows = [done] if len(done) else []
     for task_name in tasks:
         t = resolve_task(cfg, task_name)
@@ -201,7 +207,8 @@ def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, 
                                                batch_size=cfg["patchcore"]["batch_size"], weights=weights,
                                                bn_reference=reference)
                 row = dict(task=task_name, backbone=extractor.name, method=name, condition=c, severity=severity,
-                           seed=s, bank_seed=b_seed, image_auroc=res["image_auroc"], pixel_auroc=res["pixel_auroc"],
+                           stage=t.stage, seed=s, bank_seed=b_seed, image_auroc=res["image_auroc"],
+                           pixel_auroc=res["pixel_auroc"],
                            adapt_seconds=round(res["adapt_seconds"], 1), steps=res["steps"],
                            epochs_run=res["epochs_run"], diverged=res["diverged"], note=note)
                 for k in ("eps_cost", "rho_cost", "share_row_argmax_nn", "nn_distance", "sinkhorn_iters"):
@@ -212,7 +219,7 @@ def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, 
                 rows.append(pd.DataFrame([row]))
                 write_csv(pd.concat(rows, ignore_index=True), out_csv)
                 if history_csv is not None and len(hist):
-                    h = hist.assign(task=task_name, method=name, condition=c, seed=s)
+                    h = hist.assign(task=task_name, method=name, condition=c, seed=s, severity=severity, stage=stage)
                     old = pd.read_csv(history_csv) if Path(history_csv).exists() else None
                     write_csv(pd.concat([old, h], ignore_index=True) if old is not None else h, history_csv)
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
@@ -259,7 +266,7 @@ def epoch_curve(cfg, extractor, task_name, corruption, spec: dict, seed: int = 0
         adapt(model, target, conf, show_progress=False, bank_weights=weights, on_epoch_end=score)
     finally:
         restore_bn_state(extractor, source)
-    out = pd.DataFrame(rows).assign(task=task_name, condition=corruption, seed=seed, start=start,
+    out = pd.DataFrame(rows).assign(task=task_name, condition=corruption, seed=seed, stage=t.stage, start=start,
                                     source_image_auroc=base["image_auroc"], source_pixel_auroc=base["pixel_auroc"])
     for col in ("image_auroc", "pixel_auroc", "source_image_auroc", "source_pixel_auroc"):
         out[col] = pd.to_numeric(out[col], errors="coerce")  # None (a task without masks) -> NaN, plottable

@@ -22,13 +22,13 @@ from lib.roda.patchcore import BANK_FORMAT, BankError, PatchCore
 
 
 def resolve_task(cfg, name: str) -> Task:
-    """The task ``name`` under the profile: its data root, caps on train/test size, geometry."""
+    """The task ``name`` under the profile: its data root, caps on train/test size, geometry, corruption stage."""
     task = load_task(name, data_root_for(cfg, name))
     pc = cfg["patchcore"]
     train = subsample(task.train, pc.get("max_train"), seed=0)
     test = subsample(task.test, pc.get("max_test"), seed=0)
     geometry = cfg.get("geometry") or task.geometry()
-    return replace(task, train=tuple(train), test=tuple(test), **geometry)
+    return replace(task, train=tuple(train), test=tuple(test), stage=cfg["corruption"]["stage"], **geometry)
 
 
 def target_split(task: Task, fraction: float, seed: int):
@@ -42,10 +42,11 @@ def target_split(task: Task, fraction: float, seed: int):
 
 def dataset(task: Task, samples, corruption=None, severity=5, seed=0, use_cache: bool = True) -> AnomalyDataset:
     """``samples`` of ``task`` at its geometry, shifted by ``corruption``; preprocessed images are shared
-    through :data:`lib.common.cache.IMAGES` (keyed by file, geometry, corruption, severity and seed: the same
-    pixels as recomputing them)."""
+    through :data:`lib.common.cache.IMAGES` (keyed by file, geometry, corruption, severity, seed and the task's
+    corruption stage: the same pixels as recomputing them)."""
     return AnomalyDataset(samples, corruption=corruption, severity=severity, seed=seed,
-                          cache=cache.IMAGES if use_cache else None, **task.geometry())
+                          cache=cache.IMAGES if use_cache else None, stage=task.stage, native=task.native,
+                          **task.geometry())
 
 
 def bank_path(cfg, task: Task, backbone: str, seed: int) -> Path:
@@ -67,12 +68,13 @@ def bank_key(model: PatchCore, task: Task) -> str:
 
 def features_key(model: PatchCore, task: Task, samples, corruption=None, severity=5, seed=0) -> str:
     """Cache key of the patch features of ``samples`` under a shift (for :func:`lib.common.cache.cached`): the files,
-    the geometry, the shift, the backbone with its current weights (so adapted BatchNorm parameters give
-    another key) and the aggregation settings."""
+    the geometry, the shift (with the task's corruption stage), the backbone with its current weights (so adapted
+    BatchNorm parameters give another key) and the aggregation settings."""
     shifted = bool(corruption) and corruption != "clean" and severity != 0
     return cache.content_key(
         kind="patch-features/1", files=cache.samples_fingerprint(samples), geometry=task.geometry(),
-        shift=[corruption, severity, seed] if shifted else None, backbone=cache.extractor_fingerprint(model.extractor),
+        shift=[corruption, severity, seed, task.stage, task.native] if shifted else None,
+        backbone=cache.extractor_fingerprint(model.extractor),
         dims=[model.pretrain_dim, model.target_dim, model.patch_size], device=model.device.type)
 
 

@@ -203,6 +203,8 @@ SPEC: dict[str, Rule] = {
     "patchcore.batch_size": _COUNT,
     "corruption.names": _seq(_CORRUPTION),
     "corruption.severity": _int(0, high=5),
+    # where the shift is applied: at the native resolution before the resize (the paper's protocol) or after it
+    "corruption.stage": Rule("str", choices=_from("common.corruptions", "STAGES")),
     "corruption.adapt_fraction": _num(0, 1, open_low=True, open_high=True),
     "roda.epochs": _int(0),
     "roda.lr": _POS,

@@ -1,0 +1,120 @@
+"""RoDA's result tables in the paper's layout, from a grid table of our runs, one corruption stage at a time.
+
+Both functions read ``results/real_full/08_roda_grid.csv`` (one row per task, method, corruption, seed, severity
+and corruption ``stage``) and never average the two stages together: every output row names its stage.
+
+:func:`paper_layout` is RoDA Table 1 (image AUROC) or Table 3 (pixel AUROC): per method and corruption, the mean
+over categories of each category's mean over seeds, in percent, with two spreads::
+
+    ours(m, c)        = mean_t  mean_s AUROC(m, t, c, s)
+    std_categories    = std_t   mean_s AUROC(m, t, c, s)      (how much the categories differ)
+    std_seeds         = mean_t  std_s  AUROC(m, t, c, s)      (how much a category moves with the seed)
+
+and a ``mean`` row over the four corruptions (per category and seed first, as the paper's mean column). The
+paper's number for the same method and corruption (``references/paper_numbers.csv``: MVTec, 15 categories,
+WRN-50) stands beside ours in ``paper``, marked by ``paper_source``; it is never one of ours.
+
+:func:`decomposition` is what each part of RoDA buys: a chain of configurations, each one controlled change away
+from the one before (:data:`DECOMPOSITION`), and per step the effect paired over categories x seeds::
+
+    effect(step) = mean_{t,s} [ AUROC(step, t, s) - AUROC(previous, t, s) ]
+
+(AUROC averaged over the corruptions first; per corruption in the rows of that corruption), with a percentile
+bootstrap interval over the (category, seed) pairs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from lib.common.registry import PAPER_CORRUPTIONS
+
+#: our method name -> the paper's row (RoDA Tables 1 and 3)
+PAPER_METHODS = {"patchcore": "PatchCore", "ttt++": "TTT++", "ttac": "TTAC", "roda": "RoDA"}
+#: the paper's table of each metric
+PAPER_TABLES = {"image_auroc": "Table 1", "pixel_auroc": "Table 3"}
+
+#: RoDA's parts, one controlled change each (``adabn_matched`` of ``roda.variants`` and the
+#: ``DECOMPOSITION_VARIANTS`` of lib/experiments/profiles.py):
+#: PatchCore; BatchNorm statistics alone (referenced to the training images); + transport (continuous entropic OT,
+#: no augmentation); + the Eq. 6 discretisation; + the target augmentation (the paper's flips and rotations)
+DECOMPOSITION = (("PatchCore", "patchcore"), ("BatchNorm statistics", "adabn_matched"),
+                 ("+ transport", "matched_ot_noaug"), ("+ Eq. 6 discretisation", "matched_roda_noaug"),
+                 ("+ augmentation", "matched_roda"))
+
+
+def _select(table: pd.DataFrame, stage: str, severity: int, tasks=None) -> pd.DataFrame:
+    t = table.assign(stage=table["stage"].fillna("working") if "stage" in table else "working")
+    t = t[(t.stage == stage) & (t.severity == severity)]
+    return t[t.task.isin(tasks)] if tasks is not None else t
+
+
+def paper_layout(table: pd.DataFrame, paper_numbers: pd.DataFrame | None = None, metric: str = "image_auroc",
+                 stage: str = "native", severity: int = 5, tasks=None, methods=None,
+                 corruptions=PAPER_CORRUPTIONS) -> pd.DataFrame:
+    """Table 1 (``metric="image_auroc"``) or Table 3 (``"pixel_auroc"``) in the paper's layout, in percent: one row
+    per method and corruption (then ``mean``), ours with its spreads and counts, the paper's beside it."""
+    t = _select(table, stage, severity, tasks)
+    t = t[t.condition.isin(corruptions) & t[metric].notna()]
+    if methods is not None:
+        t = t[t.method.isin(methods)]
+    per_seed = t.groupby(["method", "condition", "task", "seed"])[metric].mean().reset_index()
+    mean = per_seed.groupby(["method", "task", "seed"])[metric].agg(["mean", "size"]).reset_index()
+    mean = mean[mean["size"] == len(corruptions)].drop(columns="size").rename(columns={"mean": metric})
+    per_seed = pd.concat([per_seed, mean.assign(condition="mean")], ignore_index=True)
+    rows = []
+    for (method, condition), g in per_seed.groupby(["method", "condition"], sort=False):
+        by_task = g.groupby("task")[metric]
+        rows.append(dict(stage=stage, severity=severity, metric=metric, method=method, condition=condition,
+                         ours=100 * by_task.mean().mean(), std_categories=100 * by_task.mean().std(ddof=1),
+                         std_seeds=100 * by_task.std(ddof=1).mean(), n_categories=by_task.ngroups,
+                         n_seeds=int(g.seed.nunique())))
+    out = pd.DataFrame(rows, columns=["stage", "severity", "metric", "method", "condition", "ours", "std_categories",
+                                      "std_seeds", "n_categories", "n_seeds"])
+    out["paper"], out["paper_source"] = np.nan, ""
+    if paper_numbers is not None and len(out):
+        p = paper_numbers[(paper_numbers.paper == "roda") & (paper_numbers.table == PAPER_TABLES[metric])
+                          & (paper_numbers.dataset == "MVTec") & (paper_numbers.metric == metric)]
+        p = p.set_index(["method", "setting"])["value"]
+        for i, row in out.iterrows():
+            key = (PAPER_METHODS.get(row.method), row.condition)
+            if key in p.index:
+                out.loc[i, "paper"] = float(p.loc[key])
+                out.loc[i, "paper_source"] = f"the paper's, RoDA {PAPER_TABLES[metric]} (MVTec, 15 categories, WRN-50)"
+    order = {c: i for i, c in enumerate((*corruptions, "mean"))}
+    return out.sort_values(["method", "condition"], key=lambda s: s.map(order) if s.name == "condition" else s,
+                           ignore_index=True)
+
+
+def _bootstrap(values: np.ndarray, n_boot: int, level: float, seed: int) -> tuple[float, float]:
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def decomposition(table: pd.DataFrame, stage: str = "native", severity: int = 5, chain=DECOMPOSITION, tasks=None,
+                  corruptions=PAPER_CORRUPTIONS, n_boot: int = 2000, level: float = 0.95,
+                  seed: int = 0) -> pd.DataFrame:
+    """Per step of ``chain`` (label, method), metric and corruption (``mean``: over the corruptions), the effect of
+    the step over the previous configuration, paired by (category, seed), with its bootstrap interval; steps whose
+    runs are missing are left out of the pairing (``n_pairs`` counts what was paired)."""
+    t = _select(table, stage, severity, tasks)
+    t = t[t.condition.isin(corruptions)]
+    rows = []
+    for (_, a), (label_b, b) in zip(chain[:-1], chain[1:]):
+        for metric in ("image_auroc", "pixel_auroc"):
+            runs = {m: t[t.method == m].groupby(["task", "seed", "condition"])[metric].mean() for m in (a, b)}
+            diff = (runs[b] - runs[a]).dropna()
+            whole = diff.groupby(["task", "seed"]).agg(["mean", "size"])
+            parts = [("mean", whole.loc[whole["size"] == len(corruptions), "mean"])]
+            parts += [(c, diff.xs(c, level="condition")) for c in corruptions if c in diff.index.get_level_values(2)]
+            for condition, d in parts:
+                low, high = _bootstrap(d.to_numpy(), n_boot, level, seed)
+                rows.append(dict(stage=stage, severity=severity, step=label_b, from_method=a, to_method=b,
+                                 metric=metric, condition=condition, n_pairs=len(d),
+                                 effect=100 * float(d.mean()) if len(d) else np.nan, ci_low=100 * low,
+                                 ci_high=100 * high, level=level))
+    return pd.DataFrame(rows)

@@ -1,0 +1,43 @@
+"""RoDA Table 1 / Table 3 in the paper's layout and the decomposition of RoDA's parts, from a grid table, per
+corruption stage (lib.reporting.protocol_tables), with the paper's numbers beside ours where the paper has the row.
+
+    python scripts/protocol_tables.py                      # results/real_full/08_roda_grid.csv -> 08_table1.csv,
+                                                           # 08_table3.csv, 08_decomposition.csv beside it
+    python scripts/protocol_tables.py --grid G.csv --severity 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lib.common.utils import REPO_ROOT, write_csv
+from lib.reporting.protocol_tables import decomposition, paper_layout
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", default=str(REPO_ROOT / "results" / "real_full" / "08_roda_grid.csv"))
+    p.add_argument("--paper", default=str(REPO_ROOT / "references" / "paper_numbers.csv"))
+    p.add_argument("--severity", type=int, default=5)
+    p.add_argument("--out-dir", default=None, help="default: the grid table's folder")
+    args = p.parse_args(argv)
+    grid, paper = pd.read_csv(args.grid), pd.read_csv(args.paper)
+    stages = sorted(set(grid["stage"].fillna("working")) if "stage" in grid else {"working"})
+    out = Path(args.out_dir or Path(args.grid).parent)
+    suffix = "" if args.severity == 5 else f"_severity{args.severity}"
+    for metric, name in (("image_auroc", "08_table1"), ("pixel_auroc", "08_table3")):
+        tables = [paper_layout(grid, paper, metric, stage=s, severity=args.severity) for s in stages]
+        print(write_csv(pd.concat(tables, ignore_index=True), out / f"{name}{suffix}.csv"))
+    parts = [decomposition(grid, stage=s, severity=args.severity) for s in stages]
+    print(write_csv(pd.concat(parts, ignore_index=True), out / f"08_decomposition{suffix}.csv"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

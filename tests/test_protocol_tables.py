@@ -1,0 +1,55 @@
+"""RoDA's tables in the paper's layout and the decomposition of its parts, on small tables with known answers."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lib.reporting.protocol_tables import decomposition, paper_layout
+
+CORRUPTIONS = ("noise", "blur")
+
+
+def _grid(method, value, stage="native"):
+    """value(task, condition, seed) -> AUROC, for 2 tasks x 2 corruptions x 2 seeds."""
+    return [dict(task=t, method=method, condition=c, seed=s, severity=5, stage=stage,
+                 image_auroc=value(t, c, s), pixel_auroc=value(t, c, s) / 2)
+            for t in ("a", "b") for c in CORRUPTIONS for s in (0, 1)]
+
+
+def test_paper_layout_means_spreads_and_the_papers_number_beside():
+    # task a: 0.6 / 0.8 over the seeds (mean 0.7), task b: 0.9 flat; the working rows must not enter
+    value = {("a", 0): 0.6, ("a", 1): 0.8, ("b", 0): 0.9, ("b", 1): 0.9}
+    table = pd.DataFrame(_grid("patchcore", lambda t, c, s: value[t, s])
+                         + _grid("patchcore", lambda t, c, s: 0.1, stage="working"))
+    paper = pd.DataFrame([dict(paper="roda", table="Table 1", dataset="MVTec", metric="image_auroc",
+                               method="PatchCore", setting="noise", value=80.2)])
+    out = paper_layout(table, paper, "image_auroc", stage="native", corruptions=CORRUPTIONS).set_index("condition")
+    assert list(out.index) == ["noise", "blur", "mean"]
+    assert out.loc["noise", "ours"] == pytest.approx(80.0)  # mean of 70 and 90
+    assert out.loc["noise", "std_categories"] == pytest.approx(np.std([70, 90], ddof=1))
+    assert out.loc["noise", "std_seeds"] == pytest.approx(np.std([60, 80], ddof=1) / 2)  # task b does not move
+    assert out.loc["mean", "ours"] == pytest.approx(80.0) and (out.n_categories == 2).all() and (out.n_seeds == 2).all()
+    assert out.loc["noise", "paper"] == 80.2 and "the paper's" in out.loc["noise", "paper_source"]
+    assert np.isnan(out.loc["blur", "paper"]) and out.loc["blur", "paper_source"] == ""
+    working = paper_layout(table, paper, "image_auroc", stage="working", corruptions=CORRUPTIONS)
+    assert working.ours.to_numpy() == pytest.approx(10.0) and (working.stage == "working").all()
+
+
+def test_decomposition_pairs_by_category_and_seed():
+    chain = (("PatchCore", "p"), ("statistics", "q"), ("transport", "r"))
+    rng = np.random.default_rng(0)
+    noise = {(t, c, s): rng.normal(0, 0.05) for t in "ab" for c in CORRUPTIONS for s in (0, 1)}
+    table = pd.DataFrame(_grid("p", lambda t, c, s: 0.5 + noise[t, c, s])  # paired: the noise cancels
+                         + _grid("q", lambda t, c, s: 0.6 + noise[t, c, s])
+                         + _grid("r", lambda t, c, s: 0.6 + noise[t, c, s] + (0.1 if t == "a" else -0.1))
+                         + _grid("q", lambda t, c, s: 0.0, stage="working"))
+    out = decomposition(table, chain=chain, corruptions=CORRUPTIONS, n_boot=500)
+    step = out[(out.metric == "image_auroc") & (out.condition == "mean")].set_index("step")
+    assert step.loc["statistics", "effect"] == pytest.approx(10.0)
+    assert step.loc["statistics", "ci_low"] == pytest.approx(10.0) == step.loc["statistics", "ci_high"]
+    assert step.loc["statistics", "n_pairs"] == 4  # 2 categories x 2 seeds
+    assert step.loc["transport", "effect"] == pytest.approx(0.0, abs=1e-9)
+    assert step.loc["transport", "ci_low"] < 0 < step.loc["transport", "ci_high"]  # +10 / -10 by category
+    pixel = out[(out.metric == "pixel_auroc") & (out.condition == "noise")].set_index("step")
+    assert pixel.loc["statistics", "effect"] == pytest.approx(5.0)
+    assert (out.stage == "native").all()
