@@ -116,7 +116,7 @@ def adapt_config(args):
 
 def cmd_adapt(args) -> int:
     from lib.common.utils import seed_everything
-    from lib.experiments.cli import EXIT_OK, _existing
+    from lib.experiments.cli import EXIT_OK, EXIT_USAGE, CliError, _existing
     from lib.experiments.cli_options import check_output
     from lib.roda.anomalib_model import adapt_patchcore, save_adapted_checkpoint
 
@@ -125,7 +125,13 @@ def cmd_adapt(args) -> int:
     check_output(args.output, "-o/--output")
     items = _items(args, folder)
     train = _items(args, _existing(args.train_images, "folder")) if args.train_images else None
-    module = _load(args)
+    module = _load(args)  # refuses a checkpoint that is not a PatchCore
+    needs_train = config.bn_init in ("matched", "gated") or config.loss.get("weights") == "coverage"
+    if needs_train and not args.train_images:
+        raise CliError(f"{args.variant or config.method} starts from the training images' BatchNorm statistics or "
+                       "bank coverage, which an anomalib checkpoint does not keep: pass --train-images FOLDER (the "
+                       "normal images the checkpoint was fitted on), or --variant none for the paper's RoDA",
+                       EXIT_USAGE)
     seed_everything(args.seed)  # after the checks, as on a bank
     t0 = time.perf_counter()
     module, history = adapt_patchcore(module, items, config, train_images=train, bank_rows=args.bank_rows,
