@@ -431,3 +431,15 @@ def test_forest_plot_draws_one_line_per_claim_with_the_paper_marked(ref):
     shown = table[table.ours_effect.notna()]
     assert len(ax.get_yticklabels()) == len(shown)
     assert any(t.get_text().startswith("paper") for t in ax.get_legend().get_texts())
+
+
+def test_two_sides_without_a_shared_cell_are_not_run(ref):
+    """PatchCore never ran on screw, RoDA did: screw's shortcut row has no paired cell, so no effect (it crashed)."""
+    grid = _grid(lambda c: 5.0, tasks=("mvtec/screw", "mvtec/bottle", "mvtec/tire"))
+    grid = grid[~((grid.task == "mvtec/screw") & (grid.method == "patchcore"))]
+    shortcut = pd.DataFrame(dict(task=["mvtec/screw", "mvtec/bottle", "mvtec/tire"], mean_grey_auroc=[1.0, 0.52, 0.6]))
+    table = fid.fidelity_table(fid.RODA_CLAIMS, ref, {"08_roda_grid": grid, "01_shortcut": shortcut}, n_boot=200)
+    rows = _by_id(table)
+    assert rows[("t1_roda_vs_patchcore_gaussian_noise", True)].n_cells == 6  # bottle and tire
+    screw = rows[("t1_roda_vs_patchcore_gaussian_noise", False)]
+    assert screw.verdict == "not run" and screw.n_cells == 0

@@ -182,6 +182,11 @@ def _to_percent(values: pd.Series, metric: str) -> pd.Series:
     return values
 
 
+def _no_cells() -> pd.Series:
+    """An empty side: no (task, seed) cell, with the index names every side carries (so it aligns with the other)."""
+    return pd.Series(dtype=float, index=pd.MultiIndex.from_tuples([], names=["task", "seed"]))
+
+
 def side_cells(df: pd.DataFrame, selector, metric: str) -> tuple[pd.Series, dict]:
     """One side of a claim per (task, seed) cell, in points, and the values "max"/"min" resolved to.
 
@@ -190,7 +195,7 @@ def side_cells(df: pd.DataFrame, selector, metric: str) -> tuple[pd.Series, dict
     A mean over a list of :data:`COMPLETE_COLUMNS` values (the four corruptions) keeps only the cells that hold
     every value: a mean over the corruptions run so far is not the paper's mean."""
     if metric not in df.columns:
-        return pd.Series(dtype=float), {}
+        return _no_cells(), {}
     tcol = task_column(df)
     df = df.assign(_v=_to_percent(df[metric], metric), _task=df[tcol].astype(str) if tcol else "-",
                    _seed=df["seed"] if "seed" in df.columns else 0)
@@ -208,7 +213,7 @@ def side_cells(df: pd.DataFrame, selector, metric: str) -> tuple[pd.Series, dict
             if not sub.empty:
                 parts.append(coef * sub.groupby(["_task", "_seed"])["_v"].mean())
         if not parts:
-            return pd.Series(dtype=float), resolved
+            return _no_cells(), resolved
         term = pd.concat(parts)
         total = term if total is None else total.add(term)  # NaN where a term lacks the cell
     total = total.dropna().rename_axis(["task", "seed"])
