@@ -152,6 +152,26 @@ class _LastTapReached(Exception):
     """Raised by the hook of the last tap to end the forward pass early."""
 
 
+def bn_execution_order(net: nn.Module, forward, image: torch.Tensor) -> tuple[list[str], object]:
+    """Names of ``net``'s BatchNorm2d layers in the order ``forward(image)`` runs them (each once), and its output
+    (no gradients): the layers the outputs depend on, which are the ones RoDA adapts."""
+    names = {module: name for name, module in net.named_modules()}
+    seen: list[str] = []
+
+    def record(module, inputs, output):
+        if names[module] not in seen:
+            seen.append(names[module])
+
+    handles = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            out = forward(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, out
+
+
 class FeatureExtractor(nn.Module):
     """Feature maps of a frozen torchvision network at named modules (``layers``).
 
@@ -269,20 +289,8 @@ class FeatureExtractor(nn.Module):
 
     def _dry_run(self, size: int) -> list[str]:
         """Run a zero image to record channels, strides and the BatchNorm layers executed before the last tap."""
-        names = {module: name for name, module in self.model.named_modules()}
-        seen: list[str] = []
-
-        def record(module, inputs, output):
-            if names[module] not in seen:
-                seen.append(names[module])
-
-        handles = [m.register_forward_hook(record) for m in self.model.modules() if isinstance(m, nn.BatchNorm2d)]
-        try:
-            with torch.no_grad():
-                maps = self._extract(torch.zeros(1, 3, size, size, device=self.mean.device))
-        finally:
-            for handle in handles:
-                handle.remove()
+        zeros = torch.zeros(1, 3, size, size, device=self.mean.device)
+        seen, maps = bn_execution_order(self.model, self._extract, zeros)
         self.channels = [int(m.shape[1]) for m in maps]
         self.feature_sizes = [tuple(int(s) for s in m.shape[-2:]) for m in maps]
         self.strides = [2 ** round(math.log2(size / m.shape[-1])) for m in maps]

@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from lib.common.backbones import bn_execution_order
 from lib.common.folders import list_images
 from lib.roda.adaptation import NEEDS_BN_REFERENCE, AdaptConfig, adapt
 from lib.roda.bn_stats import recording_bn_moments
@@ -144,21 +145,7 @@ class PatchcoreEncoder(nn.Module):
             self.differentiable = previous
 
     def _dry_run(self, size: int, device) -> list[str]:
-        names = {module: name for name, module in self.net.named_modules()}
-        seen: list[str] = []
-
-        def record(module, inputs, output):
-            if names[module] not in seen:
-                seen.append(names[module])
-
-        handles = [m.register_forward_hook(record) for m in self.net.modules() if isinstance(m, nn.BatchNorm2d)]
-        try:
-            with torch.no_grad():
-                self.net(torch.zeros(1, 3, size, size, device=device))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return seen
+        return bn_execution_order(self.net, self.net, torch.zeros(1, 3, size, size, device=device))[0]
 
     def bn_modules(self) -> list[nn.BatchNorm2d]:
         """BatchNorm2d modules that run before the last tap, in execution order (what the taps depend on)."""
