@@ -83,3 +83,18 @@ def test_render_hands_its_run_options_to_the_notebook(tmp_path, monkeypatch):
     assert render_notebooks.main(argv) == 0
     assert (seen["profile"], seen["categories"], seen["out_dir"]) == ("real", "bottle", str(tmp_path / "out"))
     assert (tmp_path / "rendered" / "real" / "03_roda.ipynb").exists()
+
+
+@pytest.mark.skipif(not RENDERED, reason="no rendered notebooks committed yet (make render)")
+@pytest.mark.parametrize("path", RENDERED, ids=[f"{p.parent.name}/{p.stem}" for p in RENDERED])
+def test_rendered_copy_shows_the_current_code(path):
+    """A rendered copy whose code cells differ from its notebook's shows code that may no longer run: re-render."""
+    import nbformat
+
+    def code(nb):
+        return [c.source for c in nb.cells
+                if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
+
+    rendered = nbformat.read(path, as_version=4)
+    source = nbformat.read(REPO / "notebooks" / path.name, as_version=4)
+    assert code(rendered) == code(source), f"{path} shows older code than notebooks/{path.name}: make render"
