@@ -172,7 +172,23 @@ def bn_execution_order(net: nn.Module, forward, image: torch.Tensor) -> tuple[li
     return seen, out
 
 
-class FeatureExtractor(nn.Module):
+class DifferentiableMode:
+    """``differentiable_mode()`` for an encoder whose ``forward`` runs without gradients unless
+    ``self.differentiable`` is set (RoDA's adaptation needs the graph; scoring does not)."""
+
+    differentiable = False
+
+    @contextlib.contextmanager
+    def differentiable_mode(self, enabled: bool = True):
+        """Within the block ``forward`` builds an autograd graph (gradients reach trainable parameters)."""
+        previous, self.differentiable = self.differentiable, enabled
+        try:
+            yield self
+        finally:
+            self.differentiable = previous
+
+
+class FeatureExtractor(DifferentiableMode, nn.Module):
     """Feature maps of a frozen torchvision network at named modules (``layers``).
 
     ``forward(x)`` takes RGB in [0, 1] of shape (B, 3, H, W), normalises it, and returns the list of maps at
@@ -275,15 +291,6 @@ class FeatureExtractor(nn.Module):
             raise BackboneError(f"{self.name} has no ImageNet classifier head (its weights carry none)")
         with contextlib.nullcontext() if self.differentiable else torch.no_grad():
             return self.model(self.normalize(x))
-
-    @contextlib.contextmanager
-    def differentiable_mode(self, enabled: bool = True):
-        """Within the block ``forward`` builds an autograd graph (gradients reach trainable parameters)."""
-        previous, self.differentiable = self.differentiable, enabled
-        try:
-            yield self
-        finally:
-            self.differentiable = previous
 
     # -- BatchNorm
 

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lib.common.backbones import bn_execution_order
+from lib.common.backbones import DifferentiableMode, bn_execution_order
 from lib.common.folders import list_images
 from lib.roda.adaptation import NEEDS_BN_REFERENCE, AdaptConfig, adapt
 from lib.roda.bn_stats import recording_bn_moments
@@ -114,7 +114,7 @@ def resolve_patchcore(model):
                          "PatchCore memory bank")
 
 
-class PatchcoreEncoder(nn.Module):
+class PatchcoreEncoder(DifferentiableMode, nn.Module):
     """The timm ``FeatureListNet`` of an anomalib PatchCore as :func:`lib.roda.adaptation.adapt` uses an encoder:
     ``forward`` returns ``{layer: map}`` without ``torch.no_grad()`` inside :meth:`differentiable_mode` and
     without switching the network to eval mode (AdaBN's train-mode pass needs that); :meth:`bn_modules` are the
@@ -134,15 +134,6 @@ class PatchcoreEncoder(nn.Module):
         with contextlib.nullcontext() if self.differentiable else torch.no_grad():
             maps = self.net(x)
         return maps if isinstance(maps, dict) else dict(zip(self.layers, maps, strict=True))
-
-    @contextlib.contextmanager
-    def differentiable_mode(self, enabled: bool = True):
-        """Within the block ``forward`` builds an autograd graph (gradients reach trainable parameters)."""
-        previous, self.differentiable = self.differentiable, enabled
-        try:
-            yield self
-        finally:
-            self.differentiable = previous
 
     def _dry_run(self, size: int, device) -> list[str]:
         return bn_execution_order(self.net, self.net, torch.zeros(1, 3, size, size, device=device))[0]
