@@ -2,6 +2,7 @@
 it reads: known answers on small synthetic tables."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -443,3 +444,23 @@ def test_two_sides_without_a_shared_cell_are_not_run(ref):
     assert rows[("t1_roda_vs_patchcore_gaussian_noise", True)].n_cells == 6  # bottle and tire
     screw = rows[("t1_roda_vs_patchcore_gaussian_noise", False)]
     assert screw.verdict == "not run" and screw.n_cells == 0
+
+
+def test_write_verdicts_reads_the_profiles_folder_and_writes_one_table_per_stage(tmp_path):
+    """notebook 06 / scripts/fidelity_tables.py: the grid in the profile's results folder gives each stage its own
+    verdicts (planted +8 native, -8 working), both tables written, with the profile's name."""
+    from lib.common.utils import read_csv, write_csv
+    from lib.experiments import profiles
+    from lib.reporting import verdicts
+
+    cfg = profiles.get_profile("smoke", out_dir=tmp_path)
+    grid = pd.concat([_grid(lambda c: 8.0, stage="native"), _grid(lambda c: -8.0, stage="working", seed=1)])
+    write_csv(grid, f"{cfg.results_dir}/08_roda_grid.csv")
+    tables = verdicts.write_verdicts(cfg, plots=True)
+    for stage, effect, name in (("native", 8.0, "06_fidelity"), ("working", -8.0, "06_fidelity_working")):
+        written = read_csv(f"{cfg.results_dir}/{name}.csv")
+        assert len(written) == len(tables[stage]) and set(written["profile"]) == {"smoke"}
+        row = written[(written.claim_id == "t1_roda_vs_patchcore_contrast") & written.counted.astype(bool)].iloc[0]
+        assert row.stage == stage and row.ours_effect == pytest.approx(effect, abs=0.5)
+    assert (Path(cfg.figures_dir) / "06_fidelity_forest_roda.png").is_file()
+    assert (Path(cfg.figures_dir) / "06_fidelity_forest_roda_working.png").is_file()
