@@ -7,6 +7,8 @@
 #   make elpv   - the same notebooks on ELPV at the larger scale of the elpv profile (hours, see README)
 #   make real   - every notebook on real MVTec bottle at the papers' schedules (../shared/data; about 2 h)
 #   make real-full - every real category, 3-5 seeds, every variant (a night on 2 cores)
+#   make tables - after a grid job is folded into results/real_full/08_roda_grid.csv: its summaries, the paper's
+#                 Table 1 / 3 layout, the decomposition, the recommendation check, the verdicts, README numbers
 #   make render - executed copies of the notebooks (default profile) in notebooks/rendered/default/
 #   make lab    - JupyterLab on notebooks/ (headless: make lab LAB_ARGS=--no-browser)
 PYTHON ?= python3.11
@@ -14,7 +16,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test test-fast lint elpv real real-full smoke bench lab render
+.PHONY: setup run test test-fast lint elpv real real-full smoke bench lab render tables
 
 setup: $(STAMP)
 
@@ -45,6 +47,14 @@ real: setup
 
 real-full: setup
 	$(PY) scripts/run_notebooks.py --profile real_full
+
+GRID := results/real_full/08_roda_grid.csv
+tables: setup
+	for ref in patchcore adabn_matched roda_robust_matched_slow; do \
+	  $(PY) scripts/run_roda_grid.py --out $(GRID) --summary-only --reference $$ref || exit 1; done
+	$(PY) scripts/protocol_tables.py --grid $(GRID)
+	$(PY) scripts/fidelity_tables.py --profile real_full
+	$(PY) scripts/render_readme.py
 
 smoke: setup
 	$(PY) scripts/run_notebooks.py --profile smoke --out-dir runs/smoke-out

@@ -1,5 +1,9 @@
 """RoDA Table 1 / Table 3 in the paper's layout and the decomposition of RoDA's parts, from a grid table, per
-corruption stage (lib.reporting.protocol_tables), with the paper's numbers beside ours where the paper has the row.
+corruption stage (lib.reporting.protocol_tables), with the paper's numbers beside ours where the paper has the row
+(Table 1 / 3 over the categories where the paper-literal RoDA ran at that stage, so every method's row averages
+the same categories);
+at severity 5 also the recommendation rule applied to each stage's rows (lib.reporting.recommendation,
+docs/recommendation.md: ``recommendation_working.csv`` chose, ``recommendation_native.csv`` checks).
 
     python scripts/protocol_tables.py                      # results/real_full/08_roda_grid.csv -> 08_table1.csv,
                                                            # 08_table3.csv, 08_decomposition.csv beside it
@@ -18,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.common.utils import REPO_ROOT, write_csv
 from lib.reporting.protocol_tables import decomposition, paper_layout
+from lib.reporting.recommendation import rank_candidates
 
 
 def main(argv=None) -> int:
@@ -31,11 +36,17 @@ def main(argv=None) -> int:
     stages = sorted(set(grid["stage"].fillna("working")) if "stage" in grid else {"working"})
     out = Path(args.out_dir or Path(args.grid).parent)
     suffix = "" if args.severity == 5 else f"_severity{args.severity}"
+    stage_of = grid["stage"].fillna("working") if "stage" in grid else pd.Series("working", index=grid.index)
+    # every row of a stage averages the same categories: those where the paper-literal RoDA ran at that stage
+    tasks = {s: sorted(set(grid.task[(stage_of == s) & (grid.method == "roda")])) or None for s in stages}
     for metric, name in (("image_auroc", "08_table1"), ("pixel_auroc", "08_table3")):
-        tables = [paper_layout(grid, paper, metric, stage=s, severity=args.severity) for s in stages]
+        tables = [paper_layout(grid, paper, metric, stage=s, severity=args.severity, tasks=tasks[s]) for s in stages]
         print(write_csv(pd.concat(tables, ignore_index=True), out / f"{name}{suffix}.csv"))
     parts = [decomposition(grid, stage=s, severity=args.severity) for s in stages]
     print(write_csv(pd.concat(parts, ignore_index=True), out / f"08_decomposition{suffix}.csv"))
+    if args.severity == 5:
+        for stage in stages:
+            print(write_csv(rank_candidates(grid, stage=stage), out / f"recommendation_{stage}.csv"))
     return 0
 
 

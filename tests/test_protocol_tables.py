@@ -50,6 +50,9 @@ def test_decomposition_pairs_by_category_and_seed():
     assert step.loc["statistics", "n_pairs"] == 4  # 2 categories x 2 seeds
     assert step.loc["transport", "effect"] == pytest.approx(0.0, abs=1e-9)
     assert step.loc["transport", "ci_low"] < 0 < step.loc["transport", "ci_high"]  # +10 / -10 by category
+    # two categories are the units (k = 2): the interval is wide, t(1) x the bootstrap's se, and p large
+    assert step.loc["transport", "ci_high"] > 50 and step.loc["transport", "p"] > 0.5
+    assert step.loc["statistics", "n_categories"] == 2
     pixel = out[(out.metric == "pixel_auroc") & (out.condition == "noise")].set_index("step")
     assert pixel.loc["statistics", "effect"] == pytest.approx(5.0)
     assert (out.stage == "native").all()

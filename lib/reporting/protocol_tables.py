@@ -19,8 +19,8 @@ from the one before (:data:`DECOMPOSITION`), and per step the effect paired over
 
     effect(step) = mean_{t,s} [ AUROC(step, t, s) - AUROC(previous, t, s) ]
 
-(AUROC averaged over the corruptions first; per corruption in the rows of that corruption), with a percentile
-bootstrap interval over the (category, seed) pairs.
+(AUROC averaged over the corruptions first; per corruption in the rows of that corruption), with the two-stage
+bootstrap interval of the verdicts (:mod:`lib.reporting.effects`: categories, then seeds within them, t quantile).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from lib.common.registry import PAPER_CORRUPTIONS
+from lib.reporting.effects import effect_interval
 
 #: our method name -> the paper's row (RoDA Tables 1 and 3)
 PAPER_METHODS = {"patchcore": "PatchCore", "ttt++": "TTT++", "ttac": "TTAC", "roda": "RoDA"}
@@ -87,20 +88,14 @@ def paper_layout(table: pd.DataFrame, paper_numbers: pd.DataFrame | None = None,
                            ignore_index=True)
 
 
-def _bootstrap(values: np.ndarray, n_boot: int, level: float, seed: int) -> tuple[float, float]:
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
-    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
-
-
 def decomposition(table: pd.DataFrame, stage: str = "native", severity: int = 5, chain=DECOMPOSITION, tasks=None,
                   corruptions=PAPER_CORRUPTIONS, n_boot: int = 2000, level: float = 0.95,
                   seed: int = 0) -> pd.DataFrame:
     """Per step of ``chain`` (label, method), metric and corruption (``mean``: over the corruptions), the effect of
-    the step over the previous configuration, paired by (category, seed), with its bootstrap interval; steps whose
-    runs are missing are left out of the pairing (``n_pairs`` counts what was paired)."""
+    the step over the previous configuration, paired by (category, seed): the mean over categories of the mean over
+    their seeds, with the two-stage bootstrap interval and p of :func:`lib.reporting.effects.effect_interval`
+    (categories, then seeds within them; the unit of the verdicts). Steps whose runs are missing are left out of the
+    pairing (``n_pairs`` counts what was paired)."""
     t = _select(table, stage, severity, tasks)
     t = t[t.condition.isin(corruptions)]
     rows = []
@@ -112,9 +107,9 @@ def decomposition(table: pd.DataFrame, stage: str = "native", severity: int = 5,
             parts = [("mean", whole.loc[whole["size"] == len(corruptions), "mean"])]
             parts += [(c, diff.xs(c, level="condition")) for c in corruptions if c in diff.index.get_level_values(2)]
             for condition, d in parts:
-                low, high = _bootstrap(d.to_numpy(), n_boot, level, seed)
+                iv = effect_interval(100 * d, alpha=1 - level, n_boot=n_boot, seed=seed)
                 rows.append(dict(stage=stage, severity=severity, step=label_b, from_method=a, to_method=b,
-                                 metric=metric, condition=condition, n_pairs=len(d),
-                                 effect=100 * float(d.mean()) if len(d) else np.nan, ci_low=100 * low,
-                                 ci_high=100 * high, level=level))
+                                 metric=metric, condition=condition, n_pairs=len(d), n_categories=iv["n_categories"],
+                                 effect=iv["estimate"], ci_low=iv["low"], ci_high=iv["high"], p=iv["p"],
+                                 level=level))
     return pd.DataFrame(rows)
