@@ -5,6 +5,7 @@ no download) fitted by anomalib's own ``Engine`` on 8 synthetic 64 px textures; 
 test images under a contrast and brightness shift (``0.5 * x + 90``)."""
 
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,3 +283,42 @@ def test_bundled_mobilenet_v2_refuses_another_backbone(data):
 
     with pytest.raises(PatchcoreError, match="mobilenetv2_100"):
         load_bundled_mobilenet_v2(load_patchcore(data["ckpt"]))  # a ResNet-18 PatchCore
+
+
+def _example_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "anomalib_example.py"
+    spec = importlib.util.spec_from_file_location("anomalib_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_example_writes_the_shift_as_folders_anomalib_and_evaluate_read_back(tmp_path):
+    """scripts/anomalib_example.py: the evaluation split becomes an MVTec category whose labels and masks
+    labelled_items reads back, each image the shifted pixels the grid's dataset gives; the target folder is flat."""
+    from dataclasses import replace
+
+    from lib.common.data import AnomalyDataset, load_task
+    from lib.common.folders import labelled_items
+
+    example = _example_script()
+    task = replace(load_task("synthetic", data_root=tmp_path / "data"), stage="native", native=(128, 128))
+    samples = list(task.test)
+    folder = example.materialise(task, samples, "gaussian_noise", 5, 0, tmp_path / "eval", labelled=True)
+    items, layout = labelled_items(folder)
+    assert layout == "mvtec" and len(items) == len(samples)
+    assert sorted(i.label for i in items) == sorted(s.label for s in samples)
+    assert all((i.mask is not None) == bool(i.label) for i in items)
+    reference = AnomalyDataset(samples, resize=task.resize, crop=None, corruption="gaussian_noise", severity=5,
+                               seed=0, stage="native", native=(128, 128))
+    first = next(i for i in items if i.path.endswith(f"000_{Path(samples[0].path).stem}.png"))
+    with Image.open(first.path) as im:
+        written = np.asarray(im)
+    expected = reference[0]["image"].mul(255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(written, expected)
+    clean = AnomalyDataset(samples[:1], resize=task.resize, crop=None)[0]["image"].mul(255).round().byte()
+    assert not np.array_equal(written, clean.permute(1, 2, 0).numpy())  # the shift is in the files
+    target = example.materialise(task, samples[:3], "contrast", 5, 0, tmp_path / "target", labelled=False)
+    assert len(list(target.glob("*.png"))) == 3 and (target / ".complete").is_file()
