@@ -15,7 +15,9 @@ writes, under its names, in ``results/<PROFILE>/`` (and its figures in ``figures
 ``05_ablation.csv`` and ``05_ablation_delta.csv`` (its ``dpdl`` rows are the full model, ``DPDL``); every other
 job gives ``05_general_runs.csv`` / ``05_hard_runs.csv`` by its ``setting``, and with them ``05_general.csv``,
 ``05_hard.csv``, ``05_where_dpdl_wins.csv`` and ``05_protocol.csv`` (lib.dpdl.tables, as in the notebook). A
-later job's row replaces an earlier one's with the same task, setting, seen class, M, method and seed. To add
+later job's row replaces an earlier one's with the same task, setting, seen class, M, method and seed (in the
+ablation tables also the same schedule: runs of each schedule stay side by side, each variant paired with the full
+model of its own schedule). To add
 jobs to the current tables name those first, e.g. ``--tables real_full results/real_full/05_general_runs.csv
 results/real_full/05_hard_runs.csv NEW.csv``; a runs table that would lose runs is not replaced.
 ``--compare`` joins runs of different configurations (fine-tuning, size, device) into one table with a
@@ -159,9 +161,14 @@ def _check_nothing_lost(path: Path, new: pd.DataFrame | None) -> None:
                          f"name it among the jobs to keep them (a later job's row replaces its own)")
 
 
-def _fold(files) -> pd.DataFrame:
+def _fold(files, rename=None, by_schedule: bool = False) -> pd.DataFrame:
+    """The runs of ``files``, a later file's row replacing an earlier one's with the same :data:`RUN_KEYS`
+    (methods renamed by ``rename`` first; with ``by_schedule`` runs of different schedules are kept side by side)."""
     runs = pd.concat([read_csv(f) for f in files], ignore_index=True)  # with their timings
-    return runs.drop_duplicates(subset=RUN_KEYS, keep="last")
+    if rename:
+        runs["method"] = runs["method"].replace(rename)
+    keys = RUN_KEYS + (["schedule"] if by_schedule and "schedule" in runs.columns else [])
+    return runs.drop_duplicates(subset=keys, keep="last").reset_index(drop=True)
 
 
 def write_tables(profile, *files):
@@ -189,8 +196,8 @@ def write_tables(profile, *files):
         _check_nothing_lost(out / "05_general_runs.csv", general)
         _check_nothing_lost(out / "05_hard_runs.csv", hard)
     if ablation_files:
-        ablation = _fold(ablation_files)
-        ablation["method"] = ablation["method"].replace({"dpdl": tables.ABLATION_BASE})
+        # the ablations keep each schedule's runs (tables.ablation_tables pairs within a schedule)
+        ablation = _fold(ablation_files, rename={"dpdl": tables.ABLATION_BASE}, by_schedule=True)
         ablation = _ordered(ablation, cfg, [tables.ABLATION_BASE, *VARIANTS])
         _check_nothing_lost(out / "05_ablation_runs.csv", ablation)
     profiles.get_profile(profile, device="cpu", **where)  # the folders checked and config.json written beside

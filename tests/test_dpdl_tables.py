@@ -49,6 +49,21 @@ def test_ablation_delta_pairs_each_variant_with_the_full_model_of_the_same_seed(
         tables.ablation_tables(pd.DataFrame(rows).replace({"DPDL": "dpdl"}))
 
 
+def test_ablation_runs_of_two_schedules_are_grouped_and_paired_within_their_schedule():
+    rows = [dict(run(seed=s, method=m, auroc=a), schedule=sch)
+            for sch, full, variant in (("10x20x16", 0.8, 0.7), ("50x20x16", 0.9, 0.6))
+            for s in (0, 1) for m, a in (("DPDL", full), ("M_r", variant))]
+    rows.append(dict(run(seed=0, method="M_a", auroc=0.5), schedule="50x20x16"))
+    rows.append(dict(run(seed=0, method="M_n", auroc=0.5), schedule="5x20x16"))  # no full model at its schedule
+    ablation, delta = tables.ablation_tables(pd.DataFrame(rows))
+    means = delta.set_index(["schedule", "method"])["mean"]
+    assert means[("10x20x16", "M_r")] == pytest.approx(-0.1) and means[("50x20x16", "M_r")] == pytest.approx(-0.3)
+    assert means[("50x20x16", "M_a")] == pytest.approx(-0.4) and ("5x20x16", "M_n") not in means.index
+    assert ablation.set_index(["schedule", "method"]).loc[("50x20x16", "DPDL"), "mean"] == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="two 'DPDL' runs"):
+        tables.ablation_tables(pd.DataFrame(rows + [dict(run(seed=0, method="DPDL"), schedule="10x20x16")]))
+
+
 def test_protocol_has_one_row_per_split_in_the_order_of_the_runs():
     general = pd.DataFrame([run(seed=s, method=m) for s in (0, 1) for m in ("dpdl", "dra")])
     hard = pd.DataFrame([run(setting="hard", seen="a", method=m) for m in ("dpdl", "dra")])

@@ -98,3 +98,14 @@ def test_dpdl_tables_fold_jobs_into_the_notebook_tables(tmp_path, monkeypatch):
     assert (out / "05_general_runs.csv").read_bytes() == before
     run_dpdl.write_tables("smoke", out / "05_general_runs.csv", out / "05_hard_runs.csv", again)  # adding a job
     assert (out / "05_general_runs.csv").read_bytes() == before
+    # an ablation job folded onto the ablation table: its dpdl rows replace the table's DPDL rows of the same
+    # schedule (renamed before the replacement), another schedule's runs stay beside them
+    rerun = job("a_ablation_rerun", [dict(task="a", seed=s, method=m, auroc=a, seconds=3.0) for s in (0, 1)
+                                     for m, a in (("dpdl", 0.7), ("M_r", 0.6))])
+    longer = job("a_ablation_50", [dict(task="a", seed=s, method=m, auroc=a, seconds=3.0, schedule="50x20x16")
+                                   for s in (0, 1) for m, a in (("dpdl", 0.9), ("M_r", 0.85))])
+    run_dpdl.write_tables("smoke", out / "05_ablation_runs.csv", rerun, longer)
+    runs = pd.read_csv(out / "05_ablation_runs.csv")
+    assert len(runs) == 8 and (runs.method == "DPDL").sum() == 4 and runs.auroc.max() == 0.9
+    delta = pd.read_csv(out / "05_ablation_delta.csv").fillna({"schedule": "none"}).set_index("schedule")
+    assert delta.loc["none", "mean"] == pytest.approx(-0.1) and delta.loc["50x20x16", "mean"] == pytest.approx(-0.05)

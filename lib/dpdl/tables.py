@@ -66,15 +66,22 @@ def where_dpdl_wins(general: pd.DataFrame, hard: pd.DataFrame | None = None) -> 
 
 def ablation_tables(runs: pd.DataFrame, base: str = ABLATION_BASE) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(``05_ablation.csv``, ``05_ablation_delta.csv``): mean ± std of each variant's AUROC over seeds per task,
-    and each variant minus the full model ``base`` on the same task and seed, mean ± std over seeds."""
+    and each variant minus the full model ``base`` on the same task and seed, mean ± std over seeds. Runs that
+    name their ``schedule`` (epochs x iterations x batch) are grouped and paired within it: a variant is never
+    compared with a full model trained for another number of steps (it has no delta without one)."""
     if base not in set(runs["method"]):
         raise ValueError(f"the ablation runs hold no {base!r} rows (the full model every variant is paired with); "
                          f"methods: {sorted(set(runs['method']))}")
-    ablation = aggregate_runs(runs, ["task", "method"])
-    full = runs[runs.method == base].set_index(["task", "seed"])["auroc"]
-    paired = runs[runs.method != base].assign(
-        delta=lambda d: d.auroc.to_numpy() - full.loc[list(zip(d.task, d.seed))].to_numpy())
-    return ablation, aggregate_runs(paired, ["task", "method"], value="delta")
+    by = ["schedule"] if "schedule" in runs.columns else []
+    ablation = aggregate_runs(runs, ["task", *by, "method"])
+    pair = ["task", *by, "seed"]
+    full = runs[runs.method == base].set_index(pair)["auroc"]
+    if full.index.duplicated().any():
+        raise ValueError(f"two {base!r} runs for one {', '.join(pair)}: fold the jobs first")
+    others = runs[runs.method != base]
+    match = full.reindex(pd.MultiIndex.from_frame(others[pair])).to_numpy()
+    paired = others.assign(delta=others.auroc.to_numpy() - match).dropna(subset=["delta"])
+    return ablation, aggregate_runs(paired, ["task", *by, "method"], value="delta")
 
 
 def protocol_table(*runs: pd.DataFrame) -> pd.DataFrame:
