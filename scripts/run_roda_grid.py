@@ -176,6 +176,13 @@ def _fold(target: Path, sources, keys) -> int:
 
 def merge(args) -> None:
     out = Path(args.out)
+    if args.merge_history and not args.history:
+        raise SystemExit("--merge-history needs --history (the table to fold them into)")
+    missing = [f"--merge {f}" for f in args.merge or () if not Path(f).is_file()]
+    missing += [f"--merge-history {f}" for f in args.merge_history or () if not Path(f).is_file()]
+    if missing:  # checked before anything is folded: the table and its histories change together or not at all
+        raise SystemExit(f"nothing folded: {'; '.join(missing)} does not exist (a job that adapted nothing, e.g. "
+                         "PatchCore alone, writes no histories: leave it out of --merge-history)")
     if args.merge:
         sources = [Path(source) for source in args.merge]
         print(f"{out}: {_fold(out, sources, KEYS)} rows after folding {len(sources)} file(s)")
@@ -183,8 +190,6 @@ def merge(args) -> None:
         if timings:
             _fold(timings_path(out), timings, KEYS)
     if args.merge_history:
-        if not args.history:
-            raise SystemExit("--merge-history needs --history (the table to fold them into)")
         print(f"{args.history}: {_fold(Path(args.history), args.merge_history, KEYS)} rows")
 
 

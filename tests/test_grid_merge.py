@@ -46,6 +46,17 @@ def test_merge_folds_parallel_grid_files(tmp_path):
     assert pd.read_csv(tmp_path / "grid_vs_ttac.csv").set_index("method").loc["roda", "cells"] == 1
 
 
+def test_a_missing_history_file_folds_nothing_and_says_why(tmp_path):
+    out, job = tmp_path / "grid.csv", tmp_path / "patchcore_only.csv"
+    _rows("roda", [0], 0.5).to_csv(out, index=False)
+    _rows("patchcore", [0], 0.6).to_csv(job, index=False)
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match="nothing folded: --merge-history .*writes no histories"):
+        run_roda_grid.main(["--out", str(out), "--merge", str(job), "--history", str(tmp_path / "h.csv"),
+                            "--merge-history", str(tmp_path / "patchcore_only_histories.csv")])
+    assert out.read_bytes() == before  # the table and its histories change together or not at all
+
+
 def test_merge_history_needs_its_target(tmp_path):
     with pytest.raises(SystemExit, match="--history"):
         run_roda_grid.main(["--out", str(tmp_path / "g.csv"), "--merge-history", str(tmp_path / "h.csv")])
