@@ -20,6 +20,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lib.common.corruptions import stage_of
 from lib.common.utils import REPO_ROOT, write_csv
 from lib.reporting.protocol_tables import decomposition, paper_layout
 from lib.reporting.recommendation import rank_candidates
@@ -33,12 +34,12 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=None, help="default: the grid table's folder")
     args = p.parse_args(argv)
     grid, paper = pd.read_csv(args.grid), pd.read_csv(args.paper)
-    stages = sorted(set(grid["stage"].fillna("working")) if "stage" in grid else {"working"})
+    stage_of_row = stage_of(grid)
+    stages = sorted(set(stage_of_row))
     out = Path(args.out_dir or Path(args.grid).parent)
     suffix = "" if args.severity == 5 else f"_severity{args.severity}"
-    stage_of = grid["stage"].fillna("working") if "stage" in grid else pd.Series("working", index=grid.index)
     # every row of a stage averages the same categories: those where the paper-literal RoDA ran at that stage
-    tasks = {s: sorted(set(grid.task[(stage_of == s) & (grid.method == "roda")])) or None for s in stages}
+    tasks = {s: sorted(set(grid.task[(stage_of_row == s) & (grid.method == "roda")])) or None for s in stages}
     for metric, name in (("image_auroc", "08_table1"), ("pixel_auroc", "08_table3")):
         tables = [paper_layout(grid, paper, metric, stage=s, severity=args.severity, tasks=tasks[s]) for s in stages]
         print(write_csv(pd.concat(tables, ignore_index=True), out / f"{name}{suffix}.csv"))

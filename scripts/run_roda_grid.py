@@ -32,10 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.common import backbones, registry
-from lib.common.corruptions import STAGES
+from lib.common.corruptions import STAGES, stage_of
 from lib.common.utils import read_csv, seed_everything, timings_path, write_csv
 from lib.experiments import profiles, roda_grid
-from lib.experiments.roda_grid import WORKING
 
 DEFAULT_METHODS = "patchcore,ttt++,ttac,roda,roda_robust"
 
@@ -128,8 +127,7 @@ def summarise_by_stage(table: pd.DataFrame, reference: str) -> pd.DataFrame:
 
 
 def _with_stage(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows written before the corruption stage was a setting were measured at the working stage."""
-    return table.assign(stage=table["stage"].fillna(WORKING) if "stage" in table else WORKING)
+    return table.assign(stage=stage_of(table))
 
 
 def cells(args) -> int:

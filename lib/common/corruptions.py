@@ -70,6 +70,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 # one definition of each list, in lib/common/registry.py: the four corruptions of RoDA Sec. 4.1, all 19 of
 # imagecorruptions, and the 32 px per side the package needs
@@ -371,6 +372,18 @@ class CorruptionSpec:
 
 
 # ------------------------------------------------------------------------------------------ the stage
+
+
+#: the stage of result rows (or tables) that record none: they were written before the stage was a setting, when every
+#: corruption was applied to the resized working image
+UNRECORDED_STAGE = "working"
+
+
+def stage_of(table: pd.DataFrame) -> pd.Series:
+    """The corruption stage of each row of a result table (:data:`UNRECORDED_STAGE` where it records none)."""
+    if "stage" not in table.columns:
+        return pd.Series(UNRECORDED_STAGE, index=table.index, dtype=object)
+    return table["stage"].fillna(UNRECORDED_STAGE)
 
 
 def check_stage(stage) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lib.common.corruptions import stage_of
 from lib.common.data import DataError, make_loader
 from lib.common.utils import progress, read_csv, torch_save, write_csv
 from lib.experiments.roda_steps import (
@@ -42,8 +43,6 @@ from lib.roda.alignment import roda_loss
 from lib.roda.bn_stats import bn_input_moments
 from lib.roda.patchcore import coverage_counts
 
-#: the stage of every row written before the corruption stage was a setting (lib.common.corruptions.STAGES)
-WORKING = "working"
 #: profile ``roda`` keys that become loss options of the OT methods
 OT_LOSS_KEYS = {"roda": ("eps", "cost", "cost_norm", "rule"), "continuous_ot": ("eps", "cost", "cost_norm")}
 
@@ -183,7 +182,7 @@ def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, 
     done = read_csv(out_csv) if out_csv.exists() else pd.DataFrame()  # with its finished rows' timings
     severity, stage = cfg["corruption"]["severity"], cfg["corruption"]["stage"]
     if len(done):
-        done = done.assign(stage=done["stage"].fillna(WORKING) if "stage" in done else WORKING)
+        done = done.assign(stage=stage_of(done))
     mine = done[(done.severity == severity) & (done.stage == stage)] if len(done) else done
     key = set(zip(mine.task, mine.method, mine.condition, mine.seed)) if len(mine) else set()
     rows = [done] if len(done) else []

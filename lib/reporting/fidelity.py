@@ -66,6 +66,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lib.common.corruptions import stage_of
 from lib.common.utils import REPO_ROOT
 from lib.reporting.claims import ALL_CLAIMS, DPDL_CLAIMS, RODA_CLAIMS, Claim, reference_key, slug
 from lib.reporting.effects import ALPHA, BOOTSTRAP_SEED, N_BOOTSTRAP, category_mean, effect_interval, holm, verdict
@@ -81,7 +82,6 @@ TASK_COLUMNS = ("task", "dataset")
 COMPLETE_COLUMNS = ("condition",)  # a list of these in a filter is a mean over all of them, per cell
 BACKBONE_IDS = {"WRN-50": "wide_resnet50_2", "ResNet-18": "resnet18"}
 PAPER_STAGE = "native"  # the paper's protocol: corrupt at native resolution, then resize
-MISSING_STAGE = "working"  # a table without a ``stage`` column was measured after the resize
 SHORTCUT_COLUMNS = ("mean_grey_auroc", "contrast_auroc")  # 01_shortcut.csv
 SHORTCUT_MAX = 0.9
 PAPER_SCHEDULE = "50x20"  # DPDL: 50 epochs x 20 iterations
@@ -243,9 +243,8 @@ def comparability(claim: Claim, tasks: list, backbone: str | None) -> tuple[bool
 
 
 def _stage_rows(df: pd.DataFrame, stage: str) -> pd.DataFrame:
-    """The rows of ``stage`` (no ``stage`` column: :data:`MISSING_STAGE`); clean rows serve every stage."""
-    rows = df["stage"].fillna(MISSING_STAGE) if "stage" in df.columns else pd.Series(MISSING_STAGE, index=df.index)
-    keep = rows == stage
+    """The rows of ``stage`` (:func:`lib.common.corruptions.stage_of`); clean rows serve every stage."""
+    keep = stage_of(df) == stage
     if "condition" in df.columns:
         keep |= df["condition"] == "clean"
     return df[keep]
@@ -297,7 +296,7 @@ def _answer(claim: Claim, results: dict, stage: str, context: dict):
         if claim.paper == "roda":
             staged = _stage_rows(df, stage)
             if staged.empty:
-                have = sorted(set(df["stage"].fillna(MISSING_STAGE)) if "stage" in df.columns else {MISSING_STAGE})
+                have = sorted(set(stage_of(df)))
                 tried.append(f"{stem}.csv has no {stage}-stage rows (it holds {'/'.join(have)})")
                 continue
             df = staged

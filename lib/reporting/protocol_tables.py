@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from lib.common.corruptions import stage_of
 from lib.common.registry import PAPER_CORRUPTIONS
 from lib.reporting.effects import effect_interval
 
@@ -46,7 +47,7 @@ DECOMPOSITION = (("PatchCore", "patchcore"), ("BatchNorm statistics", "adabn_mat
 
 
 def _select(table: pd.DataFrame, stage: str, severity: int, tasks=None) -> pd.DataFrame:
-    t = table.assign(stage=table["stage"].fillna("working") if "stage" in table else "working")
+    t = table.assign(stage=stage_of(table))
     t = t[(t.stage == stage) & (t.severity == severity)]
     return t[t.task.isin(tasks)] if tasks is not None else t
 

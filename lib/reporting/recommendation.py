@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from lib.common.corruptions import stage_of
 from lib.common.registry import PAPER_CORRUPTIONS
 
 #: the development categories: the real categories the repository has (further ones are held back to check)
@@ -35,7 +36,7 @@ def rank_candidates(table: pd.DataFrame, reference: str = "patchcore", stage: st
     """One row per candidate method of ``table`` (rows of ``stage`` and ``severity`` only; a table without a
     ``stage`` column was measured at ``"working"``): cells, completeness, mean / worst paired differences against
     ``reference``, eligibility and the ``chosen`` flag (exactly one row, the reference's when none qualifies)."""
-    t = table.assign(stage=table["stage"].fillna("working") if "stage" in table else "working")
+    t = table.assign(stage=stage_of(table))
     t = t[(t.stage == stage) & (t.severity == severity) & t.task.isin(tasks) & t.condition.isin(corruptions)
           & t.seed.isin(seeds)]
     keys = ["task", "condition", "seed"]
