@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,10 +32,9 @@ sys.path.insert(0, str(REPO))
 
 from lib.common.data import AnomalyDataset  # noqa: E402
 from lib.common.folders import labelled_items  # noqa: E402
-from lib.common.metrics import image_auroc, pixel_auroc  # noqa: E402
 from lib.common.utils import read_csv, seed_everything, write_csv  # noqa: E402
 from lib.experiments import profiles  # noqa: E402
-from lib.experiments.anomalib_cli import predict  # noqa: E402
+from lib.experiments.anomalib_cli import aurocs  # noqa: E402
 from lib.experiments.roda_grid import config_for, method_specs  # noqa: E402
 from lib.experiments.roda_steps import resolve_task, target_split  # noqa: E402
 from lib.roda.anomalib_model import (  # noqa: E402
@@ -49,6 +47,11 @@ from lib.roda.anomalib_model import (  # noqa: E402
 KEY = ["task", "corruption", "severity", "stage", "seed", "method"]
 #: the taps of the project's MobileNetV2 (features[:7], features[:14]) under timm's names
 LAYERS = ("blocks.2", "blocks.4")
+
+
+def _key(row: dict) -> tuple:
+    """A row's identity for resuming: its :data:`KEY` values as text (a CSV read back holds them as numbers)."""
+    return tuple(str(row[k]) for k in KEY)
 
 
 def fit(task, data_root: Path, work: Path, coreset_ratio: float) -> Path:
@@ -103,14 +106,6 @@ def materialise(task, samples, corruption: str, severity: int, seed: int, folder
     return folder
 
 
-def evaluate(module, folder: Path, batch_size: int) -> dict:
-    items, _ = labelled_items(folder)
-    labels = np.array([i.label for i in items])
-    out = predict(module, items, batch_size, quiet=True, desc="evaluating")
-    return dict(image_auroc=image_auroc(labels, out["scores"]), pixel_auroc=pixel_auroc(out["masks"], out["maps"]),
-                n_eval=len(items))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="real_full")
@@ -133,7 +128,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown methods {unknown}: choose from patchcore, recommended, {', '.join(sorted(specs))}")
     out = Path(args.out)
     rows = read_csv(out).to_dict("records") if out.is_file() else []
-    done = {tuple(str(r[k]) for k in KEY) for r in rows}
+    done = {_key(r) for r in rows}
     batch = cfg["patchcore"]["batch_size"]
     for name in args.tasks.split(","):
         task = resolve_task(cfg, name)
@@ -146,12 +141,13 @@ def main(argv=None) -> int:
             adapt_split, eval_split = target_split(task, shift["adapt_fraction"], seed)
             for corruption in corruptions:
                 key = dict(task=name, corruption=corruption, severity=shift["severity"], stage=task.stage, seed=seed)
-                todo = [m for m in methods if tuple(str(v) for v in {**key, "method": m}.values()) not in done]
+                todo = [m for m in methods if _key(dict(key, method=m)) not in done]
                 if not todo:
                     continue
                 cell = work / f"{corruption}_sev{shift['severity']}_{task.stage}_s{seed}"
                 target = materialise(task, adapt_split, corruption, shift["severity"], seed, cell / "target", False)
-                test = materialise(task, eval_split, corruption, shift["severity"], seed, cell / "eval", True)
+                test, _ = labelled_items(
+                    materialise(task, eval_split, corruption, shift["severity"], seed, cell / "eval", True))
                 for method in todo:
                     module = load_patchcore(ckpt)
                     t0 = time.perf_counter()
@@ -162,10 +158,10 @@ def main(argv=None) -> int:
                                                           train_images=train, show_progress=False)
                         steps = len(history)
                     took = time.perf_counter() - t0
-                    with torch.no_grad():
-                        scores = evaluate(module, test, batch)
+                    _, scores = aurocs(module, test, batch, quiet=True)  # (predict runs under no_grad)
                     rows.append(dict(key, method=method, backbone=f"anomalib {BUNDLED_TIMM_BACKBONE} (bundled)",
-                                     **scores, n_adapt=len(adapt_split), steps=steps, adapt_seconds=round(took, 1)))
+                                     **scores, n_eval=len(test), n_adapt=len(adapt_split), steps=steps,
+                                     adapt_seconds=round(took, 1)))
                     write_csv(pd.DataFrame(rows), out)
                     print(f"{name} {corruption} s{seed} {method}: image {100 * scores['image_auroc']:.1f} "
                           f"pixel {100 * scores['pixel_auroc']:.1f} ({took:.0f} s)", flush=True)

@@ -174,6 +174,18 @@ def predict(module, items, batch_size: int, quiet: bool, desc: str = "scoring") 
     return dict(scores=torch.cat(scores).numpy(), maps=torch.cat(maps).numpy(), masks=torch.cat(gt).numpy())
 
 
+def aurocs(module, items, batch_size: int, quiet: bool) -> tuple[dict, dict]:
+    """:func:`predict` on labelled ``items`` and their image AUROC (and pixel AUROC where items carry masks)."""
+    from lib.common.metrics import image_auroc, pixel_auroc
+
+    labels = np.array([i.label for i in items])
+    out = predict(module, items, batch_size, quiet, desc="evaluating")
+    scores = dict(image_auroc=image_auroc(labels, out["scores"]))
+    if any(i.mask for i in items):
+        scores["pixel_auroc"] = pixel_auroc(out["masks"], out["maps"])
+    return out, scores
+
+
 def _label(info: dict) -> str:
     from lib.experiments.cli import _state_label
 
@@ -237,7 +249,6 @@ def cmd_score(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from lib.common.folders import labelled_items
-    from lib.common.metrics import image_auroc, pixel_auroc
     from lib.experiments.cli import EXIT_OK, CliError, _existing, _readable
     from lib.experiments.cli_options import check_output
     from lib.roda.anomalib_model import adaptation_info
@@ -255,12 +266,9 @@ def cmd_evaluate(args) -> int:
     if labels.min() == labels.max():
         raise CliError(f"{folder} ({layout}) holds only {'anomalous' if labels[0] else 'normal'} images: AUROC "
                        "needs both")
-    out = predict(module, items, args.batch_size, args.quiet, desc="evaluating")
+    out, scores = aurocs(module, items, args.batch_size, args.quiet)
     summary = dict(folder=str(folder), layout=layout, n_images=len(items), n_anomalous=int(labels.sum()),
-                   checkpoint=str(args.bank), adapted_with=_label(info),
-                   image_auroc=image_auroc(labels, out["scores"]))
-    if any(i.mask for i in items):
-        summary["pixel_auroc"] = pixel_auroc(out["masks"], out["maps"])
+                   checkpoint=str(args.bank), adapted_with=_label(info), **scores)
     print(f"{folder} ({layout}, {len(items)} images, {summary['n_anomalous']} anomalous, {_label(info)})")
     print(f"image AUROC {100 * summary['image_auroc']:.1f}"
           + (f"   pixel AUROC {100 * summary['pixel_auroc']:.1f}" if "pixel_auroc" in summary else ""))
