@@ -50,6 +50,7 @@ from lib.dpdl import baselines, features, protocol, tables
 from lib.dpdl import model as dpdl
 from lib.experiments import profiles
 from lib.reporting import figures
+from lib.reporting.fidelity import PAPER_SCHEDULE
 
 #: DPDL variants by their label in notebook 05's ablation tables (its order first, then two more head subsets)
 VARIANTS = {"w/o DPL": dict(use_dpl=False), "w/o DFL": dict(use_dfl=False), "M_r": dict(heads=("r",)),
@@ -223,9 +224,9 @@ def write_tables(profile, *files):
         table, delta = tables.ablation_tables(ablation)
         write(table, "05_ablation.csv")
         write(delta, "05_ablation_delta.csv")
-        shown = ablation  # the paper's 50 x 20 runs where there are any: one schedule per figure
-        if "schedule" in ablation and ablation["schedule"].astype(str).str.startswith("50x20").any():
-            shown = ablation[ablation["schedule"].astype(str).str.startswith("50x20")]
+        # the paper's 50 x 20 runs where there are any: one schedule per figure
+        paper = ablation["schedule"].astype(str).str.startswith(PAPER_SCHEDULE) if "schedule" in ablation else None
+        shown = ablation[paper] if paper is not None and paper.any() else ablation
         title = f"Ablations, general setting, M = {shown.n_anomalies.max()}{_schedule(shown)}"
         fig = figures.auroc_bars(shown, x="task", y="auroc", hue="method", err="sd", ylim=(0.4, 1.0), title=title)
         written.append(save_figure(fig, figs / "05_ablation.png"))
