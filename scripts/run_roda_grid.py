@@ -11,8 +11,8 @@
         # notebook 03's table as independent cells on a Ray cluster (or --backend processes: local workers)
 
 Parallel jobs must not share an output file, so each writes its own; ``--merge`` folds their rows (and each
-one's ``*_timings.csv``) into ``--out`` (a later file's row replaces an earlier one's for the same task, method,
-corruption, seed, severity and corruption stage), ``--merge-history`` their per-step histories into
+one's ``*_timings.csv``) into ``--out`` (a later file's row replaces an earlier one's for the same task, backbone,
+method, corruption, seed, severity and corruption stage), ``--merge-history`` their per-step histories into
 ``--history``, atomically. ``--stage`` / ``--severity`` override the profile's ``corruption.stage`` /
 ``corruption.severity``; rows of both stages share one table, and the summary compares methods within a stage and
 severity, never across them.
@@ -59,6 +59,9 @@ def main(argv=None):
     p.add_argument("--stage", default=None, choices=STAGES,
                    help="where the corruption is applied (default: the profile's corruption.stage)")
     p.add_argument("--severity", type=int, default=None, help="default: the profile's corruption.severity")
+    p.add_argument("--backbone", default=None,
+                   help="the encoder (default: the profile's backbone); rows record it, a resumed job skips only "
+                        "its own backbone's rows, and its banks are cached per backbone")
     p.add_argument("--summary", default=None,
                    help="versus-reference table of the whole --out file (default: <out>_vs_<reference>.csv)")
     p.add_argument("--reference", default="patchcore",
@@ -86,7 +89,8 @@ def main(argv=None):
             p.error("--tasks is required (unless --summary-only or --merge)")
         torch.set_num_threads(args.threads)
         seed_everything(0)  # deterministic kernels; every run seeds its own generators from its seed
-        cfg = profiles.get_profile(args.profile, data_root=args.data_root, corruption=_shift(args))
+        cfg = profiles.get_profile(args.profile, data_root=args.data_root, corruption=_shift(args),
+                                   **({"backbone": args.backbone} if args.backbone else {}))
         specs = {**profiles.DECOMPOSITION_VARIANTS, **roda_grid.method_specs(cfg)}
         if args.variants:
             import json
@@ -149,7 +153,7 @@ def cells(args) -> int:
     return 1 if run.failed else 0
 
 
-KEYS = ["task", "method", "condition", "seed", "severity", "stage"]
+KEYS = ["task", "backbone", "method", "condition", "seed", "severity", "stage"]
 
 
 def _fold(target: Path, sources, keys) -> int:

@@ -2,6 +2,8 @@
 (directly, or emulated from a smaller stored copy), ``working`` after the resize. Known answers on small synthetic
 images; each test fails when the stage is ignored."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -217,3 +219,34 @@ def test_the_recommendation_rule_on_a_known_table():
     # spiky: +0.10 mean but -0.05 in its worst cell; steady: +0.10, worst +0.10: tied, the better worst cell wins
     assert recommended(table, **grid) == "steady"
     assert recommended(table, worst_floor=0.2, **grid) == "patchcore"  # nothing eligible: no adaptation
+
+
+def test_grid_resume_and_merge_keep_backbones_apart(tmp_path):
+    """A row of another backbone does not stand in for this backbone's cell (run_grid's resume key holds the
+    backbone, its histories record it), and --merge keeps both backbones' rows of one cell."""
+    import sys
+
+    import pandas as pd
+
+    from lib.common import backbones
+    from lib.experiments import profiles
+    from lib.experiments import roda_grid as roda_runner
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import run_roda_grid
+
+    cfg = profiles.get_profile("smoke", device="cpu", out_dir=tmp_path)
+    extractor = backbones.load_backbone(cfg.backbone, weights=cfg.backbone_weights, device="cpu")
+    out, methods = tmp_path / "grid.csv", {"patchcore": dict(method="patchcore")}
+    roda_runner.run_grid(cfg, extractor, cfg["tasks"], ["gaussian_noise"], methods, [0], out)
+    pd.read_csv(out).assign(backbone="other_net").to_csv(out, index=False)  # the same cell, another encoder
+    roda_runner.run_grid(cfg, extractor, cfg["tasks"], ["gaussian_noise"], methods, [0], out)
+    roda_runner.run_grid(cfg, extractor, cfg["tasks"], ["gaussian_noise"], methods, [0], out)  # nothing to do
+    table = pd.read_csv(out)
+    assert sorted(table.backbone) == sorted(["other_net", extractor.name])
+
+    job = tmp_path / "job.csv"
+    table[table.backbone == extractor.name].assign(image_auroc=0.25).to_csv(job, index=False)
+    run_roda_grid.main(["--out", str(out), "--merge", str(job)])
+    merged = pd.read_csv(out).set_index("backbone").image_auroc
+    assert merged[extractor.name] == 0.25 and merged["other_net"] != 0.25 and len(merged) == 2

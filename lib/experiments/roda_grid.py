@@ -168,7 +168,8 @@ def _needs_weights(config: AdaptConfig) -> bool:
 def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, bank_seed: int | None = None,
              history_csv=None, note: str = "", resume: bool = True) -> pd.DataFrame:
     """Every (task, seed, corruption, method) run, appended to ``out_csv`` as it finishes; with ``resume``,
-    rows already in ``out_csv`` (same task, method, condition, seed, severity and corruption stage) are skipped,
+    rows already in ``out_csv`` (same task, backbone, method, condition, seed, severity and corruption stage) are
+    skipped,
     so a stopped grid resumes (``resume=False`` starts both files afresh). Every row records its ``stage``
     (``corruption.stage``); rows of a table written before the stage existed were measured at ``"working"``.
 
@@ -183,7 +184,13 @@ def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, 
     severity, stage = cfg["corruption"]["severity"], cfg["corruption"]["stage"]
     if len(done):
         done = done.assign(stage=stage_of(done))
-    mine = done[(done.severity == severity) & (done.stage == stage)] if len(done) else done
+    if len(done):
+        same = (done.severity == severity) & (done.stage == stage)
+        if "backbone" in done:
+            same &= done.backbone == extractor.name
+        mine = done[same]
+    else:
+        mine = done
     key = set(zip(mine.task, mine.method, mine.condition, mine.seed)) if len(mine) else set()
     rows = [done] if len(done) else []
     for task_name in tasks:
@@ -218,7 +225,8 @@ def run_grid(cfg, extractor, tasks, corruptions, methods: dict, seeds, out_csv, 
                 rows.append(pd.DataFrame([row]))
                 write_csv(pd.concat(rows, ignore_index=True), out_csv)
                 if history_csv is not None and len(hist):
-                    h = hist.assign(task=task_name, method=name, condition=c, seed=s, severity=severity, stage=stage)
+                    h = hist.assign(task=task_name, backbone=extractor.name, method=name, condition=c, seed=s,
+                                    severity=severity, stage=stage)
                     old = pd.read_csv(history_csv) if Path(history_csv).exists() else None
                     write_csv(pd.concat([old, h], ignore_index=True) if old is not None else h, history_csv)
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
