@@ -8,6 +8,11 @@ docs/recommendation.md: ``recommendation_working.csv`` chose, ``recommendation_n
     python scripts/protocol_tables.py                      # results/real_full/08_roda_grid.csv -> 08_table1.csv,
                                                            # 08_table3.csv, 08_decomposition.csv beside it
     python scripts/protocol_tables.py --grid G.csv --severity 3
+
+With ``--backbones`` (default: ``08_roda_backbones.csv`` beside the grid, where it exists: the same grid run with
+another encoder, ``scripts/run_roda_grid.py --backbone``): each method's effect over PatchCore per backbone on the
+cells both encoders ran, and the difference between the encoders (``08_backbones.csv``,
+:func:`lib.reporting.protocol_tables.backbone_effects`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.common.corruptions import stage_of
 from lib.common.utils import REPO_ROOT, write_csv
-from lib.reporting.protocol_tables import decomposition, paper_layout
+from lib.reporting.protocol_tables import backbone_effects, decomposition, paper_layout
 from lib.reporting.recommendation import rank_candidates
 
 
@@ -32,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--paper", default=str(REPO_ROOT / "references" / "paper_numbers.csv"))
     p.add_argument("--severity", type=int, default=5)
     p.add_argument("--out-dir", default=None, help="default: the grid table's folder")
+    p.add_argument("--backbones", default=None,
+                   help="the grid run with another encoder (default: 08_roda_backbones.csv beside --grid, if any)")
     args = p.parse_args(argv)
     grid, paper = pd.read_csv(args.grid), pd.read_csv(args.paper)
     stage_of_row = stage_of(grid)
@@ -45,6 +52,12 @@ def main(argv=None) -> int:
         print(write_csv(pd.concat(tables, ignore_index=True), out / f"{name}{suffix}.csv"))
     parts = [decomposition(grid, stage=s, severity=args.severity) for s in stages]
     print(write_csv(pd.concat(parts, ignore_index=True), out / f"08_decomposition{suffix}.csv"))
+    other = Path(args.backbones) if args.backbones else Path(args.grid).with_name("08_roda_backbones.csv")
+    if other.is_file() or args.backbones:
+        extra = pd.read_csv(other)
+        both = pd.concat([grid, extra], ignore_index=True)
+        parts = [backbone_effects(both, stage=s, severity=args.severity) for s in sorted(set(stage_of(extra)))]
+        print(write_csv(pd.concat(parts, ignore_index=True), out / f"08_backbones{suffix}.csv"))
     if args.severity == 5:
         for stage in stages:
             print(write_csv(rank_candidates(grid, stage=stage), out / f"recommendation_{stage}.csv"))

@@ -1,10 +1,12 @@
 """RoDA's tables in the paper's layout and the decomposition of its parts, on small tables with known answers."""
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from lib.reporting.protocol_tables import decomposition, paper_layout
+from lib.reporting.protocol_tables import backbone_effects, decomposition, paper_layout
 
 CORRUPTIONS = ("noise", "blur")
 
@@ -56,3 +58,29 @@ def test_decomposition_pairs_by_category_and_seed():
     pixel = out[(out.metric == "pixel_auroc") & (out.condition == "noise")].set_index("step")
     assert pixel.loc["statistics", "effect"] == pytest.approx(5.0)
     assert (out.stage == "native").all()
+
+
+def test_backbone_effects_compare_encoders_on_the_same_cells():
+    """Known effects: RoDA 10 points below PatchCore on encoder a, 2 below on b (every cell), so b - a is +8; a cell
+    only encoder a ran (another seed) and a working-stage row are left out of every number."""
+    rows = []
+    for backbone, gap in (("a", 0.10), ("b", 0.02)):
+        for task, seed, c in itertools.product(("t1", "t2"), (0, 1), CORRUPTIONS):
+            base = 0.8 + 0.01 * seed + (0.05 if task == "t2" else 0)
+            rows += [dict(task=task, backbone=backbone, method="patchcore", condition=c, seed=seed, severity=5,
+                          stage="native", image_auroc=base, pixel_auroc=base),
+                     dict(task=task, backbone=backbone, method="roda", condition=c, seed=seed, severity=5,
+                          stage="native", image_auroc=base - gap, pixel_auroc=base - gap)]
+    for c in CORRUPTIONS:  # encoder a alone on seed 2; a working-stage row far off
+        rows += [dict(task="t1", backbone="a", method=m, condition=c, seed=2, severity=5, stage="native",
+                      image_auroc=v, pixel_auroc=v) for m, v in (("patchcore", 0.9), ("roda", 0.1))]
+    rows.append(dict(task="t1", backbone="b", method="roda", condition="blur", seed=0, severity=5,
+                     stage="working", image_auroc=0.0, pixel_auroc=0.0))
+    out = backbone_effects(pd.DataFrame(rows), corruptions=CORRUPTIONS, n_boot=200)
+    mean = out[(out.condition == "mean") & (out.metric == "pixel_auroc")].set_index("backbone")
+    assert mean.loc["a", "effect"] == pytest.approx(-10) and mean.loc["b", "effect"] == pytest.approx(-2)
+    assert mean.loc["b - a", "effect"] == pytest.approx(8) and np.isnan(mean.loc["b - a", "method_mean"])
+    assert set(mean.n_pairs) == {4} and set(mean.n_categories) == {2} and set(mean.n_seeds) == {2}
+    assert mean.loc["a", "reference_mean"] == pytest.approx(100 * np.mean([0.8, 0.81, 0.85, 0.86]))
+    per = out[(out.condition == "blur") & (out.backbone == "b - a")]
+    assert len(per) == 2 and per.effect.tolist() == pytest.approx([8, 8])

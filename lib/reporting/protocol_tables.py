@@ -114,3 +114,56 @@ def decomposition(table: pd.DataFrame, stage: str = "native", severity: int = 5,
                                  effect=iv["estimate"], ci_low=iv["low"], ci_high=iv["high"], p=iv["p"],
                                  level=level))
     return pd.DataFrame(rows)
+
+
+def backbone_effects(table: pd.DataFrame, stage: str = "native", severity: int = 5, reference: str = "patchcore",
+                     corruptions=PAPER_CORRUPTIONS, n_boot: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> pd.DataFrame:
+    """Each method's effect over ``reference`` per backbone, on the (category, seed, corruption) cells that every
+    backbone of ``table`` ran with both the method and the reference, so the backbones are compared on the same
+    images; and, per pair of backbones, the difference of the two effects (``backbone="B - A"``, paired by cell):
+    does the method's gain or deficit change with the encoder?
+
+    For method m, backbone b and cell (category c, seed s, corruption k):
+    ``d_b = AUROC(m, b) - AUROC(reference, b)``; a row's ``effect`` is the mean over categories of the mean over
+    seeds (``condition="mean"``: of each (c, s)'s mean over the corruptions, complete ones only), with the two-stage
+    bootstrap interval and p of :func:`lib.reporting.effects.effect_interval`; the ``B - A`` rows do the same with
+    ``d_B - d_A``. ``method_mean`` / ``reference_mean``: the two AUROCs (percent) over those cells."""
+    t = _select(table, stage, severity)
+    t = t[t.condition.isin(corruptions)]
+    backbones = sorted(t.backbone.dropna().unique())
+    keys = ["task", "seed", "condition"]
+    rows = []
+    for method in sorted(set(t.method) - {reference}):
+        for metric in ("image_auroc", "pixel_auroc"):
+            runs = {(b, m): t[(t.backbone == b) & (t.method == m)].groupby(keys)[metric].mean()
+                    for b in backbones for m in (method, reference)}
+            cells = None
+            for r in runs.values():
+                idx = r.dropna().index
+                cells = idx if cells is None else cells.intersection(idx)
+            if cells is None or not len(cells):
+                continue
+            diff = {b: 100 * (runs[(b, method)] - runs[(b, reference)]).loc[cells] for b in backbones}
+            series = [(b, d, runs[(b, method)].loc[cells], runs[(b, reference)].loc[cells]) for b, d in diff.items()]
+            series += [(f"{b2} - {b1}", diff[b2] - diff[b1], None, None)
+                       for i, b1 in enumerate(backbones) for b2 in backbones[i + 1:]]
+            for name, d, ours, ref in series:
+                whole = d.groupby(["task", "seed"]).agg(["mean", "size"])
+                parts = [("mean", whole.loc[whole["size"] == len(corruptions), "mean"])]
+                parts += [(c, d.xs(c, level="condition")) for c in corruptions
+                          if c in d.index.get_level_values("condition")]
+                for condition, x in parts:
+                    if not len(x):
+                        continue
+                    sel = cells if condition == "mean" else cells[cells.get_level_values("condition") == condition]
+                    iv = effect_interval(x, alpha=1 - level, n_boot=n_boot, seed=seed)
+                    rows.append(dict(stage=stage, severity=severity, method=method, reference=reference,
+                                     backbone=name, metric=metric, condition=condition, n_pairs=len(x),
+                                     n_categories=iv["n_categories"], n_seeds=int(x.index.get_level_values("seed")
+                                                                                  .nunique()),
+                                     method_mean=np.nan if ours is None else 100 * ours.loc[sel].mean(),
+                                     reference_mean=np.nan if ref is None else 100 * ref.loc[sel].mean(),
+                                     effect=iv["estimate"], ci_low=iv["low"], ci_high=iv["high"], p=iv["p"],
+                                     level=level))
+    return pd.DataFrame(rows)
