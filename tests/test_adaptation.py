@@ -57,7 +57,8 @@ def test_gradient_reaches_only_bn_affine_parameters(fitted):
     assert changed <= bn_affine, f"non-BN-affine tensors changed: {sorted(changed - bn_affine)[:5]}"
     assert not any(p.requires_grad for p in ext.model.parameters()), "parameters left trainable"
     restore_bn_state(ext, source)
-    assert all(torch.equal(v, _snapshot(ext.model)[k]) for k, v in before.items())
+    restored = _snapshot(ext.model)
+    assert all(torch.equal(v, restored[k]) for k, v in before.items())
 
 
 def _relative_change(model, target, probe):
@@ -328,3 +329,32 @@ def test_a_runaway_cost_scale_stops_adaptation_as_diverged(fitted, monkeypatch):
             adapt(fitted, data, AdaptConfig(epochs=1, batch_size=3), show_progress=False)
     finally:
         restore_bn_state(fitted.extractor, source)
+
+
+def test_the_full_profiles_wide_resnet50_path_runs_without_its_weights(tmp_path):
+    """The `full` profile (the paper's WRN-50-2, layer2 + layer3) end to end without the ImageNet file: its
+    backbone with seeded random weights, its PatchCore settings and its RoDA configuration adapt only BatchNorm
+    affine parameters with a finite loss, and the source state restores exactly; a user with the weights (and a
+    GPU) runs the same path with ``backbone_weights="IMAGENET1K_V1"``."""
+    from lib.experiments import profiles
+    from lib.experiments.roda_grid import config_from_profile
+
+    cfg = profiles.resolve("full", device="cpu", out_dir=tmp_path, backbone_weights="random")
+    assert cfg.backbone == "wide_resnet50_2"
+    ext = load_backbone(cfg.backbone, weights=cfg.backbone_weights, device="cpu")
+    assert ext.strides == [8, 16] and ext.channels == [512, 1024]
+    pc = cfg["patchcore"]
+    model = PatchCore(ext, coreset_ratio=pc["coreset_ratio"], max_bank=pc["max_bank"], device="cpu")
+    model.fit([dict(image=_textures(2, 0))])
+    conf = config_from_profile(cfg, "roda", epochs=1, batch_size=2)
+    assert conf.epochs == 1 and conf.method == "roda"
+    before, source = _snapshot(ext.model), bn_state(ext)
+    hist = adapt(model, TensorDataset(_textures(2, 1) * 0.6), conf, show_progress=False)
+    assert len(hist) and torch.isfinite(torch.tensor(hist.loss.values)).all()
+    after = _snapshot(ext.model)
+    bn_affine = {n for n, p in ext.model.named_parameters() if any(p is q for q in ext.bn_affine_parameters())}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= bn_affine
+    restore_bn_state(ext, source)
+    restored = _snapshot(ext.model)
+    assert all(torch.equal(v, restored[k]) for k, v in before.items())
