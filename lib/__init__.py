@@ -6,4 +6,4 @@ plus the run configuration); docs/architecture.md has one line per module and te
 layering. Names of tasks, corruptions and methods resolve in :mod:`lib.common.registry`.
 """
 
-__version__ = "0.11.0"
+__version__ = "0.12.0"
