@@ -1,7 +1,7 @@
 """RoDA Table 1 / Table 3 in the paper's layout and the decomposition of RoDA's parts, from a grid table, per
 corruption stage (lib.reporting.protocol_tables), with the paper's numbers beside ours where the paper has the row
-(Table 1 / 3 over the categories where the paper-literal RoDA ran at that stage, so every method's row averages
-the same categories);
+(Table 1 / 3 over the MVTec categories where the paper-literal RoDA ran at that stage, so every method's row
+averages the same categories; KolektorSDD has no row in the paper's tables);
 at severity 5 also the recommendation rule applied to each stage's rows (lib.reporting.recommendation,
 docs/recommendation.md: ``recommendation_working.csv`` chose, ``recommendation_native.csv`` checks).
 
@@ -45,8 +45,10 @@ def main(argv=None) -> int:
     stages = sorted(set(stage_of_row))
     out = Path(args.out_dir or Path(args.grid).parent)
     suffix = "" if args.severity == 5 else f"_severity{args.severity}"
-    # every row of a stage averages the same categories: those where the paper-literal RoDA ran at that stage
-    tasks = {s: sorted(set(grid.task[(stage_of_row == s) & (grid.method == "roda")])) or None for s in stages}
+    # every row of a stage averages the same categories: the MVTec-layout ones (MVTec AD, MVTec 3D-AD tire; the
+    # paper's tables are MVTec's, KolektorSDD has no row in them) where the paper-literal RoDA ran at that stage
+    ran = grid.method.eq("roda") & grid.task.str.startswith("mvtec/")
+    tasks = {s: sorted(set(grid.task[(stage_of_row == s) & ran])) or None for s in stages}
     for metric, name in (("image_auroc", "08_table1"), ("pixel_auroc", "08_table3")):
         tables = [paper_layout(grid, paper, metric, stage=s, severity=args.severity, tasks=tasks[s]) for s in stages]
         print(write_csv(pd.concat(tables, ignore_index=True), out / f"{name}{suffix}.csv"))
@@ -56,7 +58,9 @@ def main(argv=None) -> int:
     if other.is_file() or args.backbones:
         extra = pd.read_csv(other)
         both = pd.concat([grid, extra], ignore_index=True)
-        parts = [backbone_effects(both, stage=s, severity=args.severity) for s in sorted(set(stage_of(extra)))]
+        base = grid.backbone.mode().iat[0]  # the main grid's encoder: the others are read against it
+        parts = [backbone_effects(both, stage=s, severity=args.severity, base=base)
+                 for s in sorted(set(stage_of(extra)))]
         print(write_csv(pd.concat(parts, ignore_index=True), out / f"08_backbones{suffix}.csv"))
     if args.severity == 5:
         for stage in stages:

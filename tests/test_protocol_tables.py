@@ -84,3 +84,6 @@ def test_backbone_effects_compare_encoders_on_the_same_cells():
     assert mean.loc["a", "reference_mean"] == pytest.approx(100 * np.mean([0.8, 0.81, 0.85, 0.86]))
     per = out[(out.condition == "blur") & (out.backbone == "b - a")]
     assert len(per) == 2 and per.effect.tolist() == pytest.approx([8, 8])
+    flipped = backbone_effects(pd.DataFrame(rows), base="b", corruptions=CORRUPTIONS, n_boot=200)
+    assert flipped.set_index(["backbone", "metric", "condition"]).loc[("a - b", "image_auroc", "mean"), "effect"] \
+        == pytest.approx(-8)  # the base encoder first: the others are read against it

@@ -117,7 +117,7 @@ def decomposition(table: pd.DataFrame, stage: str = "native", severity: int = 5,
 
 
 def backbone_effects(table: pd.DataFrame, stage: str = "native", severity: int = 5, reference: str = "patchcore",
-                     corruptions=PAPER_CORRUPTIONS, n_boot: int = 2000, level: float = 0.95,
+                     base: str | None = None, corruptions=PAPER_CORRUPTIONS, n_boot: int = 2000, level: float = 0.95,
                      seed: int = 0) -> pd.DataFrame:
     """Each method's effect over ``reference`` per backbone, on the (category, seed, corruption) cells that every
     backbone of ``table`` ran with both the method and the reference, so the backbones are compared on the same
@@ -128,10 +128,11 @@ def backbone_effects(table: pd.DataFrame, stage: str = "native", severity: int =
     ``d_b = AUROC(m, b) - AUROC(reference, b)``; a row's ``effect`` is the mean over categories of the mean over
     seeds (``condition="mean"``: of each (c, s)'s mean over the corruptions, complete ones only), with the two-stage
     bootstrap interval and p of :func:`lib.reporting.effects.effect_interval`; the ``B - A`` rows do the same with
-    ``d_B - d_A``. ``method_mean`` / ``reference_mean``: the two AUROCs (percent) over those cells."""
+    ``d_B - d_A``, where A comes first: ``base`` (the encoder the others are read against), then the rest in
+    alphabetical order. ``method_mean`` / ``reference_mean``: the two AUROCs (percent) over those cells."""
     t = _select(table, stage, severity)
     t = t[t.condition.isin(corruptions)]
-    backbones = sorted(t.backbone.dropna().unique())
+    backbones = sorted(t.backbone.dropna().unique(), key=lambda b: (b != base, b))
     keys = ["task", "seed", "condition"]
     rows = []
     for method in sorted(set(t.method) - {reference}):
