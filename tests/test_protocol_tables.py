@@ -71,6 +71,9 @@ def test_backbone_effects_compare_encoders_on_the_same_cells():
                           stage="native", image_auroc=base, pixel_auroc=base),
                      dict(task=task, backbone=backbone, method="roda", condition=c, seed=seed, severity=5,
                           stage="native", image_auroc=base - gap, pixel_auroc=base - gap)]
+    for backbone in ("a", "b"):  # seed 3 of t2 under one corruption only: in its corruption's row, not in the mean
+        rows += [dict(task="t2", backbone=backbone, method=m, condition="noise", seed=3, severity=5, stage="native",
+                      image_auroc=v, pixel_auroc=v) for m, v in (("patchcore", 0.2), ("roda", 0.9))]
     for c in CORRUPTIONS:  # encoder a alone on seed 2; a working-stage row far off
         rows += [dict(task="t1", backbone="a", method=m, condition=c, seed=2, severity=5, stage="native",
                       image_auroc=v, pixel_auroc=v) for m, v in (("patchcore", 0.9), ("roda", 0.1))]
@@ -82,6 +85,9 @@ def test_backbone_effects_compare_encoders_on_the_same_cells():
     assert mean.loc["b - a", "effect"] == pytest.approx(8) and np.isnan(mean.loc["b - a", "method_mean"])
     assert set(mean.n_pairs) == {4} and set(mean.n_categories) == {2} and set(mean.n_seeds) == {2}
     assert mean.loc["a", "reference_mean"] == pytest.approx(100 * np.mean([0.8, 0.81, 0.85, 0.86]))
+    assert mean.loc["a", "method_mean"] - mean.loc["a", "reference_mean"] == pytest.approx(-10)
+    noise = out[(out.condition == "noise") & (out.metric == "pixel_auroc")].set_index("backbone")
+    assert noise.loc["a", "n_pairs"] == 5 and noise.loc["b - a", "effect"] == pytest.approx((8 + 16 / 3) / 2)
     per = out[(out.condition == "blur") & (out.backbone == "b - a")]
     assert len(per) == 2 and per.effect.tolist() == pytest.approx([8, 8])
     flipped = backbone_effects(pd.DataFrame(rows), base="b", corruptions=CORRUPTIONS, n_boot=200)

@@ -157,7 +157,11 @@ def backbone_effects(table: pd.DataFrame, stage: str = "native", severity: int =
                 for condition, x in parts:
                     if not len(x):
                         continue
-                    sel = cells if condition == "mean" else cells[cells.get_level_values("condition") == condition]
+                    if condition == "mean":  # the cells of the (category, seed)s with every corruption
+                        unit = cells.droplevel("condition")
+                        sel = cells[unit.isin(x.index)]
+                    else:
+                        sel = cells[cells.get_level_values("condition") == condition]
                     iv = effect_interval(x, alpha=1 - level, n_boot=n_boot, seed=seed)
                     rows.append(dict(stage=stage, severity=severity, method=method, reference=reference,
                                      backbone=name, metric=metric, condition=condition, n_pairs=len(x),
