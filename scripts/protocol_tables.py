@@ -9,6 +9,10 @@ docs/recommendation.md: ``recommendation_working.csv`` chose, ``recommendation_n
                                                            # 08_table3.csv, 08_decomposition.csv beside it
     python scripts/protocol_tables.py --grid G.csv --severity 3
 
+Where Gaussian noise ran at several severities (``run_roda_grid.py --severity K --corruptions gaussian_noise``):
+Fig. 5b, PatchCore and the literal RoDA per severity on the same categories (``08_fig5b.csv``,
+:func:`lib.reporting.protocol_tables.severity_curve`).
+
 With ``--backbones`` (default: ``08_roda_backbones.csv`` beside the grid, where it exists: the same grid run with
 another encoder, ``scripts/run_roda_grid.py --backbone``): each method's effect over PatchCore per backbone on the
 cells both encoders ran, and the difference between the encoders (``08_backbones.csv``,
@@ -27,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.common.corruptions import stage_of
 from lib.common.utils import REPO_ROOT, write_csv
-from lib.reporting.protocol_tables import backbone_effects, decomposition, paper_layout
+from lib.reporting.protocol_tables import backbone_effects, decomposition, paper_layout, severity_curve
 from lib.reporting.recommendation import rank_candidates
 
 
@@ -55,6 +59,11 @@ def main(argv=None) -> int:
     # the chain on the same categories as the tables (its steps beyond BatchNorm statistics run on MVTec only)
     parts = [decomposition(grid, stage=s, severity=args.severity, tasks=tasks[s]) for s in stages]
     print(write_csv(pd.concat(parts, ignore_index=True), out / f"08_decomposition{suffix}.csv"))
+    # Fig. 5b where a stage ran Gaussian noise at more than one severity (every severity, whatever --severity says)
+    curves = [severity_curve(grid, stage=s, tasks=tasks[s]) for s in stages
+              if grid.severity[(stage_of_row == s) & grid.condition.eq("gaussian_noise")].nunique() > 1]
+    if curves and args.severity == 5:
+        print(write_csv(pd.concat(curves, ignore_index=True), out / "08_fig5b.csv"))
     other = Path(args.backbones) if args.backbones else Path(args.grid).with_name("08_roda_backbones.csv")
     if other.is_file() or args.backbones:
         extra = pd.read_csv(other)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.reporting.protocol_tables import backbone_effects, decomposition, paper_layout
+from lib.reporting.protocol_tables import backbone_effects, decomposition, paper_layout, severity_curve
 
 CORRUPTIONS = ("noise", "blur")
 
@@ -93,3 +93,30 @@ def test_backbone_effects_compare_encoders_on_the_same_cells():
     flipped = backbone_effects(pd.DataFrame(rows), base="b", corruptions=CORRUPTIONS, n_boot=200)
     assert flipped.set_index(["backbone", "metric", "condition"]).loc[("a - b", "image_auroc", "mean"), "effect"] \
         == pytest.approx(-8)  # the base encoder first: the others are read against it
+
+
+def test_severity_curve_reads_the_same_categories_at_every_point():
+    """Fig. 5b with known values: AUROC 0.9 - 0.1 x severity for PatchCore, 0.05 higher for RoDA, on two
+    categories x two seeds; a seed that ran only severity 5 (far off), another corruption, a working-stage row and a
+    third method are left out of every point."""
+    rows = [dict(task=t, method=m, condition="gaussian_noise", seed=s, severity=k, stage="native",
+                 image_auroc=0.9 - 0.1 * k + (0.05 if m == "roda" else 0) + (0.02 if t == "b" else 0),
+                 pixel_auroc=0.5)
+            for t in ("a", "b") for s in (0, 1) for k in (1, 3, 5) for m in ("patchcore", "roda")]
+    rows += [dict(task="a", method=m, condition="gaussian_noise", seed=7, severity=5, stage="native",
+                  image_auroc=0.0, pixel_auroc=0.0) for m in ("patchcore", "roda")]
+    rows += [dict(task="a", method="patchcore", condition="contrast", seed=0, severity=1, stage="native",
+                  image_auroc=0.0, pixel_auroc=0.0),
+             dict(task="a", method="patchcore", condition="gaussian_noise", seed=0, severity=1, stage="working",
+                  image_auroc=0.0, pixel_auroc=0.0),
+             dict(task="a", method="ttac", condition="gaussian_noise", seed=0, severity=1, stage="native",
+                  image_auroc=0.0, pixel_auroc=0.0)]
+    out = severity_curve(pd.DataFrame(rows))
+    image = out[out.metric == "image_auroc"].set_index(["method", "severity"])
+    assert sorted(image.index) == [(m, k) for m in ("patchcore", "roda") for k in (1, 3, 5)]
+    for (method, k), row in image.iterrows():
+        assert row.ours == pytest.approx(100 * (0.9 - 0.1 * k + (0.05 if method == "roda" else 0) + 0.01))
+        assert row.std_categories == pytest.approx(np.std([0, 2], ddof=1))
+        assert (row.n_categories, row.n_seeds, row.n_pairs) == (2, 2, 4)
+    assert out[out.metric == "pixel_auroc"].ours.to_numpy() == pytest.approx(50.0)
+    assert severity_curve(pd.DataFrame(rows), stage="working").method.tolist() == ["patchcore", "patchcore"]

@@ -21,6 +21,9 @@ from the one before (:data:`DECOMPOSITION`), and per step the effect paired over
 
 (AUROC averaged over the corruptions first; per corruption in the rows of that corruption), with the two-stage
 bootstrap interval of the verdicts (:mod:`lib.reporting.effects`: categories, then seeds within them, t quantile).
+
+:func:`severity_curve` is Fig. 5b: AUROC under one corruption (the paper: Gaussian noise) at severities 1-5, per
+method, on the (category, seed)s that ran every point of every curve.
 """
 
 from __future__ import annotations
@@ -172,3 +175,37 @@ def backbone_effects(table: pd.DataFrame, stage: str = "native", severity: int =
                                      effect=iv["estimate"], ci_low=iv["low"], ci_high=iv["high"], p=iv["p"],
                                      level=level))
     return pd.DataFrame(rows)
+
+
+def severity_curve(table: pd.DataFrame, stage: str = "native", condition: str = "gaussian_noise",
+                   methods=("patchcore", "roda"), tasks=None) -> pd.DataFrame:
+    """RoDA Fig. 5b: per method, severity and metric, the AUROC (percent) under ``condition``: the mean over
+    categories of each category's mean over seeds, with ``std_categories`` as in :func:`paper_layout`::
+
+        ours(m, k) = mean_t  mean_s AUROC(m, t, condition, s, severity k)
+
+    Every point of every curve reads the same (category, seed)s: those that ran every (method, severity) point
+    that any of them ran (``n_pairs`` counts them), so a curve's slope is the severity's, not a change of
+    categories. Empty when no (category, seed) ran every point."""
+    t = table.assign(stage=stage_of(table))
+    t = t[(t.stage == stage) & (t.condition == condition) & t.method.isin(methods)]
+    if tasks is not None:
+        t = t[t.task.isin(tasks)]
+    columns = ["stage", "condition", "metric", "method", "severity", "ours", "std_categories", "n_categories",
+               "n_seeds", "n_pairs"]
+    rows = []
+    for metric in ("image_auroc", "pixel_auroc"):
+        runs = t[t[metric].notna()].groupby(["method", "severity", "task", "seed"])[metric].mean()
+        points = runs.droplevel(["task", "seed"]).index.unique()
+        if not len(points):
+            continue
+        counts = runs.groupby(["task", "seed"]).size()
+        units = counts.index[counts == len(points)]  # the (category, seed)s with every (method, severity) point
+        keep = runs[runs.index.droplevel(["method", "severity"]).isin(units)]
+        for (method, severity), g in keep.groupby(["method", "severity"]):
+            by_task = g.groupby("task").mean()
+            rows.append(dict(stage=stage, condition=condition, metric=metric, method=method, severity=int(severity),
+                             ours=100 * by_task.mean(), std_categories=100 * by_task.std(ddof=1),
+                             n_categories=len(by_task), n_seeds=int(g.index.get_level_values("seed").nunique()),
+                             n_pairs=len(g)))
+    return pd.DataFrame(rows, columns=columns)
