@@ -9,6 +9,10 @@ docs/recommendation.md: ``recommendation_working.csv`` chose, ``recommendation_n
                                                            # 08_table3.csv, 08_decomposition.csv beside it
     python scripts/protocol_tables.py --grid G.csv --severity 3
 
+Where the ablation rows ran (``run_roda_grid.py --methods t4_kl,t4_moment_matching,...``, the
+``TABLE4_VARIANTS`` of lib/experiments/profiles.py): Table 4 in the same layout on the (category, seed)s every row
+ran (``08_table4.csv``, :func:`lib.reporting.protocol_tables.table4_layout`).
+
 Where Gaussian noise ran at several severities (``run_roda_grid.py --severity K --corruptions gaussian_noise``):
 Fig. 5b, PatchCore and the literal RoDA per severity on the same categories (``08_fig5b.csv``,
 :func:`lib.reporting.protocol_tables.severity_curve`).
@@ -31,7 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.common.corruptions import stage_of
 from lib.common.utils import REPO_ROOT, write_csv
-from lib.reporting.protocol_tables import backbone_effects, decomposition, paper_layout, severity_curve
+from lib.reporting.protocol_tables import (
+    backbone_effects,
+    decomposition,
+    paper_layout,
+    severity_curve,
+    table4_layout,
+)
 from lib.reporting.recommendation import rank_candidates
 
 
@@ -56,6 +66,11 @@ def main(argv=None) -> int:
     for metric, name in (("image_auroc", "08_table1"), ("pixel_auroc", "08_table3")):
         tables = [paper_layout(grid, paper, metric, stage=s, severity=args.severity, tasks=tasks[s]) for s in stages]
         print(write_csv(pd.concat(tables, ignore_index=True), out / f"{name}{suffix}.csv"))
+    # Table 4 where the ablation rows (t4_*, profiles.TABLE4_VARIANTS) ran, both metrics in one file
+    if grid.method.str.startswith("t4_").any():
+        table4 = [table4_layout(grid, paper, m, stage=s, severity=args.severity, tasks=tasks[s])
+                  for s in stages for m in ("image_auroc", "pixel_auroc")]
+        print(write_csv(pd.concat(table4, ignore_index=True), out / f"08_table4{suffix}.csv"))
     # the chain on the same categories as the tables (its steps beyond BatchNorm statistics run on MVTec only)
     parts = [decomposition(grid, stage=s, severity=args.severity, tasks=tasks[s]) for s in stages]
     print(write_csv(pd.concat(parts, ignore_index=True), out / f"08_decomposition{suffix}.csv"))

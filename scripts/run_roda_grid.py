@@ -91,7 +91,7 @@ def main(argv=None):
         seed_everything(0)  # deterministic kernels; every run seeds its own generators from its seed
         cfg = profiles.get_profile(args.profile, data_root=args.data_root, corruption=_shift(args),
                                    **({"backbone": args.backbone} if args.backbone else {}))
-        specs = {**profiles.DECOMPOSITION_VARIANTS, **roda_grid.method_specs(cfg)}
+        specs = {**profiles.DECOMPOSITION_VARIANTS, **profiles.TABLE4_VARIANTS, **roda_grid.method_specs(cfg)}
         if args.variants:
             import json
 

@@ -6,7 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.reporting.protocol_tables import backbone_effects, decomposition, paper_layout, severity_curve
+from lib.reporting.protocol_tables import (
+    backbone_effects,
+    decomposition,
+    paper_layout,
+    severity_curve,
+    table4_layout,
+)
 
 CORRUPTIONS = ("noise", "blur")
 
@@ -120,3 +126,24 @@ def test_severity_curve_reads_the_same_categories_at_every_point():
         assert (row.n_categories, row.n_seeds, row.n_pairs) == (2, 2, 4)
     assert out[out.metric == "pixel_auroc"].ours.to_numpy() == pytest.approx(50.0)
     assert severity_curve(pd.DataFrame(rows), stage="working").method.tolist() == ["patchcore", "patchcore"]
+
+
+def test_table4_layout_reads_the_cells_every_ablation_row_ran():
+    """The ablation rows ran seed 0 only; the grid's PatchCore and RoDA also seed 1 (far off): Table 4 reads seed 0
+    of every row, in the paper's row order, with the paper's Table 4 number (not Table 1's) beside."""
+    value = {"patchcore": 0.6, "t4_kl": 0.5, "t4_ot_discrete": 0.7, "roda": 0.8}
+    table = pd.DataFrame([r for m, v in value.items() for r in _grid(m, lambda t, c, s, v=v: v if s == 0 else 0.0)
+                          if m in ("patchcore", "roda") or r["seed"] == 0])
+    paper = pd.DataFrame([dict(paper="roda", table=tab, dataset="MVTec", metric="image_auroc", method=m,
+                               setting="noise", value=v)
+                          for tab, m, v in (("Table 4", "KL-Div.", 58.99), ("Table 1", "PatchCore", 80.2),
+                                            ("Table 4", "no alignment", 80.23))])
+    out = table4_layout(table, paper, "image_auroc", corruptions=CORRUPTIONS)
+    assert list(dict.fromkeys(out.method)) == ["patchcore", "t4_kl", "t4_ot_discrete", "roda"]
+    mean = out[out.condition == "mean"].set_index("method")
+    for m, v in value.items():
+        assert mean.loc[m, "ours"] == pytest.approx(100 * v) and mean.loc[m, "n_seeds"] == 1
+    noise = out[out.condition == "noise"].set_index("method")
+    assert noise.loc["t4_kl", "paper"] == 58.99 and noise.loc["patchcore", "paper"] == 80.23
+    assert "Table 4" in noise.loc["patchcore", "paper_source"] and np.isnan(noise.loc["roda", "paper"])
+    assert table4_layout(table[~table.method.str.startswith("t4_")], paper).empty

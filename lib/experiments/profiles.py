@@ -45,6 +45,8 @@ from lib.experiments.profile_table import (  # noqa: F401  (re-exported)
     RECOMMENDED,
     ROBUST_RODA,
     SLOW_LR,
+    TABLE4,
+    TABLE4_VARIANTS,
 )
 from lib.experiments.settings import (
     DERIVED_KEYS,

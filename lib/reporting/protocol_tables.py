@@ -22,8 +22,9 @@ from the one before (:data:`DECOMPOSITION`), and per step the effect paired over
 (AUROC averaged over the corruptions first; per corruption in the rows of that corruption), with the two-stage
 bootstrap interval of the verdicts (:mod:`lib.reporting.effects`: categories, then seeds within them, t quantile).
 
-:func:`severity_curve` is Fig. 5b: AUROC under one corruption (the paper: Gaussian noise) at severities 1-5, per
-method, on the (category, seed)s that ran every point of every curve.
+:func:`table4_layout` is Table 4 (the ablation rows of ``TABLE4_VARIANTS``) in the same layout, on the (category,
+seed)s every row ran. :func:`severity_curve` is Fig. 5b: AUROC under one corruption (the paper: Gaussian noise) at
+severities 1-5, per method, on the (category, seed)s that ran every point of every curve.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ from lib.reporting.effects import effect_interval
 PAPER_METHODS = {"patchcore": "PatchCore", "ttt++": "TTT++", "ttac": "TTAC", "roda": "RoDA"}
 #: the paper's table of each metric
 PAPER_TABLES = {"image_auroc": "Table 1", "pixel_auroc": "Table 3"}
+#: RoDA Table 4 (the ablation; both metrics in one table): our grid's method -> the paper's row
+#: (``TABLE4_VARIANTS`` of lib/experiments/profiles.py, with the grid's ``patchcore`` and ``roda``)
+TABLE4_METHODS = {"patchcore": "no alignment", "t4_kl": "KL-Div.", "t4_moment_matching": "Moment Matching",
+                  "t4_ot_hungarian": "OT + Hungarian", "t4_ot_continuous": "OT + continuous",
+                  "t4_ot_discrete": "OT + discrete", "t4_ot_discrete_copy": "OT + discrete + direct copy",
+                  "roda": "OT + discrete + data augment. (RoDA)"}
 
 #: RoDA's parts, one controlled change each (``adabn_matched`` of ``roda.variants`` and the
 #: ``DECOMPOSITION_VARIANTS`` of lib/experiments/profiles.py):
@@ -57,9 +64,14 @@ def _select(table: pd.DataFrame, stage: str, severity: int, tasks=None) -> pd.Da
 
 def paper_layout(table: pd.DataFrame, paper_numbers: pd.DataFrame | None = None, metric: str = "image_auroc",
                  stage: str = "native", severity: int = 5, tasks=None, methods=None,
-                 corruptions=PAPER_CORRUPTIONS) -> pd.DataFrame:
+                 corruptions=PAPER_CORRUPTIONS, paper_table: str | None = None,
+                 paper_methods: dict | None = None) -> pd.DataFrame:
     """Table 1 (``metric="image_auroc"``) or Table 3 (``"pixel_auroc"``) in the paper's layout, in percent: one row
-    per method and corruption (then ``mean``), ours with its spreads and counts, the paper's beside it."""
+    per method and corruption (then ``mean``), ours with its spreads and counts, the paper's beside it.
+    ``paper_table`` / ``paper_methods`` (our method -> the paper's row) read another of its tables: Table 4 with
+    :data:`TABLE4_METHODS` (``methods`` = its keys, in its order)."""
+    paper_table = paper_table or PAPER_TABLES[metric]
+    paper_methods = PAPER_METHODS if paper_methods is None else paper_methods
     t = _select(table, stage, severity, tasks)
     t = t[t.condition.isin(corruptions) & t[metric].notna()]
     if methods is not None:
@@ -79,18 +91,38 @@ def paper_layout(table: pd.DataFrame, paper_numbers: pd.DataFrame | None = None,
                                       "std_seeds", "n_categories", "n_seeds"])
     out["paper"], out["paper_source"] = np.nan, ""
     if paper_numbers is not None and len(out):
-        p = paper_numbers[(paper_numbers.paper == "roda") & (paper_numbers.table == PAPER_TABLES[metric])
+        p = paper_numbers[(paper_numbers.paper == "roda") & (paper_numbers.table == paper_table)
                           & (paper_numbers.dataset == "MVTec") & (paper_numbers.metric == metric)]
         p = p.set_index(["method", "setting"])["value"]
         for i, row in out.iterrows():
-            key = (PAPER_METHODS.get(row.method), row.condition)
+            key = (paper_methods.get(row.method), row.condition)
             if key in p.index:
                 out.loc[i, "paper"] = float(p.loc[key])
-                out.loc[i, "paper_source"] = f"the paper's, RoDA {PAPER_TABLES[metric]} (MVTec, 15 categories, WRN-50)"
-    order = {c: i for i, c in enumerate((*corruptions, "mean"))}
-    return out.sort_values(["method", "condition"], key=lambda s: s.map(order) if s.name == "condition" else s,
-                           ignore_index=True)
+                out.loc[i, "paper_source"] = f"the paper's, RoDA {paper_table} (MVTec, 15 categories, WRN-50)"
+    order = {"condition": {c: i for i, c in enumerate((*corruptions, "mean"))}}
+    if methods is not None:  # in the caller's order (Table 4's rows), else alphabetical
+        order["method"] = {m: i for i, m in enumerate(methods)}
+    return out.sort_values(["method", "condition"], ignore_index=True,
+                           key=lambda s: s.map(order[s.name]) if s.name in order else s)
 
+
+
+def table4_layout(table: pd.DataFrame, paper_numbers: pd.DataFrame | None = None, metric: str = "image_auroc",
+                  stage: str = "native", severity: int = 5, tasks=None,
+                  corruptions=PAPER_CORRUPTIONS) -> pd.DataFrame:
+    """RoDA Table 4 (the alignment-loss ablation) in the layout of :func:`paper_layout`, one row per
+    :data:`TABLE4_METHODS` row that ran, on the (category, seed)s where every one of them ran, so the rows compare
+    the same images (the grid's PatchCore and RoDA ran more seeds than the ablation rows). Empty without
+    ablation rows (``t4_*``)."""
+    t = _select(table, stage, severity, tasks)
+    t = t[t.method.isin(TABLE4_METHODS) & t.condition.isin(corruptions)]
+    if not t.method.str.startswith("t4_").any():
+        return paper_layout(t.iloc[:0], None, metric, stage, severity)
+    ran = t.groupby(["task", "seed"]).method.nunique()
+    units = ran.index[ran == t.method.nunique()]
+    t = t[pd.MultiIndex.from_frame(t[["task", "seed"]]).isin(units)]
+    return paper_layout(t, paper_numbers, metric, stage, severity, methods=list(TABLE4_METHODS),
+                        corruptions=corruptions, paper_table="Table 4", paper_methods=TABLE4_METHODS)
 
 def decomposition(table: pd.DataFrame, stage: str = "native", severity: int = 5, chain=DECOMPOSITION, tasks=None,
                   corruptions=PAPER_CORRUPTIONS, n_boot: int = 2000, level: float = 0.95,
