@@ -18,8 +18,8 @@ Fig. 5b, PatchCore and the literal RoDA per severity on the same categories (``0
 :func:`lib.reporting.protocol_tables.severity_curve`).
 
 With ``--backbones`` (default: ``08_roda_backbones.csv`` beside the grid, where it exists: the same grid run with
-another encoder, ``scripts/run_roda_grid.py --backbone``): each method's effect over PatchCore per backbone on the
-cells both encoders ran, and the difference between the encoders (``08_backbones.csv``,
+another encoder, ``scripts/run_roda_grid.py --backbone``): each method's effect over PatchCore, and over BatchNorm
+statistics alone (``reference`` column), per backbone on the cells both encoders ran, and the difference between the encoders (``08_backbones.csv``,
 :func:`lib.reporting.protocol_tables.backbone_effects`).
 """
 
@@ -85,8 +85,9 @@ def main(argv=None) -> int:
         extra = pd.read_csv(other)
         both = pd.concat([grid, extra], ignore_index=True)
         base = grid.backbone.mode().iat[0]  # the main grid's encoder: the others are read against it
-        parts = [backbone_effects(both, stage=s, severity=args.severity, base=base)
-                 for s in sorted(set(stage_of(extra)))]
+        # over PatchCore, and over BatchNorm statistics alone (what the alignment adds to them, per encoder)
+        parts = [backbone_effects(both, stage=s, severity=args.severity, reference=ref, base=base)
+                 for s in sorted(set(stage_of(extra))) for ref in ("patchcore", "adabn_matched")]
         print(write_csv(pd.concat(parts, ignore_index=True), out / f"08_backbones{suffix}.csv"))
     if args.severity == 5:
         for stage in stages:
