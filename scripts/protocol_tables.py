@@ -19,8 +19,8 @@ Fig. 5b, PatchCore and the literal RoDA per severity on the same categories (``0
 
 With ``--backbones`` (default: ``08_roda_backbones.csv`` beside the grid, where it exists: the same grid run with
 another encoder, ``scripts/run_roda_grid.py --backbone``): each method's effect over PatchCore, and over BatchNorm
-statistics alone (``reference`` column), per backbone on the cells both encoders ran, and the difference between the encoders (``08_backbones.csv``,
-:func:`lib.reporting.protocol_tables.backbone_effects`).
+statistics alone (``reference`` column), per backbone on the cells both encoders ran, and the difference between
+the encoders (``08_backbones.csv``, :func:`lib.reporting.protocol_tables.backbone_effects`).
 """
 
 from __future__ import annotations
