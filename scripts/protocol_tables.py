@@ -75,10 +75,11 @@ def main(argv=None) -> int:
     # the chain on the same categories as the tables (its steps beyond BatchNorm statistics run on MVTec only)
     parts = [decomposition(grid, stage=s, severity=args.severity, tasks=tasks[s]) for s in stages]
     print(write_csv(pd.concat(parts, ignore_index=True), out / f"08_decomposition{suffix}.csv"))
-    # Fig. 5b where a stage ran Gaussian noise at more than one severity (every severity, whatever --severity says)
-    curves = [severity_curve(grid, stage=s, tasks=tasks[s]) for s in stages
-              if grid.severity[(stage_of_row == s) & grid.condition.eq("gaussian_noise")].nunique() > 1]
-    if curves and args.severity == 5:
+    # Fig. 5b where a stage ran Gaussian noise at more than one severity (every severity: written once, with the
+    # severity-5 tables)
+    curves = [severity_curve(grid, stage=s, tasks=tasks[s]) for s in stages if args.severity == 5
+              and grid.severity[(stage_of_row == s) & grid.condition.eq("gaussian_noise")].nunique() > 1]
+    if curves:
         print(write_csv(pd.concat(curves, ignore_index=True), out / "08_fig5b.csv"))
     other = Path(args.backbones) if args.backbones else Path(args.grid).with_name("08_roda_backbones.csv")
     if other.is_file() or args.backbones:
