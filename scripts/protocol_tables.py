@@ -9,7 +9,7 @@ docs/recommendation.md: ``recommendation_working.csv`` chose, ``recommendation_n
                                                            # 08_table3.csv, 08_decomposition.csv beside it
     python scripts/protocol_tables.py --grid G.csv --severity 3
 
-Where the ablation rows ran (``run_roda_grid.py --methods t4_kl,t4_moment_matching,...``, the
+Where the ablation rows ran (``run_roda_grid.py --methods t4_kl,t4_moment_matching,...``: ``registry.TABLE4_ROWS``, the
 ``TABLE4_VARIANTS`` of lib/experiments/profiles.py): Table 4 in the same layout on the (category, seed)s every row
 ran (``08_table4.csv``, :func:`lib.reporting.protocol_tables.table4_layout`).
 
@@ -34,6 +34,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lib.common.corruptions import stage_of
+from lib.common.registry import TABLE4_ABLATION
 from lib.common.utils import REPO_ROOT, write_csv
 from lib.reporting.protocol_tables import (
     backbone_effects,
@@ -64,11 +65,11 @@ def main(argv=None) -> int:
     ran = grid.method.eq("roda") & grid.task.str.startswith("mvtec/")
     tasks = {s: sorted(set(grid.task[(stage_of_row == s) & ran])) or None for s in stages}
     for metric, name in (("image_auroc", "08_table1"), ("pixel_auroc", "08_table3")):
-        tables = [paper_layout(grid[~grid.method.str.startswith("t4_")], paper, metric, stage=s,
-                               severity=args.severity, tasks=tasks[s]) for s in stages]  # t4_*: Table 4's rows
+        tables = [paper_layout(grid[~grid.method.isin(TABLE4_ABLATION)], paper, metric, stage=s,
+                               severity=args.severity, tasks=tasks[s]) for s in stages]
         print(write_csv(pd.concat(tables, ignore_index=True), out / f"{name}{suffix}.csv"))
-    # Table 4 where the ablation rows (t4_*, profiles.TABLE4_VARIANTS) ran, both metrics in one file
-    if grid.method.str.startswith("t4_").any():
+    # Table 4 where its ablation-only rows (registry.TABLE4_ABLATION) ran, both metrics in one file
+    if grid.method.isin(TABLE4_ABLATION).any():
         table4 = [table4_layout(grid, paper, m, stage=s, severity=args.severity, tasks=tasks[s])
                   for s in stages for m in ("image_auroc", "pixel_auroc")]
         print(write_csv(pd.concat(table4, ignore_index=True), out / f"08_table4{suffix}.csv"))

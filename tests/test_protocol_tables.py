@@ -147,3 +147,20 @@ def test_table4_layout_reads_the_cells_every_ablation_row_ran():
     assert noise.loc["t4_kl", "paper"] == 58.99 and noise.loc["patchcore", "paper"] == 80.23
     assert "Table 4" in noise.loc["patchcore", "paper_source"] and np.isnan(noise.loc["roda", "paper"])
     assert table4_layout(table[~table.method.str.startswith("t4_")], paper).empty
+
+
+def test_table4_rows_have_one_spec_and_one_grid_name_each():
+    """Notebook 04's rows (profiles.TABLE4) and the registry's rows agree; a row the grid holds under its own name
+    runs that method with the profile's augmentation, and every other row is a grid variant with the row's spec."""
+    from lib.common.registry import TABLE4_ABLATION, TABLE4_ROWS
+    from lib.experiments import profiles
+
+    assert list(profiles.TABLE4) == list(TABLE4_ROWS)
+    assert set(profiles.TABLE4_VARIANTS) == set(TABLE4_ABLATION)
+    for row, (_, grid) in TABLE4_ROWS.items():
+        spec = profiles.TABLE4[row]
+        if grid in TABLE4_ABLATION:
+            assert profiles.TABLE4_VARIANTS[grid] == spec
+        else:
+            assert spec["method"] == grid and spec.get("augment", "flip_rot90") == "flip_rot90"
+    assert all(profiles.resolve(p).roda["augment"] == "flip_rot90" for p in ("smoke", "real_full"))

@@ -21,7 +21,8 @@ Corruptions
 Methods
     :func:`methods` reads the two sides' own tables: ``"alignment"`` (RoDA side,
     ``lib.roda.alignment.ALIGNMENT_LOSSES``; ``"patchcore"`` = no adaptation) and ``"openset"`` (DPDL side,
-    ``lib.dpdl.baselines.METHODS``).
+    ``lib.dpdl.baselines.METHODS``). :data:`TABLE4_ROWS` names the rows of RoDA's Table 4 (the paper's label and
+    the RoDA grid's method name of each).
 
 To add a dataset or a corruption, add one entry here; a method is one entry in its side's table
 (docs/extending.md).
@@ -38,7 +39,7 @@ __all__ = [
     "RegistryError", "TaskSpec", "TASKS", "MVTEC_CATEGORIES", "PAPER_CORRUPTIONS", "ALL_CORRUPTIONS",
     "MIN_SIDE", "EXTRA_CORRUPTIONS", "METHOD_TABLES", "methods", "task", "task_name", "task_root",
     "geometry", "corruption", "corruption_function", "method", "method_path", "paper_row", "LOADER_KINDS",
-    "unknown",
+    "unknown", "TABLE4_ROWS", "TABLE4_ABLATION",
 ]
 
 
@@ -284,6 +285,25 @@ METHOD_TABLES = {
     "alignment": "lib.roda.alignment:ALIGNMENT_LOSSES",
     "openset": "lib.dpdl.baselines:METHODS",
 }
+
+
+#: RoDA Table 4 (the ablation of the alignment loss), one registry for every reader: our row name -> (the paper's
+#: row label, the name its runs carry in the RoDA grid). Two rows are runs the grid holds under their own names
+#: (``patchcore`` is "no alignment"; ``roda``, the literal RoDA with its augmentation, is the last row); the others
+#: are ablation-only methods (:data:`TABLE4_ABLATION`). Each row's spec is ``TABLE4`` of
+#: lib/experiments/profile_table.py; lib.reporting.protocol_tables lays the grid's runs out under these labels.
+TABLE4_ROWS = {
+    "no_alignment": ("no alignment", "patchcore"),
+    "kl": ("KL-Div.", "t4_kl"),
+    "moment_matching": ("Moment Matching", "t4_moment_matching"),
+    "ot_hungarian": ("OT + Hungarian", "t4_ot_hungarian"),
+    "ot_continuous": ("OT + continuous", "t4_ot_continuous"),
+    "ot_discrete": ("OT + discrete", "t4_ot_discrete"),
+    "ot_discrete_copy": ("OT + discrete + direct copy", "t4_ot_discrete_copy"),
+    "ot_discrete_augment": ("OT + discrete + data augment. (RoDA)", "roda"),
+}
+#: the grid's methods that exist only as Table 4 rows (they stay out of Tables 1 and 3)
+TABLE4_ABLATION = tuple(grid for _, grid in TABLE4_ROWS.values() if grid not in ("patchcore", "roda"))
 
 
 def methods(side: str) -> dict:

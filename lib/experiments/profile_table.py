@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 
 from lib.common.data import SHARED_DATA
-from lib.common.registry import MVTEC_CATEGORIES
+from lib.common.registry import MVTEC_CATEGORIES, TABLE4_ABLATION, TABLE4_ROWS
 from lib.common.registry import PAPER_CORRUPTIONS as CORRUPTIONS
 from lib.experiments.settings import merge_settings as _merge
 
@@ -34,9 +34,10 @@ DECOMPOSITION_VARIANTS = {"matched_ot_noaug": dict(method="continuous_ot", bn_in
                           "matched_roda_noaug": dict(method="roda", bn_init="matched", augment="none"),
                           "matched_roda": dict(method="roda", bn_init="matched")}
 
-#: RoDA Table 4 (the ablation of the alignment loss), row -> spec: notebook 04 runs every row; the RoDA grid runs the
-#: rows it does not already hold as ``TABLE4_VARIANTS`` (its ``patchcore`` is "no alignment", its ``roda``, with
-#: the profile's ``flip_rot90`` augmentation, is "OT + discrete + data augment.")
+#: RoDA Table 4 (the ablation of the alignment loss), row -> spec (the rows, their paper labels and grid names:
+#: ``registry.TABLE4_ROWS``): notebook 04 runs every row; the RoDA grid runs the rows it does not already hold as
+#: ``TABLE4_VARIANTS`` (its ``patchcore`` is "no alignment", its ``roda``, with the profile's ``flip_rot90``
+#: augmentation, is "OT + discrete + data augment.")
 TABLE4 = {
     "no_alignment": dict(method="patchcore"),
     "kl": dict(method="ttac", augment="none"),
@@ -47,8 +48,7 @@ TABLE4 = {
     "ot_discrete_copy": dict(method="roda", augment="copy"),
     "ot_discrete_augment": dict(method="roda", augment="flip_rot90"),
 }
-TABLE4_VARIANTS = {f"t4_{row}": spec for row, spec in TABLE4.items()
-                   if row not in ("no_alignment", "ot_discrete_augment")}
+TABLE4_VARIANTS = {TABLE4_ROWS[row][1]: spec for row, spec in TABLE4.items() if TABLE4_ROWS[row][1] in TABLE4_ABLATION}
 
 #: notebook 08's diagnosis: each controlled change away from the paper-literal ``roda`` (the profile's eps 0.05 x
 #: mean cost, uniform marginals, Eq. 6 "or", every batch, all epochs), one at a time

@@ -22,7 +22,7 @@ from the one before (:data:`DECOMPOSITION`), and per step the effect paired over
 (AUROC averaged over the corruptions first; per corruption in the rows of that corruption), with the two-stage
 bootstrap interval of the verdicts (:mod:`lib.reporting.effects`: categories, then seeds within them, t quantile).
 
-:func:`table4_layout` is Table 4 (the ablation rows of ``TABLE4_VARIANTS``) in the same layout, on the (category,
+:func:`table4_layout` is Table 4 (the rows of ``registry.TABLE4_ROWS``) in the same layout, on the (category,
 seed)s every row ran. :func:`severity_curve` is Fig. 5b: AUROC under one corruption (the paper: Gaussian noise) at
 severities 1-5, per method, on the (category, seed)s that ran every point of every curve.
 """
@@ -33,19 +33,16 @@ import numpy as np
 import pandas as pd
 
 from lib.common.corruptions import stage_of
-from lib.common.registry import PAPER_CORRUPTIONS
+from lib.common.registry import PAPER_CORRUPTIONS, TABLE4_ABLATION, TABLE4_ROWS
 from lib.reporting.effects import effect_interval
 
 #: our method name -> the paper's row (RoDA Tables 1 and 3)
 PAPER_METHODS = {"patchcore": "PatchCore", "ttt++": "TTT++", "ttac": "TTAC", "roda": "RoDA"}
 #: the paper's table of each metric
 PAPER_TABLES = {"image_auroc": "Table 1", "pixel_auroc": "Table 3"}
-#: RoDA Table 4 (the ablation; both metrics in one table): our grid's method -> the paper's row
-#: (``TABLE4_VARIANTS`` of lib/experiments/profiles.py, with the grid's ``patchcore`` and ``roda``)
-TABLE4_METHODS = {"patchcore": "no alignment", "t4_kl": "KL-Div.", "t4_moment_matching": "Moment Matching",
-                  "t4_ot_hungarian": "OT + Hungarian", "t4_ot_continuous": "OT + continuous",
-                  "t4_ot_discrete": "OT + discrete", "t4_ot_discrete_copy": "OT + discrete + direct copy",
-                  "roda": "OT + discrete + data augment. (RoDA)"}
+#: RoDA Table 4 (the ablation; both metrics in one table): our grid's method -> the paper's row, in the paper's
+#: order (``registry.TABLE4_ROWS``)
+TABLE4_METHODS = {grid: label for label, grid in TABLE4_ROWS.values()}
 
 #: RoDA's parts, one controlled change each (``adabn_matched`` of ``roda.variants`` and the
 #: ``DECOMPOSITION_VARIANTS`` of lib/experiments/profiles.py):
@@ -113,10 +110,10 @@ def table4_layout(table: pd.DataFrame, paper_numbers: pd.DataFrame | None = None
     """RoDA Table 4 (the alignment-loss ablation) in the layout of :func:`paper_layout`, one row per
     :data:`TABLE4_METHODS` row that ran, on the (category, seed)s where every one of them ran, so the rows compare
     the same images (the grid's PatchCore and RoDA ran more seeds than the ablation rows). Empty without
-    ablation rows (``t4_*``)."""
+    ablation rows (``registry.TABLE4_ABLATION``)."""
     t = _select(table, stage, severity, tasks)
     t = t[t.method.isin(TABLE4_METHODS) & t.condition.isin(corruptions)]
-    if not t.method.str.startswith("t4_").any():
+    if not t.method.isin(TABLE4_ABLATION).any():
         return paper_layout(t.iloc[:0], None, metric, stage, severity)
     ran = t.groupby(["task", "seed"]).method.nunique()
     units = ran.index[ran == t.method.nunique()]
