@@ -464,3 +464,21 @@ def test_write_verdicts_reads_the_profiles_folder_and_writes_one_table_per_stage
         assert row.stage == stage and row.ours_effect == pytest.approx(effect, abs=0.5)
     assert (Path(cfg.figures_dir) / "06_fidelity_forest_roda.png").is_file()
     assert (Path(cfg.figures_dir) / "06_fidelity_forest_roda_working.png").is_file()
+
+
+def test_table4_claims_read_the_grids_rows_before_notebook_04s(ref, tmp_path):
+    """A grid with the Table 4 rows at the native stage answers the native Table 4 claims (KL 5 points below no
+    alignment, planted); notebook 04's working-stage table still answers the working ones (KL 3 points above)."""
+    grid = _grid(lambda c: 0.0, tasks=("mvtec/bottle", "mvtec/tire"))
+    kl = grid[grid.method == "patchcore"].assign(method="t4_kl", image_auroc=lambda d: d.image_auroc - 0.05,
+                                                  pixel_auroc=lambda d: d.pixel_auroc - 0.05)
+    pd.concat([grid, kl]).to_csv(tmp_path / "08_roda_grid.csv", index=False)
+    pd.DataFrame([dict(task=t, row=r, condition=c, seed=s, image_auroc=0.6 + (0.03 if r == "kl" else 0.0) + 0.01 * s)
+                  for t in ("mvtec/bottle", "mvtec/tire") for r in ("kl", "no_alignment") for c in CONDS
+                  for s in range(3)]).to_csv(tmp_path / "04_table4.csv", index=False)
+    results = fid.load_results(tmp_path)
+    claims = [c for c in fid.RODA_CLAIMS if c.id == "t4_kl_vs_no_alignment_mean"]
+    native = fid.fidelity_table(claims, ref, results, stage="native", n_boot=500).iloc[0]
+    assert native.file == "08_roda_grid_table4" and native.ours_effect == pytest.approx(-5.0)
+    working = fid.fidelity_table(claims, ref, results, stage="working", n_boot=500).iloc[0]
+    assert working.file == "04_table4" and working.ours_effect == pytest.approx(3.0)

@@ -164,3 +164,25 @@ def test_table4_rows_have_one_spec_and_one_grid_name_each():
         else:
             assert spec["method"] == grid and spec.get("augment", "flip_rot90") == "flip_rot90"
     assert all(profiles.resolve(p).roda["augment"] == "flip_rot90" for p in ("smoke", "real_full"))
+
+
+def test_grid_views_lay_the_grid_out_as_notebook_04s_tables():
+    """Table 4: the grid's methods named by their rows, at severity 5, on the cells where every row ran (task b
+    lacks the KL row); Fig. 5b: PatchCore and RoDA under noise on the cells with every severity (seed 1 ran
+    severity 5 only), per stage; a stage with one severity has no curve."""
+    from lib.reporting.protocol_tables import GRID_FIG5B, GRID_TABLE4, grid_views
+
+    rows = [r for m in ("patchcore", "t4_kl", "roda", "ttac") for r in _grid(m, lambda t, c, s: 0.5)
+            if not (m == "t4_kl" and r["task"] == "b")]
+    rows += [dict(task="a", method=m, condition="noise", seed=0, severity=k, stage="native", image_auroc=0.6,
+                  pixel_auroc=0.7) for m in ("patchcore", "roda") for k in (1, 3)]
+    rows += [dict(r, stage="working") for r in _grid("roda", lambda t, c, s: 0.4)]
+    views = grid_views(pd.DataFrame(rows), condition="noise", corruptions=CORRUPTIONS)
+    t4 = views[GRID_TABLE4]
+    assert set(t4.row) == {"no_alignment", "kl", "ot_discrete_augment"} and set(t4.task) == {"a"}
+    assert set(t4.stage) == {"native"} and len(t4) == 3 * 2 * 2  # rows x corruptions x seeds
+    curve = views[GRID_FIG5B]
+    assert set(curve.seed) == {0} and sorted(curve.severity.unique()) == [1, 3, 5] and set(curve.task) == {"a"}
+    assert set(curve.method) == {"patchcore", "roda"} and set(curve.stage) == {"native"}
+    empty = grid_views(pd.DataFrame(_grid("patchcore", lambda t, c, s: 0.5)), corruptions=CORRUPTIONS)
+    assert empty[GRID_TABLE4].empty and empty[GRID_FIG5B].empty and "row" in empty[GRID_TABLE4].columns

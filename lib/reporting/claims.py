@@ -10,7 +10,9 @@ Each claim names the table it reads (``file``: a stem of ``results/<profile>/``,
 preference, the first that holds matching rows answering), the filter of its two sides (``a`` / ``b``) and the
 metric. RoDA's Table 1 and 3 claims read the RoDA grid (``08_roda_grid``, written by
 ``scripts/run_roda_grid.py``) at the paper's severity :data:`PAPER_SEVERITY`, over every category and seed it
-holds; where a profile has no grid, notebook 08's and notebook 03's tables of the same layout answer. The
+holds; where a profile has no grid, notebook 08's and notebook 03's tables of the same layout answer. Table 4
+and Fig. 5b read the grid's runs of those rows (its :func:`~lib.reporting.protocol_tables.grid_views`) before
+notebook 04's tables. The
 corruption stage is chosen by :func:`lib.reporting.fidelity.fidelity_table`, not by the claim.
 """
 
@@ -22,11 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lib.common.registry import MVTEC_CATEGORIES, PAPER_CORRUPTIONS, TASKS
+from lib.reporting.protocol_tables import GRID_FIG5B, GRID_TABLE4
 
 MVTEC_TASKS = tuple(f"mvtec/{c}" for c in MVTEC_CATEGORIES)
 CORRUPTIONS = PAPER_CORRUPTIONS
 PAPER_SEVERITY = 5  # RoDA's Table 1 and 3: severity 5 of every corruption
 RODA_GRID = ("08_roda_grid", "08_roda_runs", "03_roda")  # the grid; notebook 08's and 03's tables where absent
+TABLE4_FILES = (GRID_TABLE4, "04_table4")  # the grid's Table 4 rows; notebook 04's where the grid ran none
+FIG5B_FILES = (GRID_FIG5B, "04_fig5b")  # the grid's severity sweep; notebook 04's where the grid ran none
 
 Selector = Any  # a where-dict {column: value | list (any of) | "max"/"min" (the extreme present) | callable},
 # or a tuple of (coefficient, where-dict) terms that are summed per seed
@@ -109,21 +114,21 @@ RODA_PAIRS = (
     ("t3_roda_vs_patchcore_pixel", "gap", "RoDA beats PatchCore in pixel AUROC", "Table 3", "RoDA", "PatchCore",
      RODA_GRID, "method", "roda", "patchcore", ("each",), dict(metric="pixel_auroc", **SEV5)),
     ("t4_discrete_vs_continuous", "order", "discrete beats continuous OT", "Table 4", "OT + discrete",
-     "OT + continuous", "04_table4", "row", "ot_discrete", "ot_continuous", ("each",),
+     "OT + continuous", TABLE4_FILES, "row", "ot_discrete", "ot_continuous", ("each",),
      dict(label_a="discrete", label_b="continuous")),
     ("t4_augment_vs_copy", "order", "augmentation beats direct copy", "Table 4",
-     "OT + discrete + data augment. (RoDA)", "OT + discrete + direct copy", "04_table4", "row",
+     "OT + discrete + data augment. (RoDA)", "OT + discrete + direct copy", TABLE4_FILES, "row",
      "ot_discrete_augment", "ot_discrete_copy", ("each",), dict(label_a="augment", label_b="copy")),
     ("t4_moment_matching_vs_kl", "order", "moment matching beats KL alignment", "Table 4", "Moment Matching",
-     "KL-Div.", "04_table4", "row", "moment_matching", "kl", ("mean",), {}),
+     "KL-Div.", TABLE4_FILES, "row", "moment_matching", "kl", ("mean",), {}),
     ("t4_ot_discrete_vs_moment_matching", "order", "discrete OT beats moment matching", "Table 4", "OT + discrete",
-     "Moment Matching", "04_table4", "row", "ot_discrete", "moment_matching", ("mean",), {}),
+     "Moment Matching", TABLE4_FILES, "row", "ot_discrete", "moment_matching", ("mean",), {}),
     ("t4_ot_discrete_vs_ot_hungarian", "order", "discrete OT beats the Hungarian assignment", "Table 4",
-     "OT + discrete", "OT + Hungarian", "04_table4", "row", "ot_discrete", "ot_hungarian", ("mean",), {}),
+     "OT + discrete", "OT + Hungarian", TABLE4_FILES, "row", "ot_discrete", "ot_hungarian", ("mean",), {}),
     ("t4_kl_vs_no_alignment", "order", "KL alignment is worse than no alignment", "Table 4", "KL-Div.",
-     "no alignment", "04_table4", "row", "kl", "no_alignment", ("mean",), {}),
+     "no alignment", TABLE4_FILES, "row", "kl", "no_alignment", ("mean",), {}),
     ("t4_ot_discrete_augment_vs_no_alignment", "order", "full RoDA beats no alignment", "Table 4",
-     "OT + discrete + data augment. (RoDA)", "no alignment", "04_table4", "row", "ot_discrete_augment",
+     "OT + discrete + data augment. (RoDA)", "no alignment", TABLE4_FILES, "row", "ot_discrete_augment",
      "no_alignment", ("mean",), {}),
     ("t5_20pct_reaches_98pct", "ratio", "20% adaptation data reaches >= 98% of the 100% upper bound", "Table 5",
      "RoDA (adapt 20%)", "RoDA (adapt 100%)", "04_table5", "adapt_fraction", 0.2, 1.0, ("mean-row",),
@@ -175,7 +180,7 @@ def _roda_claims() -> list[Claim]:
     claims = [c for row in RODA_PAIRS for c in expand(row)]
     claims += [
         Claim("fig5b_gap_grows_with_severity", "roda",
-              "RoDA's margin over PatchCore grows with Gaussian-noise severity (Fig. 5b)", "order", (), (), "04_fig5b",
+              "RoDA's margin over PatchCore grows with Gaussian-noise severity (Fig. 5b)", "order", (), (), FIG5B_FILES,
               ((1, dict(method="roda", severity="max")), (-1, dict(method="patchcore", severity="max"))),
               ((1, dict(method="roda", severity="min")), (-1, dict(method="patchcore", severity="min"))),
               label_a="gap@max severity", label_b="gap@min severity", expect=1,
@@ -183,7 +188,7 @@ def _roda_claims() -> list[Claim]:
         Claim("fig5b_roda_vs_patchcore_max_severity", "roda",
               "RoDA beats PatchCore at the highest Gaussian-noise severity (Fig. 5b; Table 1 at severity 5)", "order",
               (_rk("Table 1", "gaussian_noise", "RoDA"),), (_rk("Table 1", "gaussian_noise", "PatchCore"),),
-              "04_fig5b", dict(method="roda", severity="max"), dict(method="patchcore", severity="max"),
+              FIG5B_FILES, dict(method="roda", severity="max"), dict(method="patchcore", severity="max"),
               label_a="RoDA", label_b="PatchCore"),
     ]
     # absolute values: only with WRN-50 on all 15 MVTec classes

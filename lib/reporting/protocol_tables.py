@@ -104,6 +104,24 @@ def paper_layout(table: pd.DataFrame, paper_numbers: pd.DataFrame | None = None,
 
 
 
+def _complete(runs: pd.DataFrame, points) -> pd.DataFrame:
+    """The rows of the (task, seed)s that ran every point (a distinct value of the columns ``points``) that any
+    (task, seed) of ``runs`` ran: the units a table or curve compares on the same images."""
+    if runs.empty:
+        return runs
+    key = runs[list(points)].apply(tuple, axis=1)
+    ran = key.groupby([runs.task, runs.seed]).nunique()
+    units = ran.index[ran == key.nunique()]
+    return runs[pd.MultiIndex.from_frame(runs[["task", "seed"]]).isin(units)]
+
+
+def _table4_runs(t: pd.DataFrame, corruptions=PAPER_CORRUPTIONS) -> pd.DataFrame:
+    """The runs of :data:`TABLE4_METHODS` on the (task, seed)s where every row ran (one stage and severity);
+    empty where no ablation-only row ran."""
+    t = t[t.method.isin(TABLE4_METHODS) & t.condition.isin(corruptions)]
+    return _complete(t, ["method"]) if t.method.isin(TABLE4_ABLATION).any() else t.iloc[:0]
+
+
 def table4_layout(table: pd.DataFrame, paper_numbers: pd.DataFrame | None = None, metric: str = "image_auroc",
                   stage: str = "native", severity: int = 5, tasks=None,
                   corruptions=PAPER_CORRUPTIONS) -> pd.DataFrame:
@@ -111,13 +129,9 @@ def table4_layout(table: pd.DataFrame, paper_numbers: pd.DataFrame | None = None
     :data:`TABLE4_METHODS` row that ran, on the (category, seed)s where every one of them ran, so the rows compare
     the same images (the grid's PatchCore and RoDA ran more seeds than the ablation rows). Empty without
     ablation rows (``registry.TABLE4_ABLATION``)."""
-    t = _select(table, stage, severity, tasks)
-    t = t[t.method.isin(TABLE4_METHODS) & t.condition.isin(corruptions)]
-    if not t.method.isin(TABLE4_ABLATION).any():
-        return paper_layout(t.iloc[:0], None, metric, stage, severity)
-    ran = t.groupby(["task", "seed"]).method.nunique()
-    units = ran.index[ran == t.method.nunique()]
-    t = t[pd.MultiIndex.from_frame(t[["task", "seed"]]).isin(units)]
+    t = _table4_runs(_select(table, stage, severity, tasks), corruptions)
+    if t.empty:
+        return paper_layout(t, None, metric, stage, severity)
     return paper_layout(t, paper_numbers, metric, stage, severity, methods=list(TABLE4_METHODS),
                         corruptions=corruptions, paper_table="Table 4", paper_methods=TABLE4_METHODS)
 
@@ -224,13 +238,8 @@ def severity_curve(table: pd.DataFrame, stage: str = "native", condition: str = 
                "n_seeds", "n_pairs"]
     rows = []
     for metric in ("image_auroc", "pixel_auroc"):
-        runs = t[t[metric].notna()].groupby(["method", "severity", "task", "seed"])[metric].mean()
-        points = runs.droplevel(["task", "seed"]).index.unique()
-        if not len(points):
-            continue
-        counts = runs.groupby(["task", "seed"]).size()
-        units = counts.index[counts == len(points)]  # the (category, seed)s with every (method, severity) point
-        keep = runs[runs.index.droplevel(["method", "severity"]).isin(units)]
+        keep = _complete(t[t[metric].notna()], ["method", "severity"])  # every (method, severity) point
+        keep = keep.groupby(["method", "severity", "task", "seed"])[metric].mean()
         for (method, severity), g in keep.groupby(["method", "severity"]):
             by_task = g.groupby("task").mean()
             rows.append(dict(stage=stage, condition=condition, metric=metric, method=method, severity=int(severity),
@@ -238,3 +247,35 @@ def severity_curve(table: pd.DataFrame, stage: str = "native", condition: str = 
                              n_categories=len(by_task), n_seeds=int(g.index.get_level_values("seed").nunique()),
                              n_pairs=len(g)))
     return pd.DataFrame(rows, columns=columns)
+
+
+#: the stems of :func:`grid_views` (read by lib.reporting.fidelity beside the files of notebook 04)
+GRID_TABLE4, GRID_FIG5B = "08_roda_grid_table4", "08_roda_grid_fig5b"
+
+
+def grid_views(table: pd.DataFrame, severity: int = 5, condition: str = "gaussian_noise",
+               corruptions=PAPER_CORRUPTIONS) -> dict:
+    """The RoDA grid's runs in the layouts of notebook 04's tables, for the verdicts of
+    :mod:`lib.reporting.fidelity` (each stage on its own, the cells of :func:`table4_layout` and
+    :func:`severity_curve`):
+
+    - :data:`GRID_TABLE4`, as ``04_table4.csv``: ``task, row, condition, seed, stage, image_auroc, pixel_auroc``,
+      one row per Table 4 run at ``severity``, the grid's method named by its row of ``registry.TABLE4_ROWS``,
+      on the (category, seed)s where every row ran;
+    - :data:`GRID_FIG5B`, as ``04_fig5b.csv``: ``task, method, severity, seed, stage, ...``, PatchCore and the
+      literal RoDA under ``condition`` on the (category, seed)s that ran every (method, severity) point, where a
+      stage ran more than one severity."""
+    t = table.assign(stage=stage_of(table))
+    row_of = {grid: row for row, (_, grid) in TABLE4_ROWS.items()}
+    metrics = ["image_auroc", "pixel_auroc"]
+    columns = {GRID_TABLE4: ["task", "row", "condition", "seed", "stage", *metrics],
+               GRID_FIG5B: ["task", "method", "severity", "seed", "stage", *metrics]}
+    table4, fig5b = [], []
+    for _, g in t.groupby("stage"):
+        runs = _table4_runs(g[g.severity == severity], corruptions)
+        table4.append(runs.assign(row=runs.method.map(row_of))[columns[GRID_TABLE4]])
+        noise = g[(g.condition == condition) & g.method.isin(["patchcore", "roda"])]
+        if noise.severity.nunique() > 1:
+            fig5b.append(_complete(noise, ["method", "severity"])[columns[GRID_FIG5B]])
+    return {stem: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns[stem])
+            for stem, parts in ((GRID_TABLE4, table4), (GRID_FIG5B, fig5b))}
