@@ -95,15 +95,15 @@ VERDICTS = ("reproduced in size", "reproduced", "contradicted", "not reproduced"
 #: the command that writes each table (``{profile}``, ``{stage}``, ``{tasks}``, ``{methods}`` filled in); the grid
 #: job writes its own file, folded into the grid table after it (scripts/run_roda_grid.py --merge)
 _GRID_RUN = ("OMP_NUM_THREADS=2 python scripts/run_roda_grid.py --profile {profile} --stage {stage} --tasks {tasks} "
-             "--seeds 0,1,2 --threads 2")
+             "--seeds 0,1,2")
 _GRID_MERGE = " && python scripts/run_roda_grid.py --out results/{profile}/08_roda_grid.csv --merge "
 COMMANDS = {
-    "08_roda_grid": _GRID_RUN + " --methods {methods} --out runs/roda_{stage}.csv" + _GRID_MERGE
+    "08_roda_grid": _GRID_RUN + " --methods {methods} --threads 2 --out runs/roda_{stage}.csv" + _GRID_MERGE
                     + "runs/roda_{stage}.csv",
     GRID_TABLE4: _GRID_RUN + f" --methods {','.join(grid for _, grid in TABLE4_ROWS.values())}"
-                 + " --out runs/roda_{stage}_table4.csv" + _GRID_MERGE + "runs/roda_{stage}_table4.csv",
+                 + " --threads 2 --out runs/roda_{stage}_table4.csv" + _GRID_MERGE + "runs/roda_{stage}_table4.csv",
     GRID_FIG5B: "for k in 1 2 3 4 5; do " + _GRID_RUN + " --methods patchcore,roda --corruptions gaussian_noise "
-                "--severity $k --out runs/roda_{stage}_noise$k.csv; done" + _GRID_MERGE
+                "--severity $k --threads 2 --out runs/roda_{stage}_noise$k.csv; done" + _GRID_MERGE
                 + "runs/roda_{stage}_noise*.csv",
 }
 NOTEBOOK_COMMAND = "python scripts/run_notebooks.py --profile {profile} --only {notebook}"
@@ -305,7 +305,8 @@ def _answer(claim: Claim, results: dict, stage: str, context: dict):
     for stem in claim.files:
         df = results.get(stem)
         if df is None:
-            tried.append(f"{stem}.csv not found")
+            tried.append(f"08_roda_grid.csv not found (the grid's runs of these rows, {stem})" if stem in GRID_VIEWS
+                         else f"{stem}.csv not found")
             continue
         if claim.paper == "roda":
             staged = _stage_rows(df, stage)
