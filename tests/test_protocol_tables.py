@@ -186,3 +186,11 @@ def test_grid_views_lay_the_grid_out_as_notebook_04s_tables():
     assert set(curve.method) == {"patchcore", "roda"} and set(curve.stage) == {"native"}
     empty = grid_views(pd.DataFrame(_grid("patchcore", lambda t, c, s: 0.5)), corruptions=CORRUPTIONS)
     assert empty[GRID_TABLE4].empty and empty[GRID_FIG5B].empty and "row" in empty[GRID_TABLE4].columns
+
+
+def test_table4_reads_a_cell_only_where_every_row_ran_every_corruption():
+    """A job still running has written the KL row under noise only on seed 1: seed 1 stays out of every row."""
+    rows = [r for m in ("patchcore", "t4_kl", "roda") for r in _grid(m, lambda t, c, s: 0.5 + 0.1 * s)
+            if not (m == "t4_kl" and r["seed"] == 1 and r["condition"] == "blur")]
+    out = table4_layout(pd.DataFrame(rows), None, "image_auroc", corruptions=CORRUPTIONS)
+    assert set(out.n_seeds) == {1} and out.ours.to_numpy() == pytest.approx(50.0)

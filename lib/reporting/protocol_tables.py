@@ -116,10 +116,10 @@ def _complete(runs: pd.DataFrame, points) -> pd.DataFrame:
 
 
 def _table4_runs(t: pd.DataFrame, corruptions=PAPER_CORRUPTIONS) -> pd.DataFrame:
-    """The runs of :data:`TABLE4_METHODS` on the (task, seed)s where every row ran (one stage and severity);
-    empty where no ablation-only row ran."""
+    """The runs of :data:`TABLE4_METHODS` on the (task, seed)s where every row ran every corruption (one stage and
+    severity); empty where no ablation-only row ran."""
     t = t[t.method.isin(TABLE4_METHODS) & t.condition.isin(corruptions)]
-    return _complete(t, ["method"]) if t.method.isin(TABLE4_ABLATION).any() else t.iloc[:0]
+    return _complete(t, ["method", "condition"]) if t.method.isin(TABLE4_ABLATION).any() else t.iloc[:0]
 
 
 def table4_layout(table: pd.DataFrame, paper_numbers: pd.DataFrame | None = None, metric: str = "image_auroc",
