@@ -53,6 +53,10 @@ DECOMPOSITION = (("PatchCore", "patchcore"), ("BatchNorm statistics", "adabn_mat
                  ("+ augmentation", "matched_roda"))
 
 
+#: RoDA Fig. 5b's curves: PatchCore and the paper-literal RoDA
+FIG5B_METHODS = ("patchcore", "roda")
+
+
 def _select(table: pd.DataFrame, stage: str, severity: int, tasks=None) -> pd.DataFrame:
     t = table.assign(stage=stage_of(table))
     t = t[(t.stage == stage) & (t.severity == severity)]
@@ -221,7 +225,7 @@ def backbone_effects(table: pd.DataFrame, stage: str = "native", severity: int =
 
 
 def severity_curve(table: pd.DataFrame, stage: str = "native", condition: str = "gaussian_noise",
-                   methods=("patchcore", "roda"), tasks=None) -> pd.DataFrame:
+                   methods=FIG5B_METHODS, tasks=None) -> pd.DataFrame:
     """RoDA Fig. 5b: per method, severity and metric, the AUROC (percent) under ``condition``: the mean over
     categories of each category's mean over seeds, with ``std_categories`` as in :func:`paper_layout`::
 
@@ -274,7 +278,7 @@ def grid_views(table: pd.DataFrame, severity: int = 5, condition: str = "gaussia
     for _, g in t.groupby("stage"):
         runs = _table4_runs(g[g.severity == severity], corruptions)
         table4.append(runs.assign(row=runs.method.map(row_of))[columns[GRID_TABLE4]])
-        noise = g[(g.condition == condition) & g.method.isin(["patchcore", "roda"])]
+        noise = g[(g.condition == condition) & g.method.isin(FIG5B_METHODS)]
         if noise.severity.nunique() > 1:
             fig5b.append(_complete(noise, ["method", "severity"])[columns[GRID_FIG5B]])
     return {stem: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns[stem])

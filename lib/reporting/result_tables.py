@@ -15,7 +15,7 @@ import pandas as pd
 
 from lib.common.registry import TABLE4_ROWS
 from lib.common.utils import REPO_ROOT
-from lib.reporting.protocol_tables import GRID_FIG5B, GRID_TABLE4, grid_views
+from lib.reporting.protocol_tables import FIG5B_METHODS, GRID_FIG5B, GRID_TABLE4, grid_views
 
 REFERENCE_CSV = REPO_ROOT / "references" / "paper_numbers.csv"
 REFERENCE_COLUMNS = ("key", "paper", "source", "table", "dataset", "category", "setting", "method", "metric",
@@ -35,9 +35,9 @@ COMMANDS = {
                     + "runs/roda_{stage}.csv",
     GRID_TABLE4: _GRID_RUN + f" --methods {','.join(grid for _, grid in TABLE4_ROWS.values())}"
                  + " --threads 2 --out runs/roda_{stage}_table4.csv" + _GRID_MERGE + "runs/roda_{stage}_table4.csv",
-    GRID_FIG5B: "for k in 1 2 3 4 5; do " + _GRID_RUN + " --methods patchcore,roda --corruptions gaussian_noise "
-                "--severity $k --threads 2 --out runs/roda_{stage}_noise$k.csv; done" + _GRID_MERGE
-                + "runs/roda_{stage}_noise*.csv",
+    GRID_FIG5B: "for k in 1 2 3 4 5; do " + _GRID_RUN + f" --methods {','.join(FIG5B_METHODS)}"
+                " --corruptions gaussian_noise --severity $k --threads 2 --out runs/roda_{stage}_noise$k.csv; done"
+                + _GRID_MERGE + "runs/roda_{stage}_noise*.csv",
 }
 NOTEBOOK_COMMAND = "python scripts/run_notebooks.py --profile {profile} --only {notebook}"
 
